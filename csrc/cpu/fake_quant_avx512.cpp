@@ -1,0 +1,20 @@
+// The fused LSQ span kernels compiled for the avx512 code path (chosen at run time by cpu/isa.h).
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "cpu/fake_quant.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+namespace lowbit::cpu::avx512 {
+
+#include "cpu/simd_scalar.h"
+#include "cpu/simd_avx512.h"
+using Vec = Avx512Vec;
+#include "cpu/fake_quant_kernels.h"
+
+}  // namespace lowbit::cpu::avx512
+
+#pragma GCC pop_options

@@ -1,0 +1,23 @@
+// Run-time choice of the CPU instruction set.
+//
+// Kernels are compiled once per ISA with GCC target pragmas (see simd_*.h) and picked here by CPUID, so one
+// binary is fast on AVX-512 machines and still runs on AVX2-only or older CPUs. No -march=native.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace lowbit::cpu {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa);
+// The best ISA this CPU supports (LOWBIT_CPU_ISA=scalar|avx2|avx512 in the environment caps it).
+Isa detected_isa();
+// The ISA the kernels use now: detected_isa() unless set_active_isa chose a lower one.
+Isa active_isa();
+std::vector<std::string> supported_isa_names();
+// For tests and benchmarks: run the kernels with a lower ISA. Rejects names the CPU cannot run.
+void set_active_isa(const std::string& name);
+
+}  // namespace lowbit::cpu

@@ -1,0 +1,31 @@
+// Schemas of the raw kernels in the lowbit_C namespace, and the Python module entry point of lowbit._C.
+//
+// These ops take tensors that the public Python ops (lowbit/ops.py) already checked and made contiguous;
+// each device registers its kernels with TORCH_LIBRARY_IMPL(lowbit_C, <CPU|CUDA>, m) in its own file.
+// Conventions shared by every kernel:
+//   x, grad   contiguous float32 / float16 / bfloat16, same shape; viewed as (outer, C, inner)
+//   step      contiguous float32 (C,); C == 1 means per-tensor; channel of flat index i is (i / inner) % C
+//   offset    None or contiguous float32 (C,)
+//   qmin/qmax the integer clamp range (Qn, Qp)
+//   outputs   y / dx in x's dtype; dstep, doffset float32 (C,), already multiplied by grad_scale
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(lowbit_C, m) {
+  m.def("fake_quant_forward(Tensor x, Tensor step, Tensor? offset, int qmin, int qmax, int inner) -> Tensor");
+  m.def(
+      "fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int qmin, int qmax, int inner, "
+      "float grad_scale) -> (Tensor, Tensor, Tensor)");
+  // Which CPU code path runs (avx512 / avx2 / scalar); set_cpu_isa exists for tests and benchmarks only.
+  m.def("cpu_isa() -> str", [] { return std::string(lowbit::cpu::isa_name(lowbit::cpu::active_isa())); });
+  m.def("cpu_isa_supported() -> str[]", [] { return lowbit::cpu::supported_isa_names(); });
+  m.def("set_cpu_isa(str name) -> ()", [](const std::string& name) { lowbit::cpu::set_active_isa(name); });
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lowbit compiled kernels (ops in torch.ops.lowbit_C)",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,119 @@
+"""Backend registry: which implementations exist, which can run here, and which one an op call uses.
+
+Every backend module (``reference``, ``cpu``, ``triton``, ``cuda``) exposes the same names:
+
+* ``DEVICES``: the device types whose tensors it runs on;
+* ``availability() -> (bool, str)``: whether it can run in this process and, if not, why;
+* the kernel-level functions, e.g. ``fake_quant_forward`` / ``fake_quant_backward``, taking contiguous tensors
+  whose arguments were already checked by the public op.
+
+The choice is made per op call from the tensor's device: inside ``use_backend(name)`` that backend is used (an
+error if it cannot serve the device), otherwise the fastest available one in ``PREFERENCE``. When the preferred
+backend for a device is missing, the fallback is announced once with a ``LowbitFallbackWarning`` that says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+
+# Fastest first. Triton on CPU tensors only exists in interpreter mode (a test tool, slower than the
+# reference), so it is never picked for CPU by default; ask for it with use_backend("triton").
+PREFERENCE = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+class LowbitFallbackWarning(UserWarning):
+    """The preferred backend for a device is unavailable and a slower one is used instead."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str
+    devices: tuple[str, ...]
+
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("lowbit_backend", default=None)
+
+
+@functools.cache
+def module(name: str) -> ModuleType:
+    if name not in NAMES:
+        raise ValueError(f"backend name must be one of {', '.join(NAMES)}; got {name!r}")
+    return importlib.import_module(f"lowbit.backends.{name}")
+
+
+@functools.cache
+def status(name: str) -> BackendStatus:
+    mod = module(name)
+    try:
+        available, reason = mod.availability()
+    except Exception as exc:  # an availability probe must never take the package down
+        available, reason = False, f"availability check failed: {type(exc).__name__}: {exc}"
+    return BackendStatus(name, available, reason, tuple(mod.DEVICES))
+
+
+def backends() -> list[str]:
+    """Names of the backends that can run in this process now."""
+    return [name for name in NAMES if status(name).available]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the lowbit ops inside the ``with`` block on backend ``name``."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a backend name (str), got {type(name).__name__}")
+    st = status(name)
+    if not st.available:
+        raise RuntimeError(f"backend {name!r} is not available: {st.reason}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current() -> str | None:
+    """The backend forced by an enclosing ``use_backend``, or None."""
+    return _forced.get()
+
+
+def select(device: torch.device) -> ModuleType:
+    """The backend module that runs an op on tensors of ``device``."""
+    forced = _forced.get()
+    if forced is not None:
+        if device.type not in status(forced).devices:
+            raise ValueError(
+                f"backend {forced!r} cannot run tensors on {device.type}; it serves {', '.join(status(forced).devices)}"
+            )
+        return module(forced)
+    return module(_default_for(device.type))
+
+
+@functools.cache
+def _default_for(device_type: str) -> str:
+    preference = PREFERENCE.get(device_type, ("reference",))
+    for name in preference:
+        if status(name).available and device_type in status(name).devices:
+            if name != preference[0]:
+                why = status(preference[0]).reason
+                warnings.warn(
+                    f"lowbit: backend {preference[0]!r} is unavailable ({why}); using {name!r} for {device_type} tensors",
+                    LowbitFallbackWarning,
+                    stacklevel=3,
+                )
+            return name
+    raise RuntimeError(f"no lowbit backend can run tensors on {device_type}")

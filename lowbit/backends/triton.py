@@ -1,0 +1,36 @@
+"""The Triton backend: kernels in ``lowbit.kernels`` (the repository's ``kernels/`` folder).
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was first imported
+(the Triton interpreter; how CI tests these kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def availability() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    if "cpu" in DEVICES:
+        return True, "TRITON_INTERPRET=1: kernels run in the Triton interpreter on CPU tensors"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the interpreter on CPU)"
+    return True, f"Triton kernels on {torch.cuda.get_device_name()}"
+
+
+def fake_quant_forward(x, step, offset, qmin: int, qmax: int, inner: int) -> torch.Tensor:
+    from lowbit.kernels import fake_quant
+
+    return fake_quant.forward(x, step, offset, qmin, qmax, inner)
+
+
+def fake_quant_backward(grad, x, step, offset, qmin: int, qmax: int, inner: int, grad_scale: float):
+    from lowbit.kernels import fake_quant
+
+    return fake_quant.backward(grad, x, step, offset, qmin, qmax, inner, grad_scale)

@@ -1,0 +1,165 @@
+"""Public ops and their ``torch.library`` definitions.
+
+Each op is defined once here: a public Python function that checks its arguments (SPEC section 6), a custom op
+``lowbit::<name>`` whose implementation picks a backend per call (``lowbit.backends.select``), a fake kernel for
+tracing, and autograd wiring whose backward is a custom op of its own. ``torch.compile`` sees the custom ops as
+opaque nodes, so the backend choice and the value checks happen at run time, never at trace time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit import _checks
+from lowbit.backends import select
+
+Tensor = torch.Tensor
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(Qn, Qp) of SPEC section 1."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _inner_size(x: Tensor, channels: int, axis: int) -> int:
+    """Elements after ``axis`` in x: the stride of the channel index when x is viewed as (outer, C, inner)."""
+    return math.prod(x.shape[axis + 1 :]) if channels > 1 else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fake_quant: the fused LSQ / LSQ+ quantizer (SPEC section 1)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowbit::fake_quant", mutates_args=())
+def _fake_quant(
+    x: Tensor, step: Tensor, offset: Tensor | None, bits: int, signed: bool, axis: int, grad_scale: float
+) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    _checks.step_values("step", step)
+    if offset is not None:
+        _checks.finite_values("offset", offset)
+    qmin, qmax = quant_range(bits, signed)
+    backend = select(x.device)
+    offset = None if offset is None else offset.contiguous()
+    return backend.fake_quant_forward(
+        x.contiguous(), step.contiguous(), offset, qmin, qmax, _inner_size(x, step.numel(), axis)
+    )
+
+
+@_fake_quant.register_fake
+def _(x, step, offset, bits, signed, axis, grad_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lowbit::fake_quant_backward", mutates_args=())
+def _fake_quant_backward(
+    grad: Tensor,
+    x: Tensor,
+    step: Tensor,
+    offset: Tensor | None,
+    bits: int,
+    signed: bool,
+    axis: int,
+    grad_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.zeros_like(step), torch.zeros_like(step)
+    qmin, qmax = quant_range(bits, signed)
+    backend = select(x.device)
+    inner = _inner_size(x, step.numel(), axis)
+    offset = None if offset is None else offset.contiguous()
+    return backend.fake_quant_backward(
+        grad.contiguous(), x.contiguous(), step.contiguous(), offset, qmin, qmax, inner, grad_scale
+    )
+
+
+@_fake_quant_backward.register_fake
+def _(grad, x, step, offset, bits, signed, axis, grad_scale):
+    return torch.empty_like(x), torch.empty_like(step), torch.empty_like(step)
+
+
+def _fake_quant_setup_context(ctx, inputs, output):
+    x, step, offset, bits, signed, axis, grad_scale = inputs
+    ctx.save_for_backward(x, step, offset)
+    ctx.config = (bits, signed, axis, grad_scale)
+
+
+def _fake_quant_grad(ctx, grad):
+    x, step, offset = ctx.saved_tensors
+    dx, dstep, doffset = torch.ops.lowbit.fake_quant_backward(grad, x, step, offset, *ctx.config)
+    return dx, dstep, (doffset if offset is not None else None), None, None, None, None
+
+
+_fake_quant.register_autograd(_fake_quant_grad, setup_context=_fake_quant_setup_context)
+
+
+def _channel_params(x: Tensor, step: Tensor, offset: Tensor | None, axis) -> tuple[Tensor, Tensor | None, int]:
+    """Checks step/offset/axis against x; returns float32 (C,) step and offset and a non-negative axis.
+
+    C is 1 for per-tensor quantization. With ``axis=None`` a step of more than one element means per-channel
+    along axis 0 (SPEC section 1), as for conv and linear weights.
+    """
+    _checks.float_tensor("step", step)
+    _checks.same_device("step", step, x)
+    if axis is None:
+        axis = 0 if step.numel() > 1 else None
+    if axis is not None:
+        axis = _checks.axis(axis, x.dim())
+    channels = x.shape[axis] if axis is not None else 1
+    if step.numel() not in (1, channels):
+        where = f"x.shape[{axis}]={channels} elements (per-channel along axis {axis})" if axis is not None else ""
+        raise ValueError(
+            f"step must have 1 element (per-tensor){' or ' + where if where else ''}, got shape {tuple(step.shape)}"
+        )
+    if step.numel() == 1 and channels != 1:
+        axis = None  # a single step is per-tensor, whatever the axis
+    step = step.reshape(-1).float()
+    if offset is not None:
+        _checks.float_tensor("offset", offset)
+        _checks.same_device("offset", offset, x)
+        if offset.numel() not in (1, step.numel()):
+            raise ValueError(
+                f"offset must have 1 element or as many as step ({step.numel()}), got shape {tuple(offset.shape)}"
+            )
+        offset = offset.reshape(-1).float().expand(step.numel()).contiguous()
+    return step, offset, (axis if axis is not None else 0)
+
+
+def fake_quant(
+    x: Tensor,
+    step: Tensor,
+    bits: int,
+    *,
+    signed: bool = False,
+    offset: Tensor | None = None,
+    axis: int | None = None,
+    grad_scale: float | None = None,
+) -> Tensor:
+    """LSQ fake quantization ``y = clamp(round((x - offset) / step), Qn, Qp) * step + offset`` (SPEC section 1).
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape.
+        step: positive step size: 1 element (per-tensor) or ``x.shape[axis]`` elements (per-channel).
+        bits: bit-width, 2..8.
+        signed: signed range ``[-2^(b-1), 2^(b-1)-1]`` instead of ``[0, 2^b-1]``.
+        offset: optional LSQ+ offset, 1 element or one per channel.
+        axis: channel axis for a per-channel step (default 0 when step has more than one element).
+        grad_scale: LSQ gradient scale for step and offset; default ``1/sqrt(n * Qp)``, n = elements per step.
+
+    Returns ``y`` in x's dtype. Gradients flow to x (straight-through inside the range), step and offset.
+    """
+    _checks.float_tensor("x", x)
+    bits = _checks.bits("bits", bits)
+    signed = _checks.flag("signed", signed)
+    grad_scale = _checks.grad_scale(grad_scale)
+    step, offset, axis = _channel_params(x, step, offset, axis)
+    if grad_scale is None:
+        per_step = x.numel() // max(step.numel(), 1)
+        grad_scale = 1.0 / math.sqrt(per_step * quant_range(bits, signed)[1]) if per_step else 1.0
+    return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale)

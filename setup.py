@@ -1,0 +1,65 @@
+"""Build the compiled extension ``lowbit._C``.
+
+CPU kernels (``csrc/cpu``) always build. They are compiled once with generic flags; the AVX-512 and
+AVX2 variants are selected at run time (``csrc/cpu/isa.h``), never by ``-march=native``.
+
+CUDA kernels (``csrc/cuda``) build when a CUDA toolkit and a CUDA build of torch are both present.
+``LOWBIT_CUDA=1`` forces them on (the build fails loudly if it cannot), ``LOWBIT_CUDA=0`` forces them off.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_wanted() -> bool:
+    switch = os.environ.get("LOWBIT_CUDA", "auto").strip().lower()
+    if switch in ("0", "off", "false", "no"):
+        return False
+    import torch
+
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if switch in ("1", "on", "true", "yes"):
+        if not available:
+            raise RuntimeError(
+                "LOWBIT_CUDA=1 but a CUDA build needs both a CUDA torch "
+                f"(torch.version.cuda={torch.version.cuda}) and a CUDA toolkit (CUDA_HOME={cpp_extension.CUDA_HOME})"
+            )
+        return True
+    return available
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _extension():
+    with_cuda = _cuda_wanted()
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-DLOWBIT_WITH_CUDA=%d" % with_cuda]
+    args = {"cxx": cxx}
+    if with_cuda:
+        sources += _sources("csrc/cuda/*.cu")
+        args["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        cls = cpp_extension.CUDAExtension
+    else:
+        cls = cpp_extension.CppExtension
+    return cls(
+        name="lowbit._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args=args,
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=["lowbit", "lowbit.backends", "lowbit.kernels"],
+    package_dir={"lowbit.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,56 @@
+"""Test set-up shared by every file.
+
+Triton kernels run in the Triton interpreter on CPU tensors when no GPU is present. The interpreter is chosen
+when triton is first imported, so TRITON_INTERPRET is set here, before any test module imports lowbit (and
+lowbit imports triton only lazily, on the first Triton kernel call).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import lowbit  # noqa: E402
+
+# Tests run on this device; `make gpu-check` sets LOWBIT_TEST_DEVICE=cuda.
+DEVICE = torch.device(os.environ.get("LOWBIT_TEST_DEVICE", "cpu"))
+
+
+def backend_variants() -> list[str]:
+    """Every backend that can run on DEVICE, with the C++ CPU backend split by instruction set."""
+    variants = []
+    for name in lowbit.backends():
+        if DEVICE.type not in _devices(name):
+            continue
+        if name == "cpu":
+            variants += [f"cpu-{isa}" for isa in torch.ops.lowbit_C.cpu_isa_supported()]
+        else:
+            variants.append(name)
+    return variants
+
+
+def _devices(name: str) -> tuple[str, ...]:
+    from lowbit.backends import status
+
+    return status(name).devices
+
+
+@pytest.fixture(params=backend_variants())
+def backend(request):
+    """Runs the test body under one backend (and, for the C++ CPU backend, one instruction set)."""
+    name, _, isa = request.param.partition("-")
+    previous_isa = torch.ops.lowbit_C.cpu_isa() if isa else None
+    if isa:
+        torch.ops.lowbit_C.set_cpu_isa(isa)
+    try:
+        with lowbit.use_backend(name):
+            yield request.param
+    finally:
+        if previous_isa:
+            torch.ops.lowbit_C.set_cpu_isa(previous_isa)

@@ -1,0 +1,171 @@
+"""lowbit.fake_quant on every backend against the independent NumPy reference (tests/reference.py).
+
+Forward values and dx must match bit for bit (the reference does SPEC's float32 math exactly); the step and
+offset gradients within SPEC's relative 1e-4 of the float64 sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, backend_variants
+
+import lowbit
+import reference as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (shape, axis): axis None is per-tensor. Chosen to hit every CPU layout: shared, rows (long inner runs),
+# interleaved (channel axis last or nearly), plus empty and one-element tensors.
+CASES = [
+    ((0,), None),
+    ((1,), None),
+    ((7,), None),
+    ((1023,), None),
+    ((3, 5, 7, 11), None),
+    ((3, 5, 7, 11), 0),
+    ((3, 5, 7, 11), 1),
+    ((3, 5, 7, 11), -1),
+    ((64, 3, 2), 1),
+    ((2, 3, 40), 1),
+    ((4, 0, 3), 1),
+    ((1023, 33), 0),
+    ((100_003,), None),
+    ((37, 2051), 1),
+]
+
+
+def _steps(x: torch.Tensor, axis, bits: int, signed: bool, gen: torch.Generator) -> torch.Tensor:
+    """Steps that put most values in range and some beyond it (so both gradient branches are exercised)."""
+    qn, qp = ref.qrange(bits, signed)
+    channels = x.shape[axis] if axis is not None else 1
+    base = 3.0 / (qp - qn) * (1.0 if signed else 2.0)
+    return (base * (0.5 + torch.rand(channels, generator=gen))).to(DEVICE)
+
+
+def _inputs(shape, axis, dtype, bits, signed, with_offset, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    if not signed:
+        x = x + 0.5
+    step = _steps(x, axis, bits, signed, gen)
+    offset = (0.1 * torch.randn(step.shape, generator=gen)).to(DEVICE) if with_offset else None
+    grad = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    return x, step, offset, grad
+
+
+def check_fake_quant(x, step, bits, signed, offset=None, axis=None, grad=None, grad_scale=None):
+    """Runs forward + backward through the public op and compares all outputs with the reference."""
+    x = x.detach().requires_grad_(True)
+    step = step.detach().requires_grad_(True)
+    offset = None if offset is None else offset.detach().requires_grad_(True)
+    y = lowbit.fake_quant(x, step, bits, signed=signed, offset=offset, axis=axis, grad_scale=grad_scale)
+    g = torch.randn_like(x) if grad is None else grad
+    y.backward(g)
+
+    want = ref.fake_quant(x, step, bits, signed, offset=offset, axis=axis, grad=g, grad_scale=grad_scale)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.cpu(), ref.to_dtype(want.y, x.dtype), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.grad.cpu(), ref.to_dtype(want.dx, x.dtype), rtol=0, atol=0, equal_nan=True)
+    _close_sum(step.grad, want.dstep, want.dstep_scale, "dstep")
+    if offset is not None:
+        shared = offset.numel() == 1  # one offset for all channels: its gradient is the sum over channels
+        doffset = want.doffset.sum(keepdims=True) if shared else want.doffset
+        scale = want.doffset_scale.sum(keepdims=True) if shared else want.doffset_scale
+        _close_sum(offset.grad, doffset, scale, "doffset")
+
+
+def _close_sum(actual: torch.Tensor, want: np.ndarray, scale: np.ndarray, what: str) -> None:
+    """SPEC: relative error under 1e-4; a sum that cancels to ~0 is judged against the size of its terms."""
+    got = ref.as_np(actual).reshape(-1)
+    assert got.shape == want.shape, what
+    assert actual.dtype == torch.float32, what
+    err = np.abs(got - want)
+    bound = 1e-4 * np.abs(want) + 1e-6 * scale + 1e-30
+    assert np.all(err <= bound), f"{what}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("with_offset", [False, True], ids=["no-offset", "offset"])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape, axis", CASES, ids=[f"{'x'.join(map(str, s))}-axis{a}" for s, a in CASES])
+def test_matches_reference(backend, shape, axis, dtype, signed, with_offset):
+    bits = 2 + (len(shape) + (axis or 0) + 2 * signed + with_offset) % 7  # every width appears across the grid
+    x, step, offset, grad = _inputs(shape, axis, dtype, bits, signed, with_offset, seed=hash((shape, axis)) % 2**31)
+    check_fake_quant(x, step, bits, signed, offset=offset, axis=axis, grad=grad)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_every_bit_width(backend, bits, signed):
+    x, step, offset, grad = _inputs((5, 129), 0, torch.float32, bits, signed, True, seed=bits)
+    check_fake_quant(x, step, bits, signed, offset=offset, axis=0, grad=grad)
+
+
+def _edge_values(bits: int, signed: bool, step: float) -> torch.Tensor:
+    """Exact rounding ties, clamp edges, values half a step beyond them, zero, +-inf and NaN, as v = x / step."""
+    qn, qp = ref.qrange(bits, signed)
+    ties = np.arange(qn - 2, qp + 2) + 0.5
+    edges = np.array([qn, qp, qn - 0.5, qp + 0.5, qn - 0.49, qp + 0.49, qn - 1, qp + 1, 0.0, -0.0])
+    v = np.concatenate([ties, edges, -ties])
+    x = np.concatenate([v * step, [np.inf, -np.inf, np.nan, 1e30, -1e30]])
+    return torch.from_numpy(x.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_ties_clamp_edges_and_nan(backend, bits, signed, dtype):
+    step = 0.125  # a power of two: every edge value is exact in float16 and bfloat16 too
+    x = _edge_values(bits, signed, step).to(DEVICE, dtype)
+    check_fake_quant(x, torch.tensor([step], device=DEVICE), bits, signed)
+
+
+def test_ties_round_half_to_even(backend):
+    x = torch.tensor([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5], device=DEVICE)
+    y = lowbit.fake_quant(x, torch.tensor(1.0, device=DEVICE), 4, signed=True)
+    assert y.cpu().tolist() == [0.0, 2.0, 2.0, 4.0, -0.0, -2.0, -2.0]
+
+
+def test_nan_propagates(backend):
+    x = torch.tensor([float("nan"), 1.0, float("nan")], device=DEVICE)
+    y = lowbit.fake_quant(x, torch.tensor([0.5], device=DEVICE), 4)
+    assert torch.isnan(y[0]) and torch.isnan(y[2]) and y[1].item() == 1.0
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded-step"])
+def test_non_contiguous(backend, layout):
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(17, 24, generator=gen).to(DEVICE)
+    x = base.t() if layout == "transposed" else base[:, ::3] if layout == "strided" else base
+    steps = (0.05 + torch.rand(2 * x.shape[1], generator=gen)).to(DEVICE)[::2]
+    assert not (x.is_contiguous() and steps.is_contiguous()) or layout == "expanded-step"
+    step = steps if layout != "expanded-step" else torch.tensor(0.1, device=DEVICE).expand(1)
+    check_fake_quant(x, step, 4, True, axis=1 if layout != "expanded-step" else None)
+
+
+def test_explicit_grad_scale(backend):
+    x, step, offset, grad = _inputs((6, 10), 0, torch.float32, 3, True, True, seed=3)
+    check_fake_quant(x, step, 3, True, offset=offset, axis=0, grad=grad, grad_scale=0.37)
+
+
+def test_step_in_half_precision_gets_gradient_in_its_dtype(backend):
+    x = torch.randn(50, device=DEVICE)
+    step = torch.tensor(0.1, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    lowbit.fake_quant(x, step, 4, signed=True).sum().backward()
+    assert step.grad.dtype == torch.float16 and step.grad.shape == step.shape
+
+
+def test_one_element_offset_is_shared_by_all_channels(backend):
+    x, step, _, grad = _inputs((4, 9), 0, torch.float32, 4, True, False, seed=11)
+    offset = torch.tensor([0.03], device=DEVICE)
+    check_fake_quant(x, step, 4, True, offset=offset, axis=0, grad=grad)
+
+
+# The Triton interpreter is too slow at this size, and the reference is no fused kernel.
+@pytest.mark.parametrize("backend", [v for v in backend_variants() if v not in ("triton", "reference")], indirect=True)
+def test_large_activation_sums_stay_accurate(backend):
+    """Millions of random-sign terms: the per-task partial sums must keep SPEC's 1e-4."""
+    x, step, offset, grad = _inputs((8, 32, 56, 56), None, torch.float32, 4, False, True, seed=5)
+    check_fake_quant(x, step, 4, False, offset=offset, grad=grad)
