@@ -13,7 +13,7 @@ DEVICES = ("cpu", "cuda")
 
 
 def availability() -> tuple[bool, str]:
-    return True, ""
+    return True, "plain PyTorch ops: the readable statement of SPEC, slow"
 
 
 def _channel_view(x: torch.Tensor, param: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,55 @@
+# One entry point per job. Every target that runs code first makes sure .venv exists with torch and the
+# project installed (`pip install --no-build-isolation -e .[dev]`), and rebuilds the extension if csrc changed.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+
+.PHONY: setup demo test bench cuda-check gpu-check lint format clean
+
+setup: $(VENV)/.installed lowbit/.built
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VPY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+# The editable install built lowbit/_C once; this rebuilds it (incrementally, with ninja) when sources change.
+lowbit/.built: $(VENV)/.installed $(CSRC)
+	$(VPY) setup.py -q build_ext --inplace
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lowbit info
+	$(VPY) bench/bench_fake_quant.py --quick
+
+test: setup
+	LOWBIT_REQUIRE_BACKENDS=reference,cpu,triton $(VPY) -m pytest -q tests
+
+bench: setup
+	$(VPY) bench/bench_fake_quant.py
+	$(VPY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/pytest_benchmark_cpu.json
+
+# Compiles every .cu file with nvcc against the torch headers: proves the CUDA sources build, no GPU needed.
+cuda-check: setup
+	PYTHON=$(VPY) bash tools/cuda_check.sh
+
+# On a CUDA machine, with its system Python (torch with CUDA, triton): build, test and benchmark on the GPU.
+gpu-check:
+	LOWBIT_CUDA=1 $(PYTHON) -m pip install --no-deps --no-build-isolation -e .
+	LOWBIT_TEST_DEVICE=cuda LOWBIT_REQUIRE_BACKENDS=reference,triton,cuda $(PYTHON) -m pytest -q tests
+	$(PYTHON) bench/bench_fake_quant.py --device cuda
+
+lint: setup
+	$(VENV)/bin/ruff check lowbit kernels tests bench setup.py
+	$(VENV)/bin/ruff format --check lowbit kernels tests bench setup.py
+
+format: setup
+	$(VENV)/bin/ruff format lowbit kernels tests bench setup.py
+	$(VENV)/bin/ruff check --fix lowbit kernels tests bench setup.py
+
+clean:
+	rm -rf build lowbit/_C*.so lowbit/.built *.egg-info
