@@ -18,6 +18,12 @@ TORCH_LIBRARY(lowbit_C, m) {
   m.def(
       "fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int qmin, int qmax, int inner, "
       "float grad_scale) -> (Tensor, Tensor, Tensor)");
+  // Multi-branch quantizer (SPEC section 2): per-tensor steps (B,), probs (B,) float32, one clamp range per branch.
+  // dsteps comes back multiplied by probs and grad_scale; dprobs is the raw sum of g * Q_i.
+  m.def("multi_branch_forward(Tensor x, Tensor steps, Tensor probs, int[] qmin, int[] qmax) -> Tensor");
+  m.def(
+      "multi_branch_backward(Tensor grad, Tensor x, Tensor steps, Tensor probs, int[] qmin, int[] qmax, "
+      "float[] grad_scale) -> (Tensor, Tensor, Tensor)");
   // Which CPU code path runs (avx512 / avx2 / scalar); set_cpu_isa exists for tests and benchmarks only.
   m.def("cpu_isa() -> str", [] { return std::string(lowbit::cpu::isa_name(lowbit::cpu::active_isa())); });
   m.def("cpu_isa_supported() -> str[]", [] { return lowbit::cpu::supported_isa_names(); });

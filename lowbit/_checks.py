@@ -69,3 +69,27 @@ def step_values(name: str, step: torch.Tensor) -> None:
 def finite_values(name: str, value: torch.Tensor) -> None:
     if value.numel() and not bool(torch.all(torch.isfinite(value))):
         raise ValueError(f"{name} must be finite, got {value.detach().flatten()[:8].tolist()}")
+
+
+MAX_BRANCHES = MAX_BITS - MIN_BITS + 1
+
+
+def bit_list(name: str, value) -> list[int]:
+    """A non-empty sequence of distinct bit-widths (one per branch)."""
+    if isinstance(value, torch.Tensor) or not hasattr(value, "__iter__") or isinstance(value, str):
+        raise TypeError(f"{name} must be a sequence of ints in {MIN_BITS}..{MAX_BITS}, got {type(value).__name__}")
+    values = [bits(f"{name}[{i}]", b) for i, b in enumerate(value)]
+    if not values:
+        raise ValueError(f"{name} must name at least one bit-width, got an empty sequence")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must not repeat a bit-width, got {values}")
+    return values
+
+
+def branch_vector(name: str, value, x: torch.Tensor, branches: int) -> torch.Tensor:
+    """A float tensor with one entry per branch on x's device, returned as float32 of shape (branches,)."""
+    float_tensor(name, value)
+    same_device(name, value, x)
+    if value.numel() != branches:
+        raise ValueError(f"{name} must have one entry per branch ({branches}), got shape {tuple(value.shape)}")
+    return value.reshape(-1).float()

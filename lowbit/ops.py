@@ -163,3 +163,105 @@ def fake_quant(
         per_step = x.numel() // max(step.numel(), 1)
         grad_scale = 1.0 / math.sqrt(per_step * quant_range(bits, signed)[1]) if per_step else 1.0
     return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multi_branch_fake_quant: MetaMix's mixture of bit-widths of one activation (SPEC section 2)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _branch_ranges(bits: list[int], signed: bool) -> tuple[list[int], list[int]]:
+    ranges = [quant_range(b, signed) for b in bits]
+    return [lo for lo, _ in ranges], [hi for _, hi in ranges]
+
+
+@torch.library.custom_op("lowbit::multi_branch_fake_quant", mutates_args=())
+def _multi_branch(
+    x: Tensor, steps: Tensor, probs: Tensor, bits: list[int], signed: bool, grad_scale: list[float]
+) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    _checks.step_values("steps", steps)
+    _checks.finite_values("probs", probs)
+    qmin, qmax = _branch_ranges(bits, signed)
+    return select(x.device).multi_branch_forward(x.contiguous(), steps.contiguous(), probs.contiguous(), qmin, qmax)
+
+
+@_multi_branch.register_fake
+def _(x, steps, probs, bits, signed, grad_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lowbit::multi_branch_fake_quant_backward", mutates_args=())
+def _multi_branch_backward(
+    grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, bits: list[int], signed: bool, grad_scale: list[float]
+) -> tuple[Tensor, Tensor, Tensor]:
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.zeros_like(steps), torch.zeros_like(probs)
+    qmin, qmax = _branch_ranges(bits, signed)
+    return select(x.device).multi_branch_backward(
+        grad.contiguous(), x.contiguous(), steps.contiguous(), probs.contiguous(), qmin, qmax, grad_scale
+    )
+
+
+@_multi_branch_backward.register_fake
+def _(grad, x, steps, probs, bits, signed, grad_scale):
+    return torch.empty_like(x), torch.empty_like(steps), torch.empty_like(probs)
+
+
+def _multi_branch_setup_context(ctx, inputs, output):
+    x, steps, probs, bits, signed, grad_scale = inputs
+    ctx.save_for_backward(x, steps, probs)
+    ctx.config = (bits, signed, grad_scale)
+
+
+def _multi_branch_grad(ctx, grad):
+    x, steps, probs = ctx.saved_tensors
+    dx, dsteps, dprobs = torch.ops.lowbit.multi_branch_fake_quant_backward(grad, x, steps, probs, *ctx.config)
+    return dx, dsteps, dprobs, None, None, None
+
+
+_multi_branch.register_autograd(_multi_branch_grad, setup_context=_multi_branch_setup_context)
+
+
+def _branch_grad_scales(grad_scale, bits: list[int], signed: bool, per_step: int) -> list[float]:
+    if grad_scale is None or isinstance(grad_scale, (int, float)):
+        gs = _checks.grad_scale(grad_scale)
+        if gs is not None:
+            return [gs] * len(bits)
+        return [1.0 / math.sqrt(per_step * quant_range(b, signed)[1]) if per_step else 1.0 for b in bits]
+    scales = [_checks.grad_scale(g) for g in grad_scale]
+    if len(scales) != len(bits):
+        raise ValueError(f"grad_scale must be a float or have one entry per branch ({len(bits)}), got {len(scales)}")
+    return scales
+
+
+def multi_branch_fake_quant(
+    x: Tensor,
+    steps: Tensor,
+    probs: Tensor,
+    bits,
+    *,
+    signed: bool = False,
+    grad_scale=None,
+) -> Tensor:
+    """Multi-branch quantizer ``y = sum_i probs[i] * Q(x; steps[i], bits[i])`` (SPEC section 2).
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape.
+        steps: positive per-tensor step of each branch, shape ``(B,)``.
+        probs: weight of each branch, shape ``(B,)`` (usually ``softmax(alpha)``; need not sum to 1).
+        bits: the B bit-widths, distinct, each in 2..8, in any order.
+        signed: signedness shared by every branch.
+        grad_scale: LSQ gradient scale, one float for all branches or one per branch; default
+            ``1/sqrt(numel * Qp_i)`` per branch.
+
+    Gradients flow to x, steps (``p_i * gs_i * sum g dQ_i/ds_i``) and probs (``sum g * Q_i``).
+    """
+    _checks.float_tensor("x", x)
+    bits = _checks.bit_list("bits", bits)
+    signed = _checks.flag("signed", signed)
+    steps = _checks.branch_vector("steps", steps, x, len(bits))
+    probs = _checks.branch_vector("probs", probs, x, len(bits))
+    scales = _branch_grad_scales(grad_scale, bits, signed, x.numel())
+    return torch.ops.lowbit.multi_branch_fake_quant(x, steps, probs, bits, signed, scales)

@@ -83,3 +83,43 @@ def _fake_quant(xs, s, beta, channels, axis, bits, signed, grad, grad_scale) -> 
 def to_dtype(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """float32 or float64 NumPy values as a tensor of ``dtype`` (float32 first, then round to nearest even)."""
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(dtype)
+
+
+@dataclass
+class MultiBranchResult:
+    y: np.ndarray  # float32
+    dx: np.ndarray  # float32
+    dsteps: np.ndarray  # float64 (B,)
+    dprobs: np.ndarray
+    dsteps_scale: np.ndarray
+    dprobs_scale: np.ndarray
+
+
+def multi_branch(x, steps, probs, bits, signed, grad=None, grad_scale=None) -> MultiBranchResult:
+    """SPEC section 2: y = sum_i p_i Q(x; s_i, b_i), summed in branch order in float32; float64 gradient sums."""
+    xs = as_np(x).astype(np.float32)
+    g64 = np.ones(xs.shape) if grad is None else as_np(grad)
+    g32 = g64.astype(np.float32)
+    s_all, p_all = as_np(steps).astype(np.float32), as_np(probs).astype(np.float32)
+    y = np.zeros(xs.shape, np.float32)
+    coef = np.zeros(xs.shape, np.float32)
+    dsteps, dprobs, s_scale, p_scale = [], [], [], []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for i, b in enumerate(bits):
+            qn, qp = qrange(b, signed)
+            s, p = s_all[i], p_all[i]
+            v = (xs / s).astype(np.float64)
+            q = np.clip(np.rint(v), qn, qp)
+            branch = q.astype(np.float32) * s
+            y = y + p * branch
+            inside = (v >= qn) & (v <= qp)
+            coef = coef + np.where(inside, p, np.float32(0))
+            gs = grad_scale[i] if grad_scale is not None else (1.0 / np.sqrt(xs.size * qp) if xs.size else 1.0)
+            term_s = g64 * np.where(inside, np.rint(v) - v, np.where(v < qn, qn, qp))
+            term_p = g64 * branch.astype(np.float64)
+            dsteps.append(float(p) * gs * term_s.sum())
+            s_scale.append(abs(float(p)) * gs * np.abs(term_s).sum())
+            dprobs.append(term_p.sum())
+            p_scale.append(np.abs(term_p).sum())
+        dx = g32 * coef
+    return MultiBranchResult(y, dx, np.array(dsteps), np.array(dprobs), np.array(s_scale), np.array(p_scale))

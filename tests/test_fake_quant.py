@@ -83,7 +83,8 @@ def _close_sum(actual: torch.Tensor, want: np.ndarray, scale: np.ndarray, what: 
     assert actual.dtype == torch.float32, what
     err = np.abs(got - want)
     bound = 1e-4 * np.abs(want) + 1e-6 * scale + 1e-30
-    assert np.all(err <= bound), f"{what}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+    ok = (err <= bound) | (np.isnan(got) & np.isnan(want))  # a NaN input poisons its sum in both
+    assert np.all(ok), f"{what}: got {got[~ok]}, want {want[~ok]} (bound {bound[~ok]})"
 
 
 @pytest.mark.parametrize("with_offset", [False, True], ids=["no-offset", "offset"])

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/dispatch.h"
 #include "cpu/fake_quant.h"
 
 namespace lowbit::cpu {
@@ -47,15 +48,6 @@ Layout layout_of(const at::Tensor& x, const at::Tensor& step, int64_t inner) {
   return {numel, channels, inner, outer, interleave ? Mode::kInterleaved : Mode::kRows};
 }
 
-template <class T>
-const T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<const T*>(t.const_data_ptr());
-}
-template <class T>
-T* mutable_ptr(at::Tensor& t) {
-  return reinterpret_cast<T*>(t.mutable_data_ptr());
-}
-
 void check_inputs(const at::Tensor& x, const at::Tensor& step, const std::optional<at::Tensor>& offset,
                   int64_t inner) {
   TORCH_CHECK(x.is_contiguous(), "lowbit_C: x must be contiguous");
@@ -75,10 +67,6 @@ std::vector<float> expand_per_element(const float* param, const Layout& l) {
   for (int64_t c = 0; c < l.channels; ++c) std::fill_n(out.begin() + c * l.inner, l.inner, param[c]);
   return out;
 }
-
-#define LOWBIT_DISPATCH_FLOAT(TYPE, NAME, ...)                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // ---- forward -----------------------------------------------------------------------------------------------
 
@@ -213,7 +201,7 @@ at::Tensor fake_quant_forward(const at::Tensor& x, const at::Tensor& step, const
   const Layout l = layout_of(x, step, inner);
   const QuantRange range{static_cast<float>(qmin), static_cast<float>(qmax)};
   LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_fake_quant_forward", [&] {
-    forward<scalar_t>(ptr<scalar_t>(x), mutable_ptr<scalar_t>(y), ptr<float>(step), ptr<float>(beta), l, range);
+    forward<scalar_t>(data<scalar_t>(x), mutable_data<scalar_t>(y), data<float>(step), data<float>(beta), l, range);
   });
   return y;
 }
@@ -234,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
     const Layout l = layout_of(x, step, inner);
     const QuantRange range{static_cast<float>(qmin), static_cast<float>(qmax)};
     LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_fake_quant_backward", [&] {
-      backward<scalar_t>(ptr<scalar_t>(grad), ptr<scalar_t>(x), mutable_ptr<scalar_t>(dx), ptr<float>(step),
-                         ptr<float>(beta), l, range, sums.data());
+      backward<scalar_t>(data<scalar_t>(grad), data<scalar_t>(x), mutable_data<scalar_t>(dx), data<float>(step),
+                         data<float>(beta), l, range, sums.data());
     });
   }
   at::Tensor dstep = at::empty({channels}, step.options()), doffset = at::empty({channels}, step.options());

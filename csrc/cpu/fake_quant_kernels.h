@@ -25,6 +25,8 @@ inline typename V::Reg quantize(typename V::Reg x, typename V::Reg step, typenam
 template <class V>
 struct Grads {
   typename V::Reg dx, dstep, doffset;
+  typename V::Reg q;          // clamp(round(v)): the integer code, for callers that also need Q(x)
+  typename V::Mask inside;    // Qn <= v <= Qp
 };
 
 template <class V>
@@ -33,8 +35,10 @@ inline Grads<V> gradients(typename V::Reg g, typename V::Reg x, typename V::Reg 
   auto v = V::div(V::sub(x, offset), step);
   auto inside = V::both(V::ge(v, c.lo), V::le(v, c.hi));  // false for NaN
   auto beyond = V::select(V::lt(v, c.lo), c.lo, c.hi);
-  auto dq_dstep = V::select(inside, V::sub(V::round(v), v), beyond);
-  return {V::select(inside, g, c.zero), V::mul(g, dq_dstep), V::select(inside, c.zero, g)};
+  auto rounded = V::round(v);
+  auto dq_dstep = V::select(inside, V::sub(rounded, v), beyond);
+  return {V::select(inside, g, c.zero), V::mul(g, dq_dstep), V::select(inside, c.zero, g),
+          V::min(c.hi, V::max(c.lo, rounded)), inside};
 }
 
 // ---- spans: the wide part returns how many elements it did; the scalar tail does the rest -------------------

@@ -42,3 +42,33 @@ def fake_quant_backward(grad, x, step, offset, qmin: int, qmax: int, inner: int,
     dstep = (g * dq_ds).sum(dim=(0, 2)) * grad_scale
     doffset = (g * ~inside).sum(dim=(0, 2)) * grad_scale
     return dx, dstep, doffset
+
+
+def _branch_codes(xf, step, qmin: int, qmax: int):
+    v = xf / step
+    rounded = torch.round(v)
+    return v, rounded, torch.clamp(rounded, qmin, qmax)
+
+
+def multi_branch_forward(x, steps, probs, qmin: list[int], qmax: list[int]) -> torch.Tensor:
+    """The aggregated form: every branch quantizes x, the results are weighted and summed in branch order."""
+    xf = x.float()
+    y = torch.zeros_like(xf)
+    for step, prob, lo, hi in zip(steps, probs, qmin, qmax, strict=True):
+        y = y + prob * (_branch_codes(xf, step, lo, hi)[2] * step)
+    return y.to(x.dtype)
+
+
+def multi_branch_backward(grad, x, steps, probs, qmin: list[int], qmax: list[int], grad_scale: list[float]):
+    xf, g = x.float(), grad.float()
+    coef = torch.zeros_like(xf)
+    dsteps, dprobs = [], []
+    for step, prob, lo, hi, gs in zip(steps, probs, qmin, qmax, grad_scale, strict=True):
+        v, rounded, q = _branch_codes(xf, step, lo, hi)
+        inside = (v >= lo) & (v <= hi)
+        dq_ds = torch.where(inside, rounded - v, torch.where(v < lo, float(lo), float(hi)))
+        coef = coef + prob * inside
+        dsteps.append(prob * gs * (g * dq_ds).sum(dtype=torch.float64))
+        dprobs.append((g * q * step).sum(dtype=torch.float64))
+    dx = (g * coef).to(x.dtype)
+    return dx, torch.stack(dsteps).float(), torch.stack(dprobs).float()

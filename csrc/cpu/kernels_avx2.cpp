@@ -1,9 +1,11 @@
-// The fused LSQ span kernels compiled for the avx2 code path (chosen at run time by cpu/isa.h).
+// Every span kernel (fused LSQ, multi-branch) compiled for the avx2 code path (chosen at run time by cpu/isa.h).
 #include <immintrin.h>
 
 #include <cmath>
+#include <utility>
 
 #include "cpu/fake_quant.h"
+#include "cpu/multi_branch.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -14,6 +16,7 @@ namespace lowbit::cpu::avx2 {
 #include "cpu/simd_avx2.h"
 using Vec = Avx2Vec;
 #include "cpu/fake_quant_kernels.h"
+#include "cpu/multi_branch_kernels.h"
 
 }  // namespace lowbit::cpu::avx2
 

@@ -1,8 +1,9 @@
-// The fused LSQ span kernels compiled for the scalar code path (chosen at run time by cpu/isa.h).
-
+// Every span kernel (fused LSQ, multi-branch) compiled for the scalar code path (chosen at run time by cpu/isa.h).
 #include <cmath>
+#include <utility>
 
 #include "cpu/fake_quant.h"
+#include "cpu/multi_branch.h"
 
 #pragma GCC push_options
 // no target pragma: plain C++ for any x86-64 (or other) CPU
@@ -10,9 +11,9 @@
 namespace lowbit::cpu::scalar {
 
 #include "cpu/simd_scalar.h"
-
 using Vec = ScalarVec;
 #include "cpu/fake_quant_kernels.h"
+#include "cpu/multi_branch_kernels.h"
 
 }  // namespace lowbit::cpu::scalar
 

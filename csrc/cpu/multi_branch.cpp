@@ -1,0 +1,99 @@
+// CPU driver of the multi-branch quantizer: fixed-size chunks of the flat tensor run in parallel; each chunk's
+// 2*B gradient sums land in its own partial row and are folded in chunk order (deterministic for any thread
+// count).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/dispatch.h"
+#include "cpu/multi_branch.h"
+
+namespace lowbit::cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;
+
+Branches branches_of(const at::Tensor& steps, const at::Tensor& probs, c10::IntArrayRef qmin,
+                     c10::IntArrayRef qmax) {
+  const int64_t count = steps.numel();
+  TORCH_CHECK(count >= 1 && count <= kMaxBranches, "lowbit_C: 1..", kMaxBranches, " branches, got ", count);
+  TORCH_CHECK(steps.scalar_type() == at::kFloat && probs.scalar_type() == at::kFloat && probs.numel() == count &&
+                  static_cast<int64_t>(qmin.size()) == count && static_cast<int64_t>(qmax.size()) == count,
+              "lowbit_C: steps, probs (float32), qmin and qmax must all have one entry per branch");
+  const at::Tensor s = steps.contiguous(), p = probs.contiguous();
+  Branches b{static_cast<int>(count), {}, {}, {}, {}};
+  for (int64_t i = 0; i < count; ++i) {
+    b.step[i] = s.const_data_ptr<float>()[i];
+    b.prob[i] = p.const_data_ptr<float>()[i];
+    b.lo[i] = static_cast<float>(qmin[i]);
+    b.hi[i] = static_cast<float>(qmax[i]);
+  }
+  return b;
+}
+
+at::Tensor multi_branch_forward(const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
+                                c10::IntArrayRef qmin, c10::IntArrayRef qmax) {
+  TORCH_CHECK(x.is_contiguous(), "lowbit_C: x must be contiguous");
+  const Branches b = branches_of(steps, probs, qmin, qmax);
+  at::Tensor y = at::empty_like(x);
+  LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_multi_branch_forward", [&] {
+    const auto k = multi_branch_kernels<scalar_t>(active_isa());
+    const scalar_t* xp = data<scalar_t>(x);
+    scalar_t* yp = mutable_data<scalar_t>(y);
+    at::parallel_for(0, x.numel(), kChunk, [&](int64_t begin, int64_t end) {
+      k.forward(xp + begin, yp + begin, end - begin, b);
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                     const at::Tensor& steps,
+                                                                     const at::Tensor& probs, c10::IntArrayRef qmin,
+                                                                     c10::IntArrayRef qmax,
+                                                                     c10::ArrayRef<double> grad_scale) {
+  TORCH_CHECK(x.is_contiguous() && grad.is_contiguous() && grad.sizes() == x.sizes() &&
+                  grad.scalar_type() == x.scalar_type(),
+              "lowbit_C: grad and x must be contiguous with the same shape and dtype");
+  const Branches b = branches_of(steps, probs, qmin, qmax);
+  TORCH_CHECK(static_cast<int>(grad_scale.size()) == b.count, "lowbit_C: one grad_scale per branch");
+  at::Tensor dx = at::empty_like(x);
+  const int64_t tasks = (x.numel() + kChunk - 1) / kChunk;
+  std::vector<double> partial(2 * b.count * tasks, 0.0);
+  LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_multi_branch_backward", [&] {
+    const auto k = multi_branch_kernels<scalar_t>(active_isa());
+    const scalar_t *gp = data<scalar_t>(grad), *xp = data<scalar_t>(x);
+    scalar_t* dxp = mutable_data<scalar_t>(dx);
+    at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t pos = t * kChunk, n = std::min(kChunk, x.numel() - pos);
+        k.backward(gp + pos, xp + pos, dxp + pos, n, b, &partial[2 * b.count * t]);
+      }
+    });
+  });
+  std::vector<double> sums(2 * b.count, 0.0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int j = 0; j < 2 * b.count; ++j) sums[j] += partial[2 * b.count * t + j];
+  }
+  at::Tensor dsteps = at::empty({b.count}, steps.options()), dprobs = at::empty({b.count}, probs.options());
+  for (int i = 0; i < b.count; ++i) {
+    dsteps.mutable_data_ptr<float>()[i] = static_cast<float>(sums[i] * b.prob[i] * grad_scale[i]);
+    dprobs.mutable_data_ptr<float>()[i] = static_cast<float>(sums[b.count + i]);
+  }
+  return {dx, dsteps, dprobs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit_C, CPU, m) {
+  m.impl("multi_branch_forward", &multi_branch_forward);
+  m.impl("multi_branch_backward", &multi_branch_backward);
+}
+
+}  // namespace lowbit::cpu

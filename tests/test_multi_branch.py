@@ -1,0 +1,84 @@
+"""lowbit.multi_branch_fake_quant on every backend against the independent NumPy reference (SPEC section 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+from test_fake_quant import DTYPES, _close_sum
+
+import lowbit
+import reference as ref
+
+BRANCHES = [(4,), (2, 4, 8), (8, 2), (3, 5), (2, 3, 4, 5, 6, 7, 8)]
+SHAPES = [(0,), (1,), (7,), (1023,), (3, 5, 7, 11), (100_003,)]
+PROBS = {
+    "softmax": lambda n, gen: torch.softmax(torch.randn(n, generator=gen), 0),
+    "unnormalised": lambda n, gen: 0.2 + torch.rand(n, generator=gen) * 2,
+    "with-zeros": lambda n, gen: torch.tensor([0.0 if i % 2 else 1.0 / (i + 1) for i in range(n)]),
+}
+
+
+def _inputs(shape, bits, signed, dtype, probs_kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 1.5 + (0.0 if signed else 1.0)
+    steps = torch.tensor([3.0 / 2**b * (0.7 + 0.6 * torch.rand(1, generator=gen).item()) for b in bits])
+    probs = PROBS[probs_kind](len(bits), gen)
+    grad = torch.randn(shape, generator=gen)
+    return x.to(DEVICE, dtype), steps.to(DEVICE), probs.to(DEVICE), grad.to(DEVICE, dtype)
+
+
+def check_multi_branch(x, steps, probs, bits, signed, grad, grad_scale=None):
+    x, steps, probs = (t.detach().requires_grad_(True) for t in (x, steps, probs))
+    y = lowbit.multi_branch_fake_quant(x, steps, probs, bits, signed=signed, grad_scale=grad_scale)
+    y.backward(grad)
+    scales = [grad_scale] * len(bits) if isinstance(grad_scale, float) else grad_scale
+    want = ref.multi_branch(x, steps, probs, bits, signed, grad=grad, grad_scale=scales)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.cpu(), ref.to_dtype(want.y, x.dtype), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.grad.cpu(), ref.to_dtype(want.dx, x.dtype), rtol=0, atol=0, equal_nan=True)
+    _close_sum(steps.grad, want.dsteps, want.dsteps_scale, "dsteps")
+    _close_sum(probs.grad, want.dprobs, want.dprobs_scale, "dprobs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("bits", BRANCHES, ids=lambda b: "b" + "-".join(map(str, b)))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(backend, shape, bits, dtype):
+    # signedness and the kind of probabilities rotate over the grid, so each meets every shape and branch set
+    index = SHAPES.index(shape) + BRANCHES.index(bits) + DTYPES.index(dtype)
+    signed, probs_kind = bool(index % 2), list(PROBS)[index % len(PROBS)]
+    seed = hash((shape, bits, signed)) % 2**31
+    x, steps, probs, grad = _inputs(shape, bits, signed, dtype, probs_kind, seed)
+    check_multi_branch(x, steps, probs, list(bits), signed, grad)
+
+
+def test_edge_values_and_nan(backend):
+    bits = [2, 4, 8]
+    x = torch.tensor([0.0625 * k for k in range(-40, 41)] + [float("nan"), float("inf"), -float("inf"), 1e30])
+    steps = torch.tensor([0.5, 0.125, 0.0625])  # powers of two: ties and clamp edges are exact
+    probs = torch.tensor([0.25, 0.5, 0.25])
+    grad = torch.linspace(-1, 1, x.numel())
+    check_multi_branch(x.to(DEVICE), steps.to(DEVICE), probs.to(DEVICE), bits, True, grad.to(DEVICE))
+    y = lowbit.multi_branch_fake_quant(x.to(DEVICE), steps.to(DEVICE), probs.to(DEVICE), bits, signed=True)
+    assert torch.isnan(y[-4]).item()
+
+
+def test_per_branch_grad_scale_and_non_contiguous(backend):
+    x, steps, probs, grad = _inputs((40, 30), (2, 4), True, torch.float32, "unnormalised", seed=1)
+    check_multi_branch(x.t(), steps, probs, [2, 4], True, grad.t(), grad_scale=[0.1, 0.02])
+
+
+def test_one_branch_with_probability_one_is_fake_quant(backend):
+    x = torch.randn(3, 50, device=DEVICE)
+    step = torch.tensor([0.07], device=DEVICE)
+    y = lowbit.multi_branch_fake_quant(x, step, torch.ones(1, device=DEVICE), [4], signed=True)
+    torch.testing.assert_close(y, lowbit.fake_quant(x, step, 4, signed=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu-avx512"] if "cpu-avx512" in __import__("conftest").backend_variants() else
+                         [v for v in __import__("conftest").backend_variants() if v.startswith("cpu")][:1],
+                         indirect=True)
+def test_large_sums_stay_accurate(backend):
+    x, steps, probs, grad = _inputs((8, 32, 56, 56), (2, 4, 8), False, torch.float32, "softmax", seed=2)
+    check_multi_branch(x, steps, probs, [2, 4, 8], False, grad)
