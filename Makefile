@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: setup demo test bench cuda-check gpu-check lint format clean
+.PHONY: setup demo test bench cuda-check wheel-check gpu-check lint format clean
 
 setup: $(VENV)/.installed lowbit/.built
 
@@ -36,6 +36,10 @@ bench: setup
 # Compiles every .cu file with nvcc against the torch headers: proves the CUDA sources build, no GPU needed.
 cuda-check: setup
 	PYTHON=$(VPY) bash tools/cuda_check.sh
+
+# A regular `pip install .` must ship the extension and kernels/ as lowbit.kernels.
+wheel-check: setup
+	PYTHON=$(VPY) bash tools/wheel_check.sh
 
 # On a CUDA machine, with its system Python (torch with CUDA, triton): build, test and benchmark on the GPU.
 gpu-check:

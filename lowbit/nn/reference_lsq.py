@@ -1,0 +1,51 @@
+"""The LSQ module most repositories carry: plain PyTorch, round-pass and grad-scale tricks.
+
+It is what ``lowbit.swap_fused`` replaces, and the baseline of the layer benchmarks. Its numerics are LSQ's
+(SPEC section 1): ``clamp`` before ``round`` gives the same values as after, and the straight-through
+``round_pass`` over ``clamp`` gives the LSQ gradients. It costs about ten elementwise passes where the fused
+op makes two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowbit import _checks
+from lowbit.ops import quant_range
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Forward: x. Backward: gradient times ``scale``."""
+    return (x - x * scale).detach() + x * scale
+
+
+def round_pass(x: torch.Tensor) -> torch.Tensor:
+    """Forward: round(x). Backward: identity (straight-through)."""
+    return (x.round() - x).detach() + x
+
+
+class ReferenceLSQ(nn.Module):
+    """LSQ fake quantization written with PyTorch ops: per-tensor, or per-channel along ``axis``."""
+
+    def __init__(self, bits: int, *, signed: bool = False, channels: int | None = None, axis: int = 0):
+        super().__init__()
+        self.bits = _checks.bits("bits", bits)
+        self.signed = _checks.flag("signed", signed)
+        self.axis = axis if channels is not None else None
+        self.step = nn.Parameter(torch.ones(channels if channels is not None else 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qn, qp = quant_range(self.bits, self.signed)
+        per_step = x.numel() // self.step.numel()
+        s = grad_scale(self.step, 1.0 / math.sqrt(per_step * qp))
+        if self.axis is not None:
+            shape = [1] * x.dim()
+            shape[self.axis] = -1
+            s = s.view(shape)
+        return round_pass(torch.clamp(x / s, qn, qp)) * s
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, axis={self.axis}"
