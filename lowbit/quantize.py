@@ -131,7 +131,9 @@ class FusedFakeQuantize(nn.Module):
         super().__init__()
         self.original = original
         self.bits, self.signed = bits, signed
-        self.axis = original.ch_axis if original.is_per_channel else None
+        qscheme = original.activation_post_process.qscheme
+        per_channel = qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        self.axis = original.ch_axis if per_channel else None
         self.learnable = hasattr(original, "learning_enabled")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,3 +34,15 @@ def fake_quant_backward(grad, x, step, offset, qmin: int, qmax: int, inner: int,
     from lowbit.kernels import fake_quant
 
     return fake_quant.backward(grad, x, step, offset, qmin, qmax, inner, grad_scale)
+
+
+def multi_branch_forward(x, steps, probs, qmin: list[int], qmax: list[int]) -> torch.Tensor:
+    from lowbit.kernels import multi_branch
+
+    return multi_branch.forward(x, steps, probs, qmin, qmax)
+
+
+def multi_branch_backward(grad, x, steps, probs, qmin: list[int], qmax: list[int], grad_scale: list[float]):
+    from lowbit.kernels import multi_branch
+
+    return multi_branch.backward(grad, x, steps, probs, qmin, qmax, grad_scale)

@@ -17,14 +17,19 @@ from lowbit import _checks
 from lowbit.ops import quant_range
 
 
+# Both tricks are written so that the forward value is exact: the usual `(x - x * g).detach() + x * g` and
+# `(x.round() - x).detach() + x` can be off by an ulp, which moves values that sit on a rounding tie.
+
+
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Forward: x. Backward: gradient times ``scale``."""
-    return (x - x * scale).detach() + x * scale
+    scaled = x * scale
+    return x.detach() + (scaled - scaled.detach())
 
 
 def round_pass(x: torch.Tensor) -> torch.Tensor:
     """Forward: round(x). Backward: identity (straight-through)."""
-    return (x.round() - x).detach() + x
+    return x.round().detach() + (x - x.detach())
 
 
 class ReferenceLSQ(nn.Module):
