@@ -40,7 +40,7 @@ def _sources(pattern: str) -> list[str]:
 def _extension():
     with_cuda = _cuda_wanted()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-DLOWBIT_WITH_CUDA=%d" % with_cuda]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", f"-DLOWBIT_WITH_CUDA={int(with_cuda)}"]
     args = {"cxx": cxx}
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")

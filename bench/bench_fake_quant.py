@@ -163,6 +163,10 @@ def time_case(case: Case, impls: dict, device, repeats: int) -> dict:
 # ---- report ------------------------------------------------------------------------------------------------
 
 
+def _speedup(baseline: float | None, ms: float) -> str:
+    return f"{baseline / ms:.1f}x" if baseline else "n/a"
+
+
 def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"# Fused LSQ fake-quant, forward + backward ({meta['device']})",
@@ -174,14 +178,19 @@ def markdown(results: dict, meta: dict) -> str:
     ]
     for case, row in results.items():
         learnable, composition, floor = row.get("torch learnable"), row.get("composition LSQ"), row["memory floor"]
-        lines += [f"## {case}", "", "| implementation | ms | speed-up vs torch learnable | "
-                  "speed-up vs composition LSQ | x memory floor |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"## {case}",
+            "",
+            "| implementation | ms | speed-up vs torch learnable | speed-up vs composition LSQ | x memory floor |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, ms in row.items():
             if ms is None:
                 lines.append(f"| {name} | n/a | | | |")
                 continue
-            ratio = lambda ref: f"{ref / ms:.1f}x" if ref else "n/a"  # noqa: E731
-            lines.append(f"| {name} | {ms:.2f} | {ratio(learnable)} | {ratio(composition)} | {ms / floor:.2f} |")
+            lines.append(
+                f"| {name} | {ms:.2f} | {_speedup(learnable, ms)} | {_speedup(composition, ms)} | {ms / floor:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -73,10 +73,14 @@ class BopsReport:
         width = max([len(layer.name) for layer in self.layers] + [5])
         lines = [f"{'layer':<{width}}  {'type':<20} {'MACs':>12} {'w bits':>7} {'a bits':>7} {'BOPs':>14}"]
         for layer in self.layers:
-            lines.append(f"{layer.name:<{width}}  {layer.kind:<20} {layer.macs:>12,} {layer.w_bits:>7.2f} "
-                         f"{layer.a_bits:>7.2f} {layer.bops:>14,.0f}")
-        lines.append(f"{'total':<{width}}  {'':<20} {self.total_macs:>12,} {self.avg_w_bits:>7.2f} "
-                     f"{self.avg_a_bits:>7.2f} {self.total_bops:>14,.0f}")
+            lines.append(
+                f"{layer.name:<{width}}  {layer.kind:<20} {layer.macs:>12,} {layer.w_bits:>7.2f} "
+                f"{layer.a_bits:>7.2f} {layer.bops:>14,.0f}"
+            )
+        lines.append(
+            f"{'total':<{width}}  {'':<20} {self.total_macs:>12,} {self.avg_w_bits:>7.2f} "
+            f"{self.avg_a_bits:>7.2f} {self.total_bops:>14,.0f}"
+        )
         return "\n".join(lines)
 
 

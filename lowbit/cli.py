@@ -61,10 +61,14 @@ def info_dict() -> dict:
 def _print_info(info: dict) -> None:
     cpu = info["cpu"]
     print(f"lowbit {info['lowbit']}")
-    print(f"python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})  "
-          f"triton {info['triton'] or 'not installed'}")
+    print(
+        f"python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})  "
+        f"triton {info['triton'] or 'not installed'}"
+    )
     print(f"cpu    {cpu['model']}, {cpu['threads']} threads")
-    print(f"       features: {' '.join(cpu['features']) or 'none of interest'}; lowbit kernels use: {cpu['kernels_isa']}")
+    print(
+        f"       features: {' '.join(cpu['features']) or 'none of interest'}; lowbit kernels use: {cpu['kernels_isa']}"
+    )
     print(f"gpu    {', '.join(info['cuda_devices']) or 'none'}")
     print("backends:")
     for b in info["backends"]:

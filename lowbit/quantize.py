@@ -75,8 +75,9 @@ def quantize(
             continue
         edge = name in edges
         wb = plan.get(name, first_last_bits if edge else w_bits)
-        _set_submodule(model, name, _quantized(layer, wb, first_last_bits if edge else a_bits,
-                                               None if edge else branches))
+        _set_submodule(
+            model, name, _quantized(layer, wb, first_last_bits if edge else a_bits, None if edge else branches)
+        )
     return model
 
 
@@ -154,8 +155,9 @@ class FusedFakeQuantize(nn.Module):
         scale = fq.scale.abs().clamp_min(getattr(fq, "eps", torch.tensor(1e-12)).item()) if self.learnable else fq.scale
         offset = -fq.zero_point.float().round() * scale
         grad_factor = getattr(fq, "grad_factor", None) if self.learnable else None
-        return fake_quant(x, scale.float(), self.bits, signed=self.signed, offset=offset, axis=self.axis,
-                          grad_scale=grad_factor)
+        return fake_quant(
+            x, scale.float(), self.bits, signed=self.signed, offset=offset, axis=self.axis, grad_scale=grad_factor
+        )
 
 
 def _ao_fake_quant_types() -> tuple[type, ...]:
@@ -167,8 +169,12 @@ def _ao_fake_quant_types() -> tuple[type, ...]:
 
 def _replacement(module: nn.Module) -> tuple[nn.Module | None, str]:
     if isinstance(module, ReferenceLSQ):
-        fused = LSQQuantizer(module.bits, signed=module.signed,
-                             channels=None if module.axis is None else module.step.numel(), axis=module.axis or 0)
+        fused = LSQQuantizer(
+            module.bits,
+            signed=module.signed,
+            channels=None if module.axis is None else module.step.numel(),
+            axis=module.axis or 0,
+        )
         with torch.no_grad():
             fused.step.copy_(module.step)
         fused.initialized = True

@@ -48,7 +48,9 @@ def fake_quant(x, step, bits, signed, offset=None, axis=None, grad=None, grad_sc
     axis = None if axis is None else axis % max(xs.ndim, 1)
     bshape = _channel_shape(xs.ndim, axis, channels)
     s = steps.reshape(bshape) if channels != 1 else steps.reshape(())
-    beta = np.zeros_like(s) if offset is None else np.broadcast_to(as_np(offset).reshape(-1), (channels,)).reshape(s.shape)
+    beta = (
+        np.zeros_like(s) if offset is None else np.broadcast_to(as_np(offset).reshape(-1), (channels,)).reshape(s.shape)
+    )
     with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN inputs are part of the contract
         return _fake_quant(xs, s, beta, channels, axis, bits, signed, grad, grad_scale)
 

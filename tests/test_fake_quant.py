@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from conftest import DEVICE, backend_variants
 
 import lowbit
-import reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

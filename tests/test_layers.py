@@ -149,8 +149,12 @@ def _lsq_to_reference(model):
     """The inverse of swap_fused for LSQQuantizer: the plain-PyTorch module with the same step."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LSQQuantizer):
-            ref = ReferenceLSQ(module.bits, signed=module.signed,
-                               channels=None if module.axis is None else module.step.numel(), axis=module.axis or 0)
+            ref = ReferenceLSQ(
+                module.bits,
+                signed=module.signed,
+                channels=None if module.axis is None else module.step.numel(),
+                axis=module.axis or 0,
+            )
             ref.step = module.step
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, ref)
@@ -206,8 +210,9 @@ def test_swap_fused_learnable_fake_quantize_forward_values():
     from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
     from torch.ao.quantization.observer import MovingAverageMinMaxObserver
 
-    fq = _LearnableFakeQuantize(MovingAverageMinMaxObserver, quant_min=0, quant_max=255, scale=0.05,
-                                zero_point=0.0, use_grad_scaling=True)
+    fq = _LearnableFakeQuantize(
+        MovingAverageMinMaxObserver, quant_min=0, quant_max=255, scale=0.05, zero_point=0.0, use_grad_scaling=True
+    )
     fq.toggle_qparam_learning(True).toggle_fake_quant(True).toggle_observer_update(False)
     model = nn.Sequential(fq)
     fused = copy.deepcopy(model)

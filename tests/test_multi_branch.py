@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 from conftest import DEVICE
 from test_fake_quant import DTYPES, _close_sum
 
 import lowbit
-import reference as ref
 
 BRANCHES = [(4,), (2, 4, 8), (8, 2), (3, 5), (2, 3, 4, 5, 6, 7, 8)]
 SHAPES = [(0,), (1,), (7,), (1023,), (3, 5, 7, 11), (100_003,)]
@@ -76,9 +76,13 @@ def test_one_branch_with_probability_one_is_fake_quant(backend):
     torch.testing.assert_close(y, lowbit.fake_quant(x, step, 4, signed=True), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["cpu-avx512"] if "cpu-avx512" in __import__("conftest").backend_variants() else
-                         [v for v in __import__("conftest").backend_variants() if v.startswith("cpu")][:1],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "backend",
+    ["cpu-avx512"]
+    if "cpu-avx512" in __import__("conftest").backend_variants()
+    else [v for v in __import__("conftest").backend_variants() if v.startswith("cpu")][:1],
+    indirect=True,
+)
 def test_large_sums_stay_accurate(backend):
     x, steps, probs, grad = _inputs((8, 32, 56, 56), (2, 4, 8), False, torch.float32, "softmax", seed=2)
     check_multi_branch(x, steps, probs, [2, 4, 8], False, grad)

@@ -111,7 +111,8 @@ def _default_for(device_type: str) -> str:
             if name != preference[0]:
                 why = status(preference[0]).reason
                 warnings.warn(
-                    f"lowbit: backend {preference[0]!r} is unavailable ({why}); using {name!r} for {device_type} tensors",
+                    f"lowbit: backend {preference[0]!r} is unavailable ({why}); "
+                    f"using {name!r} for {device_type} tensors",
                     LowbitFallbackWarning,
                     stacklevel=3,
                 )

@@ -11,7 +11,10 @@ def load() -> tuple[object | None, str]:
     try:
         from lowbit import _C  # noqa: F401  (importing registers the lowbit_C ops)
     except ImportError as exc:
-        return None, f"compiled extension lowbit._C did not import ({exc}); reinstall with pip install --no-build-isolation ."
+        return (
+            None,
+            f"compiled extension lowbit._C did not import ({exc}); reinstall with pip install --no-build-isolation .",
+        )
     return _C, ""
 
 

@@ -81,9 +81,18 @@ class QConv2d(nn.Conv2d, _Quantized):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant) -> QConv2d:
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype, **quant,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            **quant,
         )
         layer._copy_float(conv)
         return layer
@@ -92,8 +101,18 @@ class QConv2d(nn.Conv2d, _Quantized):
 class QLinear(nn.Linear, _Quantized):
     """``nn.Linear`` with LSQ weights (per output feature) and LSQ inputs (per tensor); see ``QConv2d``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 4,
-                 a_bits: int | None = 4, a_signed: bool | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        w_bits: int = 4,
+        a_bits: int | None = 4,
+        a_signed: bool | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         act = LSQQuantizer(a_bits, signed=a_signed) if a_bits is not None else nn.Identity()
         self._setup_quantizers(w_bits, act)
@@ -107,8 +126,14 @@ class QLinear(nn.Linear, _Quantized):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **quant) -> QLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **quant)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **quant,
+        )
         layer._copy_float(linear)
         return layer
 
@@ -162,8 +187,18 @@ class MultiBranchQConv2d(QConv2d, _MultiBranch):
 class MultiBranchQLinear(QLinear, _MultiBranch):
     """``QLinear`` whose input goes through a ``MultiBranchQuantizer`` over ``a_bits_choices``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 4,
-                 a_bits_choices=(2, 4, 8), a_signed: bool | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        w_bits: int = 4,
+        a_bits_choices=(2, 4, 8),
+        a_signed: bool | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(in_features, out_features, bias, w_bits=w_bits, a_bits=None, device=device, dtype=dtype)
         self.act_quant = MultiBranchQuantizer(a_bits_choices, signed=a_signed)
 

@@ -16,7 +16,6 @@ from torch import nn
 from lowbit import _checks
 from lowbit.ops import quant_range
 
-
 # Both tricks are written so that the forward value is exact: the usual `(x - x * g).detach() + x * g` and
 # `(x.round() - x).detach() + x` can be off by an ulp, which moves values that sit on a rounding tie.
 
