@@ -63,7 +63,9 @@ def grad_scale(value) -> float | None:
 def step_values(name: str, step: torch.Tensor) -> None:
     """Values check; reads the (small) step tensor, which costs a device sync on GPU."""
     if step.numel() and not bool(torch.all(torch.isfinite(step) & (step > 0))):
-        raise ValueError(f"{name} must be positive and finite, got {step.detach().flatten()[:8].tolist()}")
+        flat = step.detach().flatten()
+        bad = torch.nonzero(~(torch.isfinite(flat) & (flat > 0))).flatten()[:8].tolist()
+        raise ValueError(f"{name} must be positive and finite, got {[flat[i].item() for i in bad]} at {bad}")
 
 
 def finite_values(name: str, value: torch.Tensor) -> None:

@@ -4,6 +4,10 @@ Each op is defined once here: a public Python function that checks its arguments
 ``lowbit::<name>`` whose implementation picks a backend per call (``lowbit.backends.select``), a fake kernel for
 tracing, and autograd wiring whose backward is a custom op of its own. ``torch.compile`` sees the custom ops as
 opaque nodes, so the backend choice and the value checks happen at run time, never at trace time.
+
+The ops are declared with ``torch.library.Library`` (schema string + per-device Python kernels) rather than the
+``torch.library.custom_op`` decorator: same registrations (fake, autograd), about half the per-call overhead,
+which matters for the many small tensors of a real network.
 """
 
 from __future__ import annotations
@@ -25,6 +29,24 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+_LIB = torch.library.Library("lowbit", "DEF")  # noqa: TOR901  (kept alive for the life of the process)
+
+
+def _define(schema: str, impl, fake):
+    """Declares ``lowbit::<schema>`` with ``impl`` for CPU and CUDA tensors and ``fake`` for tracing."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, impl, key)
+    torch.library.register_fake(f"lowbit::{name}", fake, lib=_LIB)
+    return name
+
+
+def _values_checked_by(backend) -> bool:
+    """Backends whose kernels validate step/offset values themselves (cheaply, without a device sync)."""
+    return getattr(backend, "CHECKS_VALUES", False)
+
+
 def _inner_size(x: Tensor, channels: int, axis: int) -> int:
     """Elements after ``axis`` in x: the stride of the channel index when x is viewed as (outer, C, inner)."""
     return math.prod(x.shape[axis + 1 :]) if channels > 1 else 1
@@ -35,39 +57,21 @@ def _inner_size(x: Tensor, channels: int, axis: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lowbit::fake_quant", mutates_args=())
-def _fake_quant(
-    x: Tensor, step: Tensor, offset: Tensor | None, bits: int, signed: bool, axis: int, grad_scale: float
-) -> Tensor:
+def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale):
     if x.numel() == 0:
         return torch.empty_like(x)
-    _checks.step_values("step", step)
-    if offset is not None:
-        _checks.finite_values("offset", offset)
-    qmin, qmax = quant_range(bits, signed)
     backend = select(x.device)
+    if not _values_checked_by(backend):
+        _checks.step_values("step", step)
+        if offset is not None:
+            _checks.finite_values("offset", offset)
+    qmin, qmax = quant_range(bits, signed)
     offset = None if offset is None else offset.contiguous()
-    return backend.fake_quant_forward(
-        x.contiguous(), step.contiguous(), offset, qmin, qmax, _inner_size(x, step.numel(), axis)
-    )
+    inner = _inner_size(x, step.numel(), axis)
+    return backend.fake_quant_forward(x.contiguous(), step.contiguous(), offset, qmin, qmax, inner)
 
 
-@_fake_quant.register_fake
-def _(x, step, offset, bits, signed, axis, grad_scale):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("lowbit::fake_quant_backward", mutates_args=())
-def _fake_quant_backward(
-    grad: Tensor,
-    x: Tensor,
-    step: Tensor,
-    offset: Tensor | None,
-    bits: int,
-    signed: bool,
-    axis: int,
-    grad_scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_scale):
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(step), torch.zeros_like(step)
     qmin, qmax = quant_range(bits, signed)
@@ -79,9 +83,21 @@ def _fake_quant_backward(
     )
 
 
-@_fake_quant_backward.register_fake
-def _(grad, x, step, offset, bits, signed, axis, grad_scale):
-    return torch.empty_like(x), torch.empty_like(step), torch.empty_like(step)
+_define(
+    "fake_quant(Tensor x, Tensor step, Tensor? offset, int bits, bool signed, int axis, float grad_scale) -> Tensor",
+    _fake_quant_impl,
+    lambda x, step, offset, bits, signed, axis, grad_scale: torch.empty_like(x),
+)
+_define(
+    "fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int bits, bool signed, int axis, "
+    "float grad_scale) -> (Tensor, Tensor, Tensor)",
+    _fake_quant_backward_impl,
+    lambda grad, x, step, offset, bits, signed, axis, grad_scale: (
+        torch.empty_like(x),
+        torch.empty_like(step),
+        torch.empty_like(step),
+    ),
+)
 
 
 def _fake_quant_setup_context(ctx, inputs, output):
@@ -96,7 +112,25 @@ def _fake_quant_grad(ctx, grad):
     return dx, dstep, (doffset if offset is not None else None), None, None, None, None
 
 
-_fake_quant.register_autograd(_fake_quant_grad, setup_context=_fake_quant_setup_context)
+torch.library.register_autograd(
+    "lowbit::fake_quant", _fake_quant_grad, setup_context=_fake_quant_setup_context, lib=_LIB
+)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """The public op's autograd: the same forward and backward ops as the registration above, through a plain
+    autograd.Function, whose eager overhead is about a third of register_autograd's (it counts on the many small
+    tensors of a network). torch.compile traces it into the same two custom-op nodes."""
+
+    @staticmethod
+    def forward(ctx, x, step, offset, bits, signed, axis, grad_scale):
+        ctx.save_for_backward(x, step, offset)
+        ctx.config = (bits, signed, axis, grad_scale)
+        return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _fake_quant_grad(ctx, grad)
 
 
 def _channel_params(x: Tensor, step: Tensor, offset: Tensor | None, axis) -> tuple[Tensor, Tensor | None, int]:
@@ -162,7 +196,7 @@ def fake_quant(
     if grad_scale is None:
         per_step = x.numel() // max(step.numel(), 1)
         grad_scale = 1.0 / math.sqrt(per_step * quant_range(bits, signed)[1]) if per_step else 1.0
-    return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale)
+    return _FakeQuant.apply(x, step, offset, bits, signed, axis, grad_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,27 +209,18 @@ def _branch_ranges(bits: list[int], signed: bool) -> tuple[list[int], list[int]]
     return [lo for lo, _ in ranges], [hi for _, hi in ranges]
 
 
-@torch.library.custom_op("lowbit::multi_branch_fake_quant", mutates_args=())
-def _multi_branch(
-    x: Tensor, steps: Tensor, probs: Tensor, bits: list[int], signed: bool, grad_scale: list[float]
-) -> Tensor:
+def _multi_branch_impl(x, steps, probs, bits, signed, grad_scale):
     if x.numel() == 0:
         return torch.empty_like(x)
-    _checks.step_values("steps", steps)
-    _checks.finite_values("probs", probs)
+    backend = select(x.device)
+    if not _values_checked_by(backend):
+        _checks.step_values("steps", steps)
+        _checks.finite_values("probs", probs)
     qmin, qmax = _branch_ranges(bits, signed)
-    return select(x.device).multi_branch_forward(x.contiguous(), steps.contiguous(), probs.contiguous(), qmin, qmax)
+    return backend.multi_branch_forward(x.contiguous(), steps.contiguous(), probs.contiguous(), qmin, qmax)
 
 
-@_multi_branch.register_fake
-def _(x, steps, probs, bits, signed, grad_scale):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("lowbit::multi_branch_fake_quant_backward", mutates_args=())
-def _multi_branch_backward(
-    grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, bits: list[int], signed: bool, grad_scale: list[float]
-) -> tuple[Tensor, Tensor, Tensor]:
+def _multi_branch_backward_impl(grad, x, steps, probs, bits, signed, grad_scale):
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(steps), torch.zeros_like(probs)
     qmin, qmax = _branch_ranges(bits, signed)
@@ -204,9 +229,22 @@ def _multi_branch_backward(
     )
 
 
-@_multi_branch_backward.register_fake
-def _(grad, x, steps, probs, bits, signed, grad_scale):
-    return torch.empty_like(x), torch.empty_like(steps), torch.empty_like(probs)
+_define(
+    "multi_branch_fake_quant(Tensor x, Tensor steps, Tensor probs, int[] bits, bool signed, float[] grad_scale) "
+    "-> Tensor",
+    _multi_branch_impl,
+    lambda x, steps, probs, bits, signed, grad_scale: torch.empty_like(x),
+)
+_define(
+    "multi_branch_fake_quant_backward(Tensor grad, Tensor x, Tensor steps, Tensor probs, int[] bits, bool signed, "
+    "float[] grad_scale) -> (Tensor, Tensor, Tensor)",
+    _multi_branch_backward_impl,
+    lambda grad, x, steps, probs, bits, signed, grad_scale: (
+        torch.empty_like(x),
+        torch.empty_like(steps),
+        torch.empty_like(probs),
+    ),
+)
 
 
 def _multi_branch_setup_context(ctx, inputs, output):
@@ -221,7 +259,9 @@ def _multi_branch_grad(ctx, grad):
     return dx, dsteps, dprobs, None, None, None
 
 
-_multi_branch.register_autograd(_multi_branch_grad, setup_context=_multi_branch_setup_context)
+torch.library.register_autograd(
+    "lowbit::multi_branch_fake_quant", _multi_branch_grad, setup_context=_multi_branch_setup_context, lib=_LIB
+)
 
 
 def _branch_grad_scales(grad_scale, bits: list[int], signed: bool, per_step: int) -> list[float]:
@@ -264,4 +304,18 @@ def multi_branch_fake_quant(
     steps = _checks.branch_vector("steps", steps, x, len(bits))
     probs = _checks.branch_vector("probs", probs, x, len(bits))
     scales = _branch_grad_scales(grad_scale, bits, signed, x.numel())
-    return torch.ops.lowbit.multi_branch_fake_quant(x, steps, probs, bits, signed, scales)
+    return _MultiBranch.apply(x, steps, probs, bits, signed, scales)
+
+
+class _MultiBranch(torch.autograd.Function):
+    """Eager fast path of the op's autograd, as ``_FakeQuant``."""
+
+    @staticmethod
+    def forward(ctx, x, steps, probs, bits, signed, grad_scale):
+        ctx.save_for_backward(x, steps, probs)
+        ctx.config = (bits, signed, grad_scale)
+        return torch.ops.lowbit.multi_branch_fake_quant(x, steps, probs, bits, signed, grad_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _multi_branch_grad(ctx, grad)

@@ -56,6 +56,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& step, const std::option
   TORCH_CHECK(!offset || (offset->scalar_type() == at::kFloat && offset->is_contiguous() &&
                           offset->numel() == step.numel()),
               "lowbit_C: offset must be a contiguous float32 vector like step");
+  check_values("step", step, /*positive=*/true);
+  if (offset) check_values("offset", *offset, /*positive=*/false);
   TORCH_CHECK(inner >= 1 && step.numel() >= 1 && x.numel() % (step.numel() * (step.numel() > 1 ? inner : 1)) == 0,
               "lowbit_C: x of ", x.numel(), " elements does not split into ", step.numel(), " channels of inner ",
               inner);
@@ -102,9 +104,9 @@ void forward(const T* x, T* y, const float* step, const float* offset, const Lay
 
 // ---- backward: each task owns one partial (or one row of partials); the sums are folded in task order -----
 
-struct Partials {
-  std::vector<double> step, offset;  // [task * channels + c] or [task] per layout
-};
+// Tasks per thread so that a thread gets at least kGrain elements: small tensors (most weights) then run on
+// the calling thread, without waking the pool.
+int64_t tasks_grain(int64_t elements_per_task) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, elements_per_task)); }
 
 template <class T>
 void backward_shared(const T* g, const T* x, T* dx, const float* step, const float* offset, const Layout& l,
@@ -127,7 +129,8 @@ void backward_rows(const T* g, const T* x, T* dx, const float* step, const float
   const int64_t rows_per_task = std::max<int64_t>(1, kGrain / l.inner);
   const int64_t tasks_per_channel = (l.outer + rows_per_task - 1) / rows_per_task;
   std::vector<double> partial(2 * l.channels * tasks_per_channel, 0.0);
-  at::parallel_for(0, l.channels * tasks_per_channel, 1, [&](int64_t b, int64_t e) {
+  const int64_t grain = tasks_grain(std::min(l.outer, rows_per_task) * l.inner);
+  at::parallel_for(0, l.channels * tasks_per_channel, grain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t c = t / tasks_per_channel, first = (t % tasks_per_channel) * rows_per_task;
       const int64_t last = std::min(l.outer, first + rows_per_task);
@@ -151,7 +154,7 @@ void backward_interleaved(const T* g, const T* x, T* dx, const float* step, cons
   const int64_t rows_per_task = (l.outer + tasks - 1) / tasks;
   const std::vector<float> steps = expand_per_element(step, l), offsets = expand_per_element(offset, l);
   std::vector<double> partial(2 * l.channels * tasks, 0.0);
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, tasks, tasks_grain(rows_per_task * width), [&](int64_t b, int64_t e) {
     std::vector<float> acc_step(width), acc_offset(width);
     for (int64_t t = b; t < e; ++t) {
       const int64_t first = t * rows_per_task, last = std::min(l.outer, first + rows_per_task);

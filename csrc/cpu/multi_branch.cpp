@@ -27,6 +27,8 @@ Branches branches_of(const at::Tensor& steps, const at::Tensor& probs, c10::IntA
                   static_cast<int64_t>(qmin.size()) == count && static_cast<int64_t>(qmax.size()) == count,
               "lowbit_C: steps, probs (float32), qmin and qmax must all have one entry per branch");
   const at::Tensor s = steps.contiguous(), p = probs.contiguous();
+  check_values("steps", s, /*positive=*/true);
+  check_values("probs", p, /*positive=*/false);
   Branches b{static_cast<int>(count), {}, {}, {}, {}};
   for (int64_t i = 0; i < count; ++i) {
     b.step[i] = s.const_data_ptr<float>()[i];

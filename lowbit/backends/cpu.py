@@ -7,6 +7,7 @@ import torch
 from lowbit.backends import _extension
 
 DEVICES = ("cpu",)
+CHECKS_VALUES = True  # the C++ ops reject non-positive/non-finite steps and non-finite offsets/probs themselves
 
 
 def availability() -> tuple[bool, str]:

@@ -24,6 +24,12 @@ def lsq_initial_step(x: torch.Tensor, bits: int, signed: bool, axis: int | None 
     return (2 * mean / math.sqrt(qp)).clamp_min(1e-8)
 
 
+def _positive(step: torch.Tensor) -> torch.Tensor:
+    """The step the ops see: |step|. An optimizer step can push a learned step below zero; its magnitude keeps
+    the quantizer working with the same gradient magnitude. (A step of exactly 0.0 still raises ValueError.)"""
+    return step.abs()
+
+
 class LSQQuantizer(nn.Module):
     """LSQ fake quantization of one tensor with a learnable step.
 
@@ -56,7 +62,7 @@ class LSQQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.initialized:
             self.initialize(x)
-        return fake_quant(x, self.step, self._bits, signed=self.signed, axis=self.axis)
+        return fake_quant(x, _positive(self.step), self._bits, signed=self.signed, axis=self.axis)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -107,7 +113,7 @@ class MultiBranchQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.initialized:
             self.initialize(x)
-        return multi_branch_fake_quant(x, self.steps, self.probs(), self.bits, signed=self.signed)
+        return multi_branch_fake_quant(x, _positive(self.steps), self.probs(), self.bits, signed=self.signed)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:

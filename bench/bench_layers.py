@@ -1,0 +1,199 @@
+"""Quantized layers and whole training steps: fused lowbit against the PyTorch ways. Side by side, one run.
+
+1. Multi-branch layer, forward + backward: 1x1 conv 8x32x56x56 -> 192 channels with 3 and 6 activation branches:
+   naive per-branch (one conv per branch), aggregated PyTorch reference (branches mixed, one conv), lowbit fused,
+   and the plain fp32 conv.
+2. Training step (forward + backward + SGD) of MobileNet-v2 (width 1.0, 32x32 input, batch 32): fp32,
+   W4A4 with the plain-PyTorch LSQ modules (ReferenceLSQ), the same after ``swap_fused``, and with 3-branch
+   activation quantizers (aggregated PyTorch reference vs fused).
+
+Writes bench/results/layers_<device>.{md,json}. ``--quick`` shrinks everything and writes nothing unless --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from bench_fake_quant import RESULTS, _cpu_name, median_ms
+from torch import nn
+
+import lowbit
+from lowbit.models import create_model
+from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQuantizer, ReferenceLSQ
+
+# ---- 1. the multi-branch layer -----------------------------------------------------------------------------
+
+
+class ReferenceMultiBranch(nn.Module):
+    """MetaMix's multi-branch activation quantizer in plain PyTorch: one ReferenceLSQ per branch."""
+
+    def __init__(self, fused: MultiBranchQuantizer):
+        super().__init__()
+        self.alpha = fused.alpha
+        self.branches = nn.ModuleList()
+        for i, b in enumerate(fused.bits):
+            branch = ReferenceLSQ(b, signed=fused.signed)
+            branch.step = nn.Parameter(fused.steps.detach()[i : i + 1].clone())
+            self.branches.append(branch)
+
+    def mixed(self, x):
+        probs = torch.softmax(self.alpha, 0)
+        return sum(p * branch(x) for p, branch in zip(probs, self.branches, strict=True))
+
+    def per_branch(self, x, conv):
+        probs = torch.softmax(self.alpha, 0)
+        return sum(p * conv(branch(x)) for p, branch in zip(probs, self.branches, strict=True))
+
+
+def layer_rows(batch: int, branches: list[int], repeats: int) -> dict:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 192, 1, bias=False)
+    fused = MultiBranchQConv2d.from_float(conv, w_bits=4, a_bits_choices=branches)
+    x = torch.relu(torch.randn(batch, 32, 56, 56)).requires_grad_(True)
+    fused(x)  # initialise steps
+    ref = ReferenceMultiBranch(fused.act_quant)
+    w_ref = ReferenceLSQ(4, signed=True, channels=192)
+    w_ref.step = fused.weight_quant.step
+    weight = fused.weight
+
+    def qconv(t):
+        return F.conv2d(t, w_ref(weight))
+
+    g = torch.randn(batch, 192, 56, 56)
+    impls = {
+        "plain fp32 conv": lambda: F.conv2d(x, weight),
+        "naive per-branch (PyTorch)": lambda: ref.per_branch(x, qconv),
+        "aggregated reference (PyTorch)": lambda: qconv(ref.mixed(x)),
+        "lowbit fused": lambda: fused(x),
+    }
+    return {name: median_ms(_fwd_bwd(fn, g, [x, weight]), torch.device("cpu"), repeats) for name, fn in impls.items()}
+
+
+def _fwd_bwd(fn, g, leaves):
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn().backward(g)
+
+    return run
+
+
+# ---- 2. whole training steps ------------------------------------------------------------------------------
+
+
+def _replace_quantizers(model: nn.Module, make) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (LSQQuantizer, MultiBranchQuantizer)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, make(module))
+    return model
+
+
+def _to_reference_lsq(q: nn.Module) -> nn.Module:
+    if isinstance(q, MultiBranchQuantizer):
+        return _MixedReference(q)
+    ref = ReferenceLSQ(q.bits, signed=q.signed, channels=None if q.axis is None else q.step.numel(), axis=q.axis or 0)
+    ref.step = nn.Parameter(q.step.detach().clone())
+    return ref
+
+
+class _MixedReference(ReferenceMultiBranch):
+    def forward(self, x):
+        return self.mixed(x)
+
+
+def training_step_rows(batch: int, width: float, repeats: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    fp32 = create_model("mobilenet_v2", num_classes=10, small_input=True, width_mult=width)
+    w4a4 = lowbit.quantize(copy.deepcopy(fp32), w_bits=4, a_bits=4)
+    w4a4(x)  # initialise steps
+    reference_w4a4 = _replace_quantizers(copy.deepcopy(w4a4), _to_reference_lsq)
+    swapped = copy.deepcopy(reference_w4a4)
+    lowbit.swap_fused(swapped)
+    mb = lowbit.quantize(copy.deepcopy(fp32), w_bits=4, multi_branch=(2, 4, 8))
+    mb(x)
+    reference_mb = _replace_quantizers(copy.deepcopy(mb), _to_reference_lsq)
+    models = {
+        "fp32 (no quantization)": fp32,
+        "W4A4 reference LSQ (PyTorch)": reference_w4a4,
+        "W4A4 after swap_fused": swapped,
+        "W4 + 3-branch act, aggregated reference (PyTorch)": reference_mb,
+        "W4 + 3-branch act, lowbit fused": mb,
+    }
+    rows = {}
+    for name, model in models.items():
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        rows[name] = median_ms(step, torch.device("cpu"), repeats)
+    return rows
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def markdown(tables: dict, meta: dict) -> str:
+    lines = [
+        "# Quantized layers and training steps (cpu)",
+        "",
+        f"`{meta['command']}` on {meta['device_name']}, {meta['threads']} threads, torch {meta['torch']}. Median of "
+        f"{meta['repeats']} repeats, milliseconds; each table measured in one run.",
+        "",
+    ]
+    for title, (rows, baseline) in tables.items():
+        lines += [f"## {title}", "", f"| implementation | ms | x {baseline} |", "|---|---:|---:|"]
+        lines += [f"| {name} | {ms:.2f} | {ms / rows[baseline]:.2f} |" for name, ms in rows.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats, no files unless --out")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 10)
+    batch, width, step_batch = (2, 0.5, 8) if args.quick else (8, 1.0, 32)
+    tables = {}
+    for branches in ([2, 4, 8], [2, 3, 4, 5, 6, 8]):
+        print(f"layer, {len(branches)} branches ...", file=sys.stderr)
+        title = f"1x1 conv {batch}x32x56x56 -> 192, W4, {len(branches)}-branch activations, forward + backward"
+        tables[title] = (layer_rows(batch, branches, repeats), "plain fp32 conv")
+    print("training steps ...", file=sys.stderr)
+    title = f"MobileNet-v2 (width {width}, 32x32, batch {step_batch}) training step: forward + backward + SGD"
+    tables[title] = (training_step_rows(step_batch, width, repeats), "fp32 (no quantization)")
+    meta = {
+        "device_name": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "command": "python bench/bench_layers.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+    }
+    text = markdown(tables, meta)
+    print(text)
+    out = args.out or (None if args.quick else RESULTS)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "layers_cpu.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(out, "layers_cpu.json"), "w") as f:
+            json.dump({"meta": meta, "results_ms": {t: rows for t, (rows, _) in tables.items()}}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
