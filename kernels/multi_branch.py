@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from lowbit.kernels.fake_quant import (
     _INT32_LIMIT,
     _MAX_PARTIAL_TERMS,
@@ -40,18 +39,18 @@ MAX_BRANCHES = 7
 
 
 @triton.jit
-def _branch_init(steps_ptr, probs_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
-    """Step and weight of branch I, and zeroed lane-wise accumulators for its two gradient sums."""
-    s = tl.load(steps_ptr + I)
-    p = tl.load(probs_ptr + I)
+def _branch_init(steps_ptr, probs_ptr, BRANCH: tl.constexpr, BLOCK: tl.constexpr):
+    """Step and weight of branch BRANCH, and zeroed lane-wise accumulators for its two gradient sums."""
+    s = tl.load(steps_ptr + BRANCH)
+    p = tl.load(probs_ptr + BRANCH)
     return s, p, tl.zeros((BLOCK,), dtype=tl.float32), tl.zeros((BLOCK,), dtype=tl.float32)
 
 
 @triton.jit
-def _weighted_branch(x, steps_ptr, probs_ptr, I: tl.constexpr, qmin, qmax):
-    """p_I * Q(x; s_I): fake_quant's forward with a zero offset, then the weight, each product rounded."""
-    s = tl.load(steps_ptr + I)
-    p = tl.load(probs_ptr + I)
+def _weighted_branch(x, steps_ptr, probs_ptr, BRANCH: tl.constexpr, qmin, qmax):
+    """p * Q(x; s) of branch BRANCH: fake_quant's forward with a zero offset, then the weight, each product rounded."""
+    s = tl.load(steps_ptr + BRANCH)
+    p = tl.load(probs_ptr + BRANCH)
     # div_rn: a plain `/` lowers to an approximate division on NVIDIA GPUs, and SPEC asks for the IEEE quotient.
     v = tl.math.div_rn(x, s)
     return p * (_round_clamped(v, qmin, qmax) * s + 0.0)
@@ -72,10 +71,10 @@ def _branch_grads(x, g, s, p, qmin, qmax, coef, acc_step, acc_prob):
 
 
 @triton.jit
-def _store_partials(part_ptr, progs, prog, I: tl.constexpr, B: tl.constexpr, acc_step, acc_prob, step_scale):
-    """Branch I's two partials: at [I, prog] (scaled by p_I * gs_I) and [B + I, prog] of the (2B, progs) buffer."""
-    tl.store(part_ptr + I * progs + prog, tl.sum(acc_step, axis=0) * step_scale)
-    tl.store(part_ptr + (B + I) * progs + prog, tl.sum(acc_prob, axis=0))
+def _store_partials(part_ptr, progs, prog, BRANCH: tl.constexpr, B: tl.constexpr, acc_step, acc_prob, step_scale):
+    """Stores a branch's two partials at [BRANCH, prog] (times p * gs) and [B + BRANCH, prog] of (2B, progs)."""
+    tl.store(part_ptr + BRANCH * progs + prog, tl.sum(acc_step, axis=0) * step_scale)
+    tl.store(part_ptr + (B + BRANCH) * progs + prog, tl.sum(acc_prob, axis=0))
 
 
 @triton.jit
@@ -218,8 +217,9 @@ def _multi_branch_bwd_kernel(
         # A plain product, as SPEC writes it (an infinite g times a zero coefficient is NaN, as in the reference).
         _store_rounded(dx_ptr, offs, g * coef, mask)
 
-    # dL/ds_i = p_i * gs_i * sum(...): the scale is applied to each float32 partial (a relative error of a few
-    # 1e-8), which leaves the launcher one float64 sum for all 2*B gradients.
+    # dL/ds_i = p_i * gs_i * sum(...): the scale is applied to each float32 partial (a relative error of about
+    # 1e-7), which leaves the launcher one float64 sum for all 2*B gradients and needs no host data on the device.
+    # gs_i travels as a float32 argument, so a scale below float32's normal range (1e-38) would lose precision.
     _store_partials(part_ptr, progs, prog, 0, B, acc_s0, acc_p0, p0 * gs0)
     if B > 1:
         _store_partials(part_ptr, progs, prog, 1, B, acc_s1, acc_p1, p1 * gs1)
@@ -235,12 +235,12 @@ def _multi_branch_bwd_kernel(
         _store_partials(part_ptr, progs, prog, 6, B, acc_s6, acc_p6, p6 * gs6)
 
 
-# Elements per tile and warps per program. The forward streams one tile per program, 8 elements per thread, as
-# fake_quant does. The backward keeps 2*B lane-wise accumulators (up to 14) besides the data, so it spreads its
-# tiles thinner, 4 elements per thread (one 16-byte float32 vector), which bounds its registers for any B.
+# Elements per tile, as in fake_quant: the forward streams one tile per program (8 elements per thread); the
+# backward loops over smaller ones (4 per thread), as it also keeps 2*B lane-wise accumulators. Compiled for sm_90,
+# B = 7 then takes about 155 registers per thread and spills nothing (8 warps allow up to 255; 16 would cap it at
+# 128 and spill).
 _FWD_TILE = 2048
-_BWD_TILE = 2048
-_BWD_WARPS = 16
+_BWD_TILE = 1024
 
 
 def _branch_args(steps, probs, qmin, qmax, *extra) -> tuple[int, list[float]]:
@@ -311,7 +311,7 @@ def backward(grad, x, steps, probs, qmin: list[int], qmax: list[int], grad_scale
         # Offsets run up to progs * tiles_per_prog * tile, past numel in the last program.
         INDEX_64=progs * tiles_per_prog * _BWD_TILE >= _INT32_LIMIT,
         BLOCK=_BWD_TILE,
-        num_warps=_BWD_WARPS,
+        num_warps=_num_warps(_BWD_TILE),
         # Same element math as the forward, and dx's coefficient summed like the reference's.
         enable_fp_fusion=False,
     )
