@@ -87,3 +87,46 @@ def test_compiled_graph_calls_the_custom_op():
         torch.randn(8, device=DEVICE), torch.tensor(0.1, device=DEVICE)
     )
     assert any("lowbit.fake_quant" in t for t in seen), seen
+
+
+@pytest.mark.parametrize("bits", [[4], [2, 4, 8], [8, 3, 5, 2]], ids=lambda b: "b" + "-".join(map(str, b)))
+def test_opcheck_multi_branch(backend, bits):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 9, generator=gen).to(DEVICE).requires_grad_(True)
+    steps = (0.05 + torch.rand(len(bits), generator=gen)).to(DEVICE).requires_grad_(True)
+    probs = torch.softmax(torch.randn(len(bits), generator=gen), 0).to(DEVICE).requires_grad_(True)
+    scales = [0.1] * len(bits)
+    torch.library.opcheck(torch.ops.lowbit.multi_branch_fake_quant.default, (x, steps, probs, bits, False, scales))
+    grad = torch.randn_like(x)
+    args = (grad, x.detach(), steps.detach(), probs.detach(), bits, False, scales)
+    torch.library.opcheck(torch.ops.lowbit.multi_branch_fake_quant_backward.default, args)
+
+
+def test_public_function_and_registered_autograd_give_the_same_gradients():
+    """lowbit.fake_quant's autograd.Function fast path and the op's register_autograd run the same backward op."""
+    x = torch.randn(6, 5, device=DEVICE, requires_grad=True)
+    step = torch.full((6,), 0.2, device=DEVICE, requires_grad=True)
+    grads = []
+    for call in (
+        lambda: lowbit.fake_quant(x, step, 3, signed=True, grad_scale=0.5),
+        lambda: torch.ops.lowbit.fake_quant(x, step, None, 3, True, 0, 0.5),
+    ):
+        x.grad = step.grad = None
+        call().backward(torch.ones_like(x))
+        grads.append((x.grad.clone(), step.grad.clone()))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compile_fullgraph_multi_branch_layer():
+    from lowbit.nn import MultiBranchQConv2d
+
+    torch.manual_seed(0)
+    layer = MultiBranchQConv2d(3, 4, 3, padding=1, a_bits_choices=(2, 4, 8)).to(DEVICE)
+    x = torch.relu(torch.randn(2, 3, 6, 6, device=DEVICE))
+    want_out, want_grads = _loss_and_grads(layer, x)
+    torch._dynamo.reset()
+    got_out, got_grads = _loss_and_grads(torch.compile(layer, backend="aot_eager", fullgraph=True), x)
+    torch.testing.assert_close(got_out, want_out)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want)

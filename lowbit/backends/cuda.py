@@ -26,3 +26,11 @@ def fake_quant_forward(x, step, offset, qmin: int, qmax: int, inner: int) -> tor
 
 def fake_quant_backward(grad, x, step, offset, qmin: int, qmax: int, inner: int, grad_scale: float):
     return torch.ops.lowbit_C.fake_quant_backward(grad, x, step, offset, qmin, qmax, inner, grad_scale)
+
+
+def multi_branch_forward(x, steps, probs, qmin, qmax) -> torch.Tensor:
+    return torch.ops.lowbit_C.multi_branch_forward(x, steps, probs, qmin, qmax)
+
+
+def multi_branch_backward(grad, x, steps, probs, qmin, qmax, grad_scale):
+    return torch.ops.lowbit_C.multi_branch_backward(grad, x, steps, probs, qmin, qmax, grad_scale)
