@@ -6,16 +6,18 @@
 //
 // Backward: one pass over x and grad that writes dx and leaves one float64 partial sum of dstep and doffset per
 // (block, channel it owns); a second tiny kernel adds each channel's partials in a fixed order. No atomics, no
-// element-sized temporaries, no host synchronisation, and the result depends only on the shapes and the data (never
-// on the GPU model or on scheduling), so two runs give the same bits. Two block layouts cover the shapes:
+// element-sized temporaries, no host synchronisation. Which thread adds which terms depends only on the shape and on
+// whether the pointers are 16-byte aligned (never on the GPU model or on scheduling), so repeated runs give the same
+// bits. Two block layouts cover the shapes:
 //
 //   positions  C == 1, or inner long enough to fill memory sectors: a block owns one channel and a chunk of that
 //              channel's outer * inner positions, so a thread's loads are contiguous runs inside one channel.
 //   columns    inner == 1 (channels last) or short inner: view x as rows of C * inner columns; a thread owns
 //              fixed columns (so fixed channels) and walks down rows, a warp's loads span neighbouring columns.
 //
-// Precision: each thread adds at most 64 terms in float; warps and blocks combine in float over at most 8 levels and
-// then in double; partials are double. That keeps the relative error of dstep/doffset far below 1e-4.
+// Precision: each thread adds at most 64 terms in float (fmaf, one rounding per term); a warp combines in float over
+// 5 shuffle levels, everything after that is double, partials included. Measured (host emulation): error under
+// 2e-7 of the sum of |terms|, 1.2e-7 relative for 6.4M random-sign terms per tensor.
 //
 // Element math matches the reference (and torch) rounding for rounding: true IEEE division, rint (half to even),
 // a clamp that keeps NaN, and y = q * s + beta as a rounded multiply then a rounded add (no FMA contraction).
@@ -33,6 +35,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #define LOWBIT_HD __host__ __device__ __forceinline__
 
@@ -40,14 +43,14 @@ namespace lowbit {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;           // threads of every 1-D block
-constexpr int kPositionUnroll = 4;      // vectors each thread of a positions block loads before computing
-constexpr int kColumnThreadsX = 32;     // one warp across columns ...
-constexpr int kColumnThreadsY = 8;      // ... times 8 rows in flight: 256 threads
-constexpr int kColumnRowUnroll = 4;     // rows each thread loads before computing
+constexpr int kThreads = 256;        // threads of every 1-D block
+constexpr int kPositionUnroll = 4;   // vectors each thread of a positions block loads before computing
+constexpr int kColumnThreadsX = 32;  // one warp across columns ...
+constexpr int kColumnThreadsY = 8;   // ... times 8 rows in flight: 256 threads
+constexpr int kColumnRowUnroll = 4;  // rows each thread loads before computing
 constexpr int kColumnRowStep = kColumnThreadsY * kColumnRowUnroll;
-constexpr int64_t kColumnMinRows = 64;  // rows per block: at least 2 passes of the unrolled loop ...
-constexpr int64_t kColumnMaxRows = 512; // ... and at most 64 float terms per thread and column
+constexpr int64_t kColumnMinRows = 64;   // rows per block: at least 2 passes of the unrolled loop ...
+constexpr int64_t kColumnMaxRows = 512;  // ... and at most 64 float terms per thread and column
 // Blocks the columns layout aims for when picking rows per block. A constant rather than the SM count so that the
 // partials, and hence the rounding of dstep/doffset, are the same on every GPU.
 constexpr int64_t kColumnTargetBlocks = 1024;
@@ -115,10 +118,13 @@ LOWBIT_HD float fake_quant_value(float x, float s, float beta, float qmin, float
 // before the block combines them in double, which keeps the error near float epsilon of the sum of |terms|.
 using Acc = float;
 
-// acc += a * b with a single rounding (the product is not rounded to float first).
-LOWBIT_HD void accumulate(float& acc, float a, float b) { acc = fmaf(a, b, acc); }
-LOWBIT_HD void accumulate(double& acc, float a, float b) {
-  acc = fma(static_cast<double>(a), static_cast<double>(b), acc);
+// acc += a * b with a single rounding (the product is not rounded before it is added).
+LOWBIT_HD void accumulate(Acc& acc, float a, float b) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    acc = fmaf(a, b, acc);
+  } else {
+    acc = fma(static_cast<double>(a), static_cast<double>(b), acc);
+  }
 }
 
 // One element of the backward: returns dx and adds this element's terms of dstep and doffset (before grad_scale).
@@ -183,7 +189,7 @@ LOWBIT_HD void cursor_next(ChannelCursor& cur, int64_t inner, int64_t channels) 
 // elements. Position p of channel c sits at flat ((p / inner) * C + c) * inner + p % inner, which is c * positions
 // + p when the channel is one contiguous run (C == 1 or outer == 1).
 struct PositionPlan {
-  int64_t positions;    // elements per channel, outer * inner
+  int64_t positions;  // elements per channel, outer * inner
   int64_t inner;
   int64_t channels;
   int64_t chunk_elems;  // positions per block: kThreads * vec * kPositionUnroll
@@ -220,7 +226,7 @@ struct ColumnPlan {
   int64_t rows;            // ceil(numel / row_width); the last row may be partial
   int64_t rows_per_chunk;  // multiple of kColumnRowStep
   int64_t row_chunks;
-  int64_t tile_width;      // columns per block, a multiple of inner and of the vector width
+  int64_t tile_width;  // columns per block, a multiple of inner and of the vector width
   int64_t tiles;
   int64_t chans_per_tile;  // channels whose columns a tile holds
 };
@@ -384,8 +390,8 @@ __global__ void __launch_bounds__(kThreads)
       Pack<scalar_t, VEC> out;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float d = fake_quant_grad(static_cast<float>(xv[u].v[j]), static_cast<float>(gv[u].v[j]), s, beta,
-                                        qmin, qmax, acc_step, acc_offset);
+        const float d = fake_quant_grad(static_cast<float>(xv[u].v[j]), static_cast<float>(gv[u].v[j]), s, beta, qmin,
+                                        qmax, acc_step, acc_offset);
         out.v[j] = static_cast<scalar_t>(d);
       }
       store_pack<VEC>(dx + slot[u].flat, out);
@@ -455,8 +461,8 @@ __global__ void __launch_bounds__(kThreads)
       Pack<scalar_t, VEC> out;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float d = fake_quant_grad(static_cast<float>(xv[u].v[j]), static_cast<float>(gv[u].v[j]), s[j],
-                                        beta[j], qmin, qmax, acc_step[j], acc_offset[j]);
+        const float d = fake_quant_grad(static_cast<float>(xv[u].v[j]), static_cast<float>(gv[u].v[j]), s[j], beta[j],
+                                        qmin, qmax, acc_step[j], acc_offset[j]);
         out.v[j] = static_cast<scalar_t>(d);
       }
       store_pack<VEC>(dx + flat[u], out);
@@ -512,8 +518,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     reduce_partials_per_thread_kernel(const double* __restrict__ partial_step,
                                       const double* __restrict__ partial_offset, float* __restrict__ dstep,
-                                      float* __restrict__ doffset, int64_t runs, int64_t channels,
-                                      double grad_scale) {
+                                      float* __restrict__ doffset, int64_t runs, int64_t channels, double grad_scale) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
   double a = 0.0;
@@ -527,9 +532,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    reduce_partials_per_block_kernel(const double* __restrict__ partial_step,
-                                     const double* __restrict__ partial_offset, float* __restrict__ dstep,
-                                     float* __restrict__ doffset, int64_t runs, int64_t channels, double grad_scale) {
+    reduce_partials_per_block_kernel(const double* __restrict__ partial_step, const double* __restrict__ partial_offset,
+                                     float* __restrict__ dstep, float* __restrict__ doffset, int64_t runs,
+                                     int64_t channels, double grad_scale) {
   __shared__ double sum_step[kThreads];
   __shared__ double sum_offset[kThreads];
   const int64_t c = blockIdx.x;
@@ -663,9 +668,9 @@ void launch_forward(const Problem& p) {
   const int64_t wanted = ceil_div<int64_t>(vectors > 0 ? vectors : 1, kThreads);
   const int64_t cap = static_cast<int64_t>(multiprocessor_count(p.device)) * kForwardBlocksPerSm;
   const unsigned int blocks = grid_size(min_of(wanted, cap), "fake_quant_forward");
-  fake_quant_forward_kernel<scalar_t, VEC, kPerTensor><<<blocks, kThreads, 0, p.stream>>>(
-      static_cast<const scalar_t*>(p.x), static_cast<scalar_t*>(p.out), p.step, p.offset, p.numel, p.inner,
-      p.channels, p.qmin, p.qmax);
+  fake_quant_forward_kernel<scalar_t, VEC, kPerTensor>
+      <<<blocks, kThreads, 0, p.stream>>>(static_cast<const scalar_t*>(p.x), static_cast<scalar_t*>(p.out), p.step,
+                                          p.offset, p.numel, p.inner, p.channels, p.qmin, p.qmax);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -704,8 +709,8 @@ void launch_columns(const Problem& p, const ColumnPlan& plan, double* partial_st
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_reduce_partials(const Problem& p, const double* partial_step, const double* partial_offset,
-                            int64_t runs, float* dstep, float* doffset, double grad_scale) {
+void launch_reduce_partials(const Problem& p, const double* partial_step, const double* partial_offset, int64_t runs,
+                            float* dstep, float* doffset, double grad_scale) {
   if (runs <= kSerialPartials) {
     const unsigned int blocks = grid_size(ceil_div<int64_t>(p.channels, kThreads), "fake_quant_backward reduction");
     reduce_partials_per_thread_kernel<<<blocks, kThreads, 0, p.stream>>>(partial_step, partial_offset, dstep, doffset,
@@ -799,8 +804,8 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& step, c
               " elements, not a multiple of channels * inner = ", channels, " * ", inner);
 }
 
-Problem make_problem(const at::Tensor& x, const at::Tensor& step, const std::optional<at::Tensor>& offset,
-                     int64_t qmin, int64_t qmax, int64_t inner) {
+Problem make_problem(const at::Tensor& x, const at::Tensor& step, const std::optional<at::Tensor>& offset, int64_t qmin,
+                     int64_t qmax, int64_t inner) {
   Problem p{};
   p.x = x.data_ptr();
   p.step = step.data_ptr<float>();
