@@ -31,6 +31,7 @@ test: setup
 
 bench: setup
 	$(VPY) bench/bench_fake_quant.py
+	$(VPY) bench/bench_layers.py
 	$(VPY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/pytest_benchmark_cpu.json
 
 # Compiles every .cu file with nvcc against the torch headers: proves the CUDA sources build, no GPU needed.

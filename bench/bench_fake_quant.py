@@ -1,6 +1,6 @@
 """Fused LSQ fake-quant, forward + backward, against the PyTorch ops people use today. Side by side, one run.
 
-Implementations timed on the same tensors, median of repeats:
+Implementations timed on the same tensors, round-robin (one call of each per round), median of the rounds:
   composition LSQ   the round-pass / grad-scale form most LSQ repositories use (about 10 elementwise ops)
   torch learnable   torch._fake_quantize_learnable_per_{tensor,channel}_affine (torch.ao's LSQ op)
   lowbit <backend>  every available lowbit backend; the C++ CPU backend once per instruction set
@@ -123,17 +123,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, repeats: int, warmup: int = 2) -> float:
+def median_ms(fn, device, repeats: int, warmup: int = 3) -> float:
+    return interleaved_median_ms({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def interleaved_median_ms(fns: dict, device, repeats: int, warmup: int = 3) -> dict:
+    """Median milliseconds of each callable, timed round-robin (one call of each per round) so that every
+    implementation sees the same machine state: thread-pool wake-ups, allocator and cache history, other load."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     _sync(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def time_case(case: Case, impls: dict, device, repeats: int) -> dict:
@@ -150,14 +158,16 @@ def time_case(case: Case, impls: dict, device, repeats: int) -> dict:
 
         return run
 
-    row = {"memory floor": 2.5 * median_ms(lambda: x.detach().clone(), device, repeats)}
+    runnable = {"memory floor": lambda: x.detach().clone()}
     for name, impl in impls.items():
         try:
-            row[name] = median_ms(fwd_bwd(impl), device, repeats)
+            fwd_bwd(impl)()
+            runnable[name] = fwd_bwd(impl)
         except (RuntimeError, NotImplementedError) as exc:  # e.g. torch's learnable op has no bf16 kernel
-            row[name] = None
             print(f"  {name}: n/a ({str(exc).splitlines()[0][:100]})", file=sys.stderr)
-    return row
+    row = interleaved_median_ms(runnable, device, repeats)
+    row["memory floor"] *= 2.5
+    return {name: row.get(name) for name in ["memory floor", *impls]}
 
 
 # ---- report ------------------------------------------------------------------------------------------------

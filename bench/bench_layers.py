@@ -7,6 +7,7 @@
    W4A4 with the plain-PyTorch LSQ modules (ReferenceLSQ), the same after ``swap_fused``, and with 3-branch
    activation quantizers (aggregated PyTorch reference vs fused).
 
+Every table is timed round-robin (one call of each implementation per round), median of the rounds.
 Writes bench/results/layers_<device>.{md,json}. ``--quick`` shrinks everything and writes nothing unless --out.
 """
 
@@ -20,7 +21,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from bench_fake_quant import RESULTS, _cpu_name, median_ms
+from bench_fake_quant import RESULTS, _cpu_name, interleaved_median_ms
 from torch import nn
 
 import lowbit
@@ -72,7 +73,8 @@ def layer_rows(batch: int, branches: list[int], repeats: int) -> dict:
         "aggregated reference (PyTorch)": lambda: qconv(ref.mixed(x)),
         "lowbit fused": lambda: fused(x),
     }
-    return {name: median_ms(_fwd_bwd(fn, g, [x, weight]), torch.device("cpu"), repeats) for name, fn in impls.items()}
+    runs = {name: _fwd_bwd(fn, g, [x, weight]) for name, fn in impls.items()}
+    return interleaved_median_ms(runs, torch.device("cpu"), repeats)
 
 
 def _fwd_bwd(fn, g, leaves):
@@ -128,7 +130,7 @@ def training_step_rows(batch: int, width: float, repeats: int) -> dict:
         "W4 + 3-branch act, aggregated reference (PyTorch)": reference_mb,
         "W4 + 3-branch act, lowbit fused": mb,
     }
-    rows = {}
+    steps = {}
     for name, model in models.items():
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -138,8 +140,8 @@ def training_step_rows(batch: int, width: float, repeats: int) -> dict:
             F.cross_entropy(model(x), y).backward()
             opt.step()
 
-        rows[name] = median_ms(step, torch.device("cpu"), repeats)
-    return rows
+        steps[name] = step
+    return interleaved_median_ms(steps, torch.device("cpu"), repeats)
 
 
 # ---- report ------------------------------------------------------------------------------------------------
