@@ -58,7 +58,7 @@ def _extension():
 
 
 setup(
-    packages=["lowbit", "lowbit.backends", "lowbit.kernels", "lowbit.nn", "lowbit.models"],
+    packages=["lowbit", "lowbit.backends", "lowbit.kernels", "lowbit.nn", "lowbit.models", "lowbit.mixquant"],
     package_dir={"lowbit.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -1,0 +1,183 @@
+"""From a QE table to per-layer bits: the QEM rule of SPEC section 7, or the best plan under a size budget."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lowbit import _checks
+from lowbit.mixquant.table import QETable, qe_table
+
+
+@dataclass(frozen=True)
+class AvgBits:
+    """Budget: parameter-weighted average weight bits at most ``bits``."""
+
+    bits: float
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """Budget: weight storage at most ``n`` bytes (``bits / 8`` per parameter)."""
+
+    n: float
+
+
+@dataclass
+class Plan(Mapping):
+    """``{layer_name: bits}`` with what it costs: a read-only mapping any quantizer can take."""
+
+    bits: dict[str, int]
+    qe: dict[str, float]  # the layer's QE at its chosen width
+    params: dict[str, int]
+    gap_bound: float | None = field(default=None)  # budget mode: summed QE is within this of the optimum
+
+    def __getitem__(self, layer: str) -> int:
+        return self.bits[layer]
+
+    def __iter__(self):
+        return iter(self.bits)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    @property
+    def avg_bits(self) -> float:
+        return sum(self.params[n] * b for n, b in self.bits.items()) / sum(self.params.values())
+
+    @property
+    def model_bytes(self) -> float:
+        return sum(self.params[n] * b for n, b in self.bits.items()) / 8
+
+    @property
+    def total_qe(self) -> float:
+        """Summed size-weighted QE, ``sum_l n_l * QE(l, b_l)``: what the budget mode minimises."""
+        return sum(self.params[n] * self.qe[n] for n in self.bits)
+
+    def __str__(self) -> str:
+        width = max([len(n) for n in self.bits] + [5])
+        rows = [f"{'layer':<{width}} {'params':>10} {'bits':>5} {'QE':>10}"]
+        rows += [f"{n:<{width}} {self.params[n]:>10,} {b:>5} {self.qe[n]:>10.3e}" for n, b in self.bits.items()]
+        rows.append(f"average bits {self.avg_bits:.3f}, weight bytes {self.model_bytes:,.0f}")
+        return "\n".join(rows)
+
+
+def _plan(table: QETable, bits: dict[str, int], gap_bound: float | None = None) -> Plan:
+    qe = {n: table.error(n, b) for n, b in bits.items()}
+    return Plan(bits=bits, qe=qe, params=dict(table.params), gap_bound=gap_bound)
+
+
+def search(model, *, qem: float | None = None, budget=None, base_bits: int = 8, bits=range(2, 9), quantizer=None):
+    """Per-layer weight bits for ``model`` (an ``nn.Module`` or a ``QETable`` already computed).
+
+    Exactly one of:
+        qem: the QEM rule, ``b_l = min{b : QE(l, b) <= qem * QE(l, base_bits)}``, ``qem >= 1``.
+        budget: ``AvgBits(a)`` or ``ModelBytes(n)``; minimises the summed size-weighted QE under it (see
+            ``_under_budget`` for the method and its bound).
+    """
+    if (qem is None) == (budget is None):
+        raise ValueError("search needs exactly one of qem (the QEM rule) or budget (AvgBits or ModelBytes)")
+    base_bits = _checks.bits("base_bits", base_bits)
+    widths = sorted(set(_checks.bit_list("bits", bits)) | {base_bits})
+    table = model if isinstance(model, QETable) else qe_table(_module(model), widths, quantizer)
+    if qem is not None:
+        return _qem_rule(table, qem, base_bits)
+    return _under_budget(table, budget)
+
+
+def _module(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a QETable, got {type(model).__name__}")
+    return model
+
+
+def _qem_rule(table: QETable, qem: float, base_bits: int) -> Plan:
+    if isinstance(qem, bool) or not isinstance(qem, (int, float)) or not math.isfinite(qem):
+        raise TypeError(f"qem must be a finite number >= 1, got {qem!r}")
+    if qem < 1:
+        raise ValueError(f"qem must be >= 1 (1 keeps every layer at base_bits), got {qem}")
+    if base_bits not in table.bits:
+        raise ValueError(f"base_bits={base_bits} is not a width of the QE table {table.bits}")
+    chosen = {}
+    for name in table.layers:
+        limit = qem * table.error(name, base_bits)
+        chosen[name] = min(b for b in table.bits if table.error(name, b) <= limit or b == base_bits)
+    return _plan(table, chosen)
+
+
+def _budget_bits(table: QETable, budget) -> float:
+    total = sum(table.params.values())
+    if isinstance(budget, AvgBits):
+        return budget.bits * total
+    if isinstance(budget, ModelBytes):
+        return budget.n * 8
+    raise TypeError(f"budget must be AvgBits(...) or ModelBytes(...), got {type(budget).__name__}")
+
+
+def _under_budget(table: QETable, budget) -> Plan:
+    """Greedy over each layer's lower convex hull of (storage bits, size-weighted QE), best QE saved per bit first.
+
+    This is the classic greedy for the multiple-choice knapsack. Taking hull upgrades in order of efficiency,
+    with the first upgrade that does not fit taken fractionally, solves the LP relaxation exactly, and the LP
+    optimum is a lower bound of the integer optimum. The greedy keeps everything before that split upgrade and
+    then adds only upgrades that fit, so its summed QE exceeds the optimum by at most the QE the split upgrade
+    would have saved: ``Plan.gap_bound``. The best uniform plan that fits is also tried, so the result is never
+    worse than uniform bits at the same budget.
+    """
+    capacity = _budget_bits(table, budget)
+    lowest = min(table.bits)
+    floor = sum(n * lowest for n in table.params.values())
+    if capacity < floor - 1e-9:
+        raise ValueError(f"budget is below the all-{lowest}-bit size ({floor / 8:,.0f} bytes): {budget}")
+    chosen = {name: lowest for name in table.layers}
+    used, gap = floor, 0.0
+    blocked: set[str] = set()
+    for _efficiency, name, to_bits, cost, saving in _hull_upgrades(table):
+        if name in blocked or chosen[name] >= to_bits:
+            continue
+        if used + cost <= capacity + 1e-9:
+            chosen[name], used = to_bits, used + cost
+        else:
+            gap = gap or saving  # the split upgrade: the bound of the greedy
+            blocked.add(name)  # its later upgrades build on this one
+    greedy = _plan(table, chosen, gap_bound=gap)
+    uniform = [_plan(table, dict.fromkeys(table.layers, b)) for b in table.bits]
+    feasible = [p for p in uniform if p.avg_bits * sum(table.params.values()) <= capacity + 1e-9]
+    best_uniform = min(feasible, key=lambda p: p.total_qe)
+    if best_uniform.total_qe < greedy.total_qe:
+        best_uniform.gap_bound = gap
+        return best_uniform
+    return greedy
+
+
+def _hull_upgrades(table: QETable) -> list[tuple[float, str, int, float, float]]:
+    """(QE saved per extra storage bit, layer, new bits, extra bits, QE saved) along each layer's lower hull,
+    sorted by efficiency (ties by layer name, for determinism)."""
+    upgrades = []
+    for name in table.layers:
+        n = table.params[name]
+        points = [(n * b, n * table.error(name, b), b) for b in table.bits]
+        hull = _lower_hull(points)
+        for (c0, v0, _), (c1, v1, b1) in zip(hull, hull[1:], strict=False):
+            upgrades.append(((v0 - v1) / (c1 - c0), name, b1, c1 - c0, v0 - v1))
+    upgrades.sort(key=lambda u: (-u[0], u[1], u[2]))
+    return upgrades
+
+
+def _lower_hull(points):
+    """Lower-left convex hull of (cost, value) points sorted by cost, keeping only value-decreasing steps."""
+    hull = []
+    for p in sorted(points):
+        if hull and p[1] >= hull[-1][1]:
+            continue  # costs more and saves nothing
+        while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def _cross(a, b, c) -> float:
+    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
