@@ -10,7 +10,7 @@ CUDA kernels (``csrc/cuda``) build when a CUDA toolkit and a CUDA build of torch
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,7 +58,8 @@ def _extension():
 
 
 setup(
-    packages=["lowbit", "lowbit.backends", "lowbit.kernels", "lowbit.nn", "lowbit.models", "lowbit.mixquant"],
+    # kernels/ lives at the top of the repository and installs as lowbit.kernels
+    packages=[*find_packages(include=["lowbit", "lowbit.*"]), "lowbit.kernels"],
     package_dir={"lowbit.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
