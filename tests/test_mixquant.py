@@ -113,3 +113,15 @@ def test_bad_input(call, exc, argument):
     table = mq.qe_table(nn.Sequential(nn.Linear(4, 3)))
     with pytest.raises(exc, match=argument):
         call(table)
+
+
+def test_minmax_ptq_applies_a_plan():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    original = [m.weight.detach().clone() for m in (model[0], model[2])]
+    mq.MinMaxPTQ().apply(model, {"0": 2, "2": 8})
+    assert torch.unique(model[0].weight[0]).numel() <= 4  # 2 bits: at most four levels per channel
+    assert (model[2].weight - original[1]).abs().max() <= (original[1].amax(1) - original[1].amin(1)).max() / 255
+    assert not torch.equal(model[0].weight, original[0])
+    with pytest.raises(ValueError, match="plan"):
+        mq.MinMaxPTQ().apply(model, {"nope": 4})

@@ -3,9 +3,11 @@
 # as lowbit.kernels, then imports them from a clean install outside the source tree.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
+# Absolute path (the import check runs from another directory); not resolved further, so a venv stays a venv.
+if [[ "$PYTHON" == */* ]]; then PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"; fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$PYTHON" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" . 
+"$PYTHON" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" .
 wheel=$(ls "$work"/dist/lowbit-*.whl)
 "$PYTHON" - "$wheel" <<'PY'
 import sys, zipfile

@@ -6,6 +6,18 @@ of SPEC section 7 or under a size budget. Any quantizer then applies the plan.
 """
 
 from lowbit.mixquant.plan import AvgBits, ModelBytes, Plan, search
+from lowbit.mixquant.quantizers import MinMaxPTQ, PlanQuantizer, asymmetric_minmax
 from lowbit.mixquant.table import QETable, SymmetricPerChannel, qe_table
 
-__all__ = ["AvgBits", "ModelBytes", "Plan", "QETable", "SymmetricPerChannel", "qe_table", "search"]
+__all__ = [
+    "AvgBits",
+    "MinMaxPTQ",
+    "ModelBytes",
+    "Plan",
+    "PlanQuantizer",
+    "QETable",
+    "SymmetricPerChannel",
+    "asymmetric_minmax",
+    "qe_table",
+    "search",
+]
