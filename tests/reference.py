@@ -84,7 +84,7 @@ def _fake_quant(xs, s, beta, channels, axis, bits, signed, grad, grad_scale) -> 
 
 def to_dtype(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """float32 or float64 NumPy values as a tensor of ``dtype`` (float32 first, then round to nearest even)."""
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(dtype)
+    return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a copy, 0-d stays 0-d
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""Property tests (hypothesis): random shapes, strides, dtypes, steps from 1e-8 to 1e4, offsets, bits and branch
+counts, with inf and NaN in x, for every backend against the independent reference. Derandomized (fixed seed),
+so a failure reproduces; each property runs at least 200 examples per backend."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from conftest import DEVICE
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fake_quant import check_fake_quant
+from test_multi_branch import check_multi_branch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EXAMPLES = 200
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@st.composite
+def tensors(draw, max_dims=4, max_side=9):
+    """A float tensor (maybe a strided view) with specials, plus its generator seed."""
+    shape = draw(st.lists(st.integers(0, max_side), min_size=0, max_size=max_dims))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10 ** draw(st.floats(-3, 3))
+    base = torch.randn([s * 2 if i == 0 else s for i, s in enumerate(shape)] or [], generator=gen) * scale
+    if base.numel() and draw(st.booleans()):
+        flat = base.view(-1)
+        flat[torch.randint(0, flat.numel(), (3,), generator=gen)] = torch.tensor([math.inf, -math.inf, math.nan])
+    x = base[::2] if shape else base  # every other row: a non-contiguous view
+    return x.to(DEVICE, dtype), seed
+
+
+@given(data=st.data(), xs=tensors())
+@SETTINGS
+def test_fake_quant_property(backend, data, xs):
+    x, seed = xs
+    bits = data.draw(st.integers(2, 8))
+    signed = data.draw(st.booleans())
+    per_channel = x.dim() > 0 and data.draw(st.booleans())
+    axis = data.draw(st.integers(-x.dim(), x.dim() - 1)) if per_channel else None
+    channels = x.shape[axis] if per_channel else 1
+    log_steps = data.draw(st.lists(st.floats(-8, 4), min_size=channels, max_size=channels))
+    step = torch.tensor([10.0**e for e in log_steps], dtype=torch.float32, device=DEVICE)
+    offset = None
+    if data.draw(st.booleans()):
+        offset = torch.tensor(
+            data.draw(st.lists(st.floats(-2, 2), min_size=channels, max_size=channels)),
+            dtype=torch.float32,
+            device=DEVICE,
+        )
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, x.dtype)
+    check_fake_quant(x, step, bits, signed, offset=offset, axis=axis, grad=grad)
+
+
+@given(data=st.data(), xs=tensors())
+@SETTINGS
+def test_multi_branch_property(backend, data, xs):
+    x, seed = xs
+    bits = data.draw(st.lists(st.integers(2, 8), min_size=1, max_size=7, unique=True))
+    signed = data.draw(st.booleans())
+    steps = torch.tensor([10.0 ** data.draw(st.floats(-8, 4)) for _ in bits], device=DEVICE)
+    probs = torch.tensor(data.draw(st.lists(st.floats(0, 1), min_size=len(bits), max_size=len(bits))), device=DEVICE)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, x.dtype)
+    check_multi_branch(x, steps, probs, bits, signed, grad)
