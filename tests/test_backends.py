@@ -85,8 +85,11 @@ def test_missing_preferred_backend_falls_back_visibly_and_correctly(monkeypatch)
 
 
 def test_lowbit_info_lists_every_backend():
-    exe = os.path.join(os.path.dirname(sys.executable), "lowbit")
-    out = subprocess.run([exe, "info"], capture_output=True, text=True, check=True).stdout
+    from importlib.metadata import entry_points
+
+    assert any(ep.value == "lowbit.cli:main" for ep in entry_points(group="console_scripts", name="lowbit"))
+    out = subprocess.run([sys.executable, "-m", "lowbit.cli", "info"], capture_output=True, text=True, check=True)
+    out = out.stdout
     for name in ("reference", "cpu", "triton", "cuda"):
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(name))
         assert ("unavailable" in line) != (name in lowbit.backends()), line
