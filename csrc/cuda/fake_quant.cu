@@ -37,7 +37,7 @@
 #include <tuple>
 #include <type_traits>
 
-#define LOWBIT_HD __host__ __device__ __forceinline__
+#include "cuda/rounding.cuh"
 
 namespace lowbit {
 namespace cuda {
@@ -67,47 +67,10 @@ static_assert(kColumnMinRows % kColumnRowStep == 0 && kColumnMaxRows % kColumnRo
               "rows per block are a multiple of the rows one loop pass covers");
 
 // ---------------------------------------------------------------------------------------------------------------
-// Element math. __host__ __device__ so that a host-side test can run the very same code; on the device the _rn
-// intrinsics pin the IEEE rounding whatever -use_fast_math / -prec-div / -fmad flags the build uses.
-
-LOWBIT_HD float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-
-LOWBIT_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-LOWBIT_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-LOWBIT_HD float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
+// Element math, on top of cuda/rounding.cuh.
 
 // v = (x - beta) / s, the unrounded quantization level.
 LOWBIT_HD float lsq_level(float x, float s, float beta) { return div_rn(sub_rn(x, beta), s); }
-
-// Comparisons rather than fminf/fmaxf: those return the non-NaN operand and would turn NaN into qmin or qmax,
-// while SPEC section 6 wants NaN in x to reach y (and torch.clamp keeps NaN too).
-LOWBIT_HD float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 LOWBIT_HD float fake_quant_value(float x, float s, float beta, float qmin, float qmax) {
   const float q = clamp_keep_nan(rintf(lsq_level(x, s, beta)), qmin, qmax);

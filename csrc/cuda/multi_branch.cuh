@@ -13,11 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LOWBIT_MB_HD __host__ __device__ __forceinline__
-#else
-#define LOWBIT_MB_HD inline
-#endif
+#include "cuda/rounding.cuh"
 
 // "#pragma unroll" for the device pass only: the host compiler also sees these __host__ __device__ bodies and would
 // warn about the unknown pragma.
@@ -44,45 +40,7 @@ constexpr int64_t kMaxTermsPerThread = 64;
 constexpr int64_t kTargetBlocks = 2048;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Element math. On the device the _rn intrinsics pin one IEEE rounding per operation whatever -use_fast_math /
-// -prec-div / -fmad the build uses; in particular no multiply-add is ever contracted into an FMA.
-
-LOWBIT_MB_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-LOWBIT_MB_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-LOWBIT_MB_HD float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-
-LOWBIT_MB_HD float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-
-// Comparisons rather than fminf/fmaxf, which return the non-NaN operand: NaN in x must reach y, as it does on the
-// CPU (x86 min/max operand order) and in torch.clamp. Same result as the CPU's min(hi, max(lo, v)) for every input,
-// signed zeros included.
-LOWBIT_MB_HD float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// Element math (sub_rn, mul_rn, add_rn, div_rn, clamp_keep_nan come from cuda/rounding.cuh).
 
 // The host lists qmin / qmax as floats; passed by value as a kernel parameter, so after unrolling over the
 // branches every read is a constant-bank operand, no register and no load.
@@ -100,7 +58,7 @@ struct Branches {
 };
 
 template <int B>
-LOWBIT_MB_HD Branches<B> load_branches(const float* __restrict__ steps, const float* __restrict__ probs) {
+LOWBIT_HD Branches<B> load_branches(const float* __restrict__ steps, const float* __restrict__ probs) {
   Branches<B> b;
 LOWBIT_MB_UNROLL
   for (int i = 0; i < B; ++i) {
@@ -111,7 +69,7 @@ LOWBIT_MB_UNROLL
 }
 
 // Q_i of one element: the branch's fake-quantized value.
-LOWBIT_MB_HD float branch_value(float x, float step, float lo, float hi) {
+LOWBIT_HD float branch_value(float x, float step, float lo, float hi) {
   const float q = clamp_keep_nan(rintf(div_rn(x, step)), lo, hi);
   // "+ 0" as on the CPU (quantize() adds the zero offset): it turns a -0 branch value into +0.
   return add_rn(mul_rn(q, step), 0.0f);
@@ -119,7 +77,7 @@ LOWBIT_MB_HD float branch_value(float x, float step, float lo, float hi) {
 
 // y of one element: the branches weighted and summed in branch order, the first product not added to 0.
 template <int B>
-LOWBIT_MB_HD float mix_forward(float x, const Branches<B>& b, const Ranges& r) {
+LOWBIT_HD float mix_forward(float x, const Branches<B>& b, const Ranges& r) {
   float y = mul_rn(b.prob[0], branch_value(x, b.step[0], r.lo[0], r.hi[0]));
 LOWBIT_MB_UNROLL
   for (int i = 1; i < B; ++i) y = add_rn(y, mul_rn(b.prob[i], branch_value(x, b.step[i], r.lo[i], r.hi[i])));
@@ -136,7 +94,7 @@ struct Sums {
 
 // dx of one element, adding its terms to the thread's sums.
 template <int B>
-LOWBIT_MB_HD float mix_backward(float x, float g, const Branches<B>& b, const Ranges& r, Sums<B>& acc) {
+LOWBIT_HD float mix_backward(float x, float g, const Branches<B>& b, const Ranges& r, Sums<B>& acc) {
   float coef = 0.0f;  // sum_i p_i * inside_i, in branch order
 LOWBIT_MB_UNROLL
   for (int i = 0; i < B; ++i) {
@@ -161,7 +119,7 @@ LOWBIT_MB_UNROLL
 // j < 2 * B (dsteps sums first, then dprobs). A pure function of (numel, vec): the same split on every GPU.
 
 template <typename T>
-LOWBIT_MB_HD T ceil_div(T a, T b) {
+LOWBIT_HD T ceil_div(T a, T b) {
   return (a + b - 1) / b;
 }
 
@@ -191,7 +149,7 @@ struct Slot {
   int count;     // elements in the slot: vec, fewer only for the very last vector of the tensor, 0 past the end
 };
 
-LOWBIT_MB_HD Slot backward_slot(const BackwardPlan& plan, int64_t block, int64_t round, int u, int tid, int vec) {
+LOWBIT_HD Slot backward_slot(const BackwardPlan& plan, int64_t block, int64_t round, int u, int tid, int vec) {
   const int64_t flat =
       block * plan.block_elems + round * plan.round_elems + (static_cast<int64_t>(u) * kThreads + tid) * vec;
   if (flat >= plan.numel) return {0, 0};
@@ -208,12 +166,12 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 template <int N, typename T>
-LOWBIT_MB_HD Pack<T, N> load_pack(const T* p) {
+LOWBIT_HD Pack<T, N> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
 template <int N, typename T>
-LOWBIT_MB_HD void store_pack(T* p, const Pack<T, N>& pack) {
+LOWBIT_HD void store_pack(T* p, const Pack<T, N>& pack) {
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
@@ -223,7 +181,7 @@ LOWBIT_MB_HD void store_pack(T* p, const Pack<T, N>& pack) {
 // Forward: grid-stride over vectors of VEC elements; the last numel % VEC elements go one each to the first threads
 // (VEC <= 8 < kThreads, so block 0 alone covers them).
 template <typename scalar_t, int B, int VEC>
-LOWBIT_MB_HD void forward_thread(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t numel,
+LOWBIT_HD void forward_thread(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t numel,
                                  int64_t thread, int64_t threads, const Branches<B>& b, const Ranges& r) {
   const int64_t vectors = numel / VEC;
   for (int64_t i = thread; i < vectors; i += threads) {
@@ -242,7 +200,7 @@ LOWBIT_MB_UNROLL
 // Backward: the thread's slots of every round of its block; writes dx and adds into `acc` (zeroed by the caller).
 // All loads of a round are issued before any math, so each thread has 2 * kUnroll vector loads in flight.
 template <typename scalar_t, int B, int VEC>
-LOWBIT_MB_HD void backward_thread(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+LOWBIT_HD void backward_thread(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                   scalar_t* __restrict__ dx, const BackwardPlan& plan, int64_t block, int tid,
                                   const Branches<B>& b, const Ranges& r, Sums<B>& acc) {
   for (int64_t round = 0; round < plan.rounds; ++round) {
