@@ -37,6 +37,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda/launch.cuh"
 #include "cuda/rounding.cuh"
 
 namespace lowbit {
@@ -594,21 +595,7 @@ bool make_column_plan(int64_t numel, int64_t channels, int64_t inner, int vec, C
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Launchers.
-
-bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int multiprocessor_count(int device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count > 0 ? count : 1;
-}
-
-unsigned int grid_size(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(), "lowbit_C (CUDA): ", what, " needs ",
-              blocks, " blocks, more than a CUDA grid holds");
-  return static_cast<unsigned int>(blocks);
-}
+// Launchers (is_aligned16, multiprocessor_count, grid_size: cuda/launch.cuh).
 
 struct Problem {
   const void* grad;  // nullptr in the forward

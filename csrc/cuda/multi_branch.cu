@@ -15,6 +15,7 @@
 // pointers are 16-byte aligned (see make_backward_plan), so repeated runs on any GPU give the same bits.
 //
 // Element math (multi_branch.cuh) matches the CPU kernels operation for operation, so y and dx agree bitwise.
+#include "cuda/launch.cuh"
 #include "cuda/multi_branch.cuh"
 
 #include <ATen/Dispatch.h>
@@ -150,21 +151,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Launchers.
-
-bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int multiprocessor_count(int device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count > 0 ? count : 1;
-}
-
-unsigned int grid_size(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(), "lowbit_C (CUDA): ", what, " needs ",
-              blocks, " blocks, more than a CUDA grid holds");
-  return static_cast<unsigned int>(blocks);
-}
+// Launchers (is_aligned16, multiprocessor_count, grid_size: cuda/launch.cuh).
 
 // Calls fn(std::integral_constant<int, B>{}) for the run-time branch count, so the kernels see B as a constant.
 template <typename Fn, int... Bs>
