@@ -123,10 +123,9 @@ class _FakeQuant(torch.autograd.Function):
     tensors of a network). torch.compile traces it into the same two custom-op nodes."""
 
     @staticmethod
-    def forward(ctx, x, step, offset, bits, signed, axis, grad_scale):
-        ctx.save_for_backward(x, step, offset)
-        ctx.config = (bits, signed, axis, grad_scale)
-        return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale)
+    def forward(ctx, *inputs):
+        _fake_quant_setup_context(ctx, inputs, None)
+        return torch.ops.lowbit.fake_quant(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
@@ -311,10 +310,9 @@ class _MultiBranch(torch.autograd.Function):
     """Eager fast path of the op's autograd, as ``_FakeQuant``."""
 
     @staticmethod
-    def forward(ctx, x, steps, probs, bits, signed, grad_scale):
-        ctx.save_for_backward(x, steps, probs)
-        ctx.config = (bits, signed, grad_scale)
-        return torch.ops.lowbit.multi_branch_fake_quant(x, steps, probs, bits, signed, grad_scale)
+    def forward(ctx, *inputs):
+        _multi_branch_setup_context(ctx, inputs, None)
+        return torch.ops.lowbit.multi_branch_fake_quant(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
