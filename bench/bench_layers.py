@@ -100,9 +100,7 @@ def _replace_quantizers(model: nn.Module, make) -> nn.Module:
 def _to_reference_lsq(q: nn.Module) -> nn.Module:
     if isinstance(q, MultiBranchQuantizer):
         return _MixedReference(q)
-    ref = ReferenceLSQ(q.bits, signed=q.signed, channels=None if q.axis is None else q.step.numel(), axis=q.axis or 0)
-    ref.step = nn.Parameter(q.step.detach().clone())
-    return ref
+    return ReferenceLSQ.from_lsq(q)
 
 
 class _MixedReference(ReferenceMultiBranch):

@@ -149,13 +149,7 @@ def _lsq_to_reference(model):
     """The inverse of swap_fused for LSQQuantizer: the plain-PyTorch module with the same step."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LSQQuantizer):
-            ref = ReferenceLSQ(
-                module.bits,
-                signed=module.signed,
-                channels=None if module.axis is None else module.step.numel(),
-                axis=module.axis or 0,
-            )
-            ref.step = module.step
+            ref = ReferenceLSQ.from_lsq(module)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, ref)
     return model

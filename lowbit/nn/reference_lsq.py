@@ -41,6 +41,21 @@ class ReferenceLSQ(nn.Module):
         self.axis = axis if channels is not None else None
         self.step = nn.Parameter(torch.ones(channels if channels is not None else 1))
 
+    @classmethod
+    def from_lsq(cls, quantizer: nn.Module) -> ReferenceLSQ:
+        """The plain-PyTorch twin of a ``lowbit.nn.LSQQuantizer`` (same bits, range, granularity and step):
+        the inverse of ``swap_fused``, for comparisons and benchmarks."""
+        per_channel = quantizer.axis is not None
+        ref = cls(
+            quantizer.bits,
+            signed=quantizer.signed,
+            channels=quantizer.step.numel() if per_channel else None,
+            axis=quantizer.axis if per_channel else 0,
+        )
+        with torch.no_grad():
+            ref.step.copy_(quantizer.step)
+        return ref.to(quantizer.step.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qn, qp = quant_range(self.bits, self.signed)
         per_step = x.numel() // self.step.numel()
