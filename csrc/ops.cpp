@@ -24,6 +24,13 @@ TORCH_LIBRARY(lowbit_C, m) {
   m.def(
       "multi_branch_backward(Tensor grad, Tensor x, Tensor steps, Tensor probs, int[] qmin, int[] qmax, "
       "float[] grad_scale) -> (Tensor, Tensor, Tensor)");
+  // Packed inference GEMM (SPEC section 4). x (M, K) float32/float16/bfloat16 contiguous; packed_w (N, packed K)
+  // uint8 canonical layout of signed codes at w_bits; w_scale (N,) float32; x_step (1,) float32; bias None or (N,)
+  // float32. x is quantized with round-half-even of float32 x / x_step, clamped to [qmin, qmax]; a row holding a
+  // NaN gives a NaN output row. y = float32(acc) * float32(x_step * w_scale[n]) + bias[n], in x's dtype.
+  m.def(
+      "packed_linear(Tensor x, Tensor packed_w, Tensor w_scale, int w_bits, Tensor x_step, int qmin, int qmax, "
+      "Tensor? bias) -> Tensor");
   // Which CPU code path runs (avx512 / avx2 / scalar); set_cpu_isa exists for tests and benchmarks only.
   m.def("cpu_isa() -> str", [] { return std::string(lowbit::cpu::isa_name(lowbit::cpu::active_isa())); });
   m.def("cpu_isa_supported() -> str[]", [] { return lowbit::cpu::supported_isa_names(); });

@@ -1,13 +1,14 @@
 """lowbit: fused low-bit quantization kernels for PyTorch, and the methods built on them.
 
-Public ops (SPEC section 5): ``fake_quant``, ``multi_branch_fake_quant``; backend control: ``backends``,
-``use_backend``. Model tools: ``quantize``, ``swap_fused``, ``bops``; layers in ``lowbit.nn``, models in
-``lowbit.models``.
+Public ops (SPEC section 5): ``fake_quant``, ``multi_branch_fake_quant``, ``pack``, ``unpack``,
+``packed_linear``; backend control: ``backends``, ``use_backend``. Model tools: ``quantize``, ``swap_fused``,
+``bops``; layers in ``lowbit.nn``, models in ``lowbit.models``.
 """
 
 from lowbit.backends import LowbitFallbackWarning, backends, use_backend
 from lowbit.bops import bops  # noqa: I001  (after the ops: the layers need them)
 from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
+from lowbit.packed import pack, packed_linear, unpack
 from lowbit.quantize import quantize, swap_fused
 
 __version__ = "0.1.0"
@@ -18,6 +19,9 @@ __all__ = [
     "bops",
     "fake_quant",
     "multi_branch_fake_quant",
+    "pack",
+    "packed_linear",
+    "unpack",
     "quant_range",
     "quantize",
     "swap_fused",

@@ -23,3 +23,7 @@ def multi_branch_forward(x, steps, probs, qmin, qmax) -> torch.Tensor:
 
 def multi_branch_backward(grad, x, steps, probs, qmin, qmax, grad_scale):
     return torch.ops.lowbit_C.multi_branch_backward(grad, x, steps, probs, qmin, qmax, grad_scale)
+
+
+def packed_linear(x, packed_w, w_scale, w_bits: int, x_step, qmin: int, qmax: int, bias) -> torch.Tensor:
+    return torch.ops.lowbit_C.packed_linear(x, packed_w, w_scale, w_bits, x_step, qmin, qmax, bias)

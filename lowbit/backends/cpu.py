@@ -10,6 +10,7 @@ from lowbit.backends._compiled import (  # noqa: F401  (the backend's kernel fun
     fake_quant_forward,
     multi_branch_backward,
     multi_branch_forward,
+    packed_linear,
 )
 
 DEVICES = ("cpu",)

@@ -72,3 +72,19 @@ def multi_branch_backward(grad, x, steps, probs, qmin: list[int], qmax: list[int
         dprobs.append((g * q * step).sum(dtype=torch.float64))
     dx = (g * coef).to(x.dtype)
     return dx, torch.stack(dsteps).float(), torch.stack(dprobs).float()
+
+
+def packed_linear(x, packed_w, w_scale, w_bits: int, x_step, qmin: int, qmax: int, bias) -> torch.Tensor:
+    """SPEC section 4 as plain ops: quantize x, unpack W, exact integer dot products (float64 holds every
+    partial sum of K <= 2^20 8-bit products exactly), then the float32 epilogue every backend shares."""
+    from lowbit.packed import _unpack_impl
+
+    xf = x.float()
+    qx = torch.clamp(torch.round(xf / x_step), qmin, qmax)
+    qw = _unpack_impl(packed_w, w_bits, x.shape[-1], signed=True)
+    acc = (qx.double() @ qw.double().t()).float()
+    y = acc * (x_step * w_scale)
+    if bias is not None:
+        y = y + bias
+    y = torch.where(torch.isnan(xf).any(dim=1, keepdim=True), float("nan"), y)
+    return y.to(x.dtype)

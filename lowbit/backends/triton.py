@@ -46,3 +46,9 @@ def multi_branch_backward(grad, x, steps, probs, qmin: list[int], qmax: list[int
     from lowbit.kernels import multi_branch
 
     return multi_branch.backward(grad, x, steps, probs, qmin, qmax, grad_scale)
+
+
+def packed_linear(x, packed_w, w_scale, w_bits: int, x_step, qmin: int, qmax: int, bias) -> torch.Tensor:
+    from lowbit.kernels import packed_linear
+
+    return packed_linear.forward(x, packed_w, w_scale, w_bits, x_step, qmin, qmax, bias)
