@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
 import lowbit
+from lowbit.timing import interleaved_median_ms, median_ms, sync  # noqa: F401  (re-exported to the other benchmarks)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -116,32 +115,6 @@ def _with_isa(isa: str, fn):
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, device, repeats: int, warmup: int = 3) -> float:
-    return interleaved_median_ms({"fn": fn}, device, repeats, warmup)["fn"]
-
-
-def interleaved_median_ms(fns: dict, device, repeats: int, warmup: int = 3) -> dict:
-    """Median milliseconds of each callable, timed round-robin (one call of each per round) so that every
-    implementation sees the same machine state: thread-pool wake-ups, allocator and cache history, other load."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def time_case(case: Case, impls: dict, device, repeats: int) -> dict:

@@ -1,0 +1,38 @@
+"""Wall-clock timing shared by the benchmarks and the demo: round-robin medians, with device syncs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_median_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device | str, repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median milliseconds of each callable, timed round-robin (one call of each per round) so that every
+    implementation sees the same machine state: thread-pool wake-ups, allocator and cache history, other load."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_ms(fn: Callable[[], object], device: torch.device | str, repeats: int, warmup: int = 3) -> float:
+    return interleaved_median_ms({"fn": fn}, device, repeats, warmup)["fn"]
