@@ -22,16 +22,17 @@ lowbit/.built: $(VENV)/.installed $(CSRC)
 	$(VPY) setup.py -q build_ext --inplace
 	touch $@
 
+# The main job: fp32 -> MixQuant -> MetaMix -> baselines -> packed model, on the bundled digits (about 10 minutes).
 demo: setup
 	$(VENV)/bin/lowbit info
-	$(VPY) bench/bench_fake_quant.py --quick
+	$(VENV)/bin/lowbit demo
 
+# --hypothesis-show-statistics prints how many examples each property test ran (at least 200 per op and backend).
 test: setup
-	LOWBIT_REQUIRE_BACKENDS=reference,cpu,triton $(VPY) -m pytest -q tests
+	LOWBIT_REQUIRE_BACKENDS=reference,cpu,triton $(VPY) -m pytest -q tests --hypothesis-show-statistics
 
 bench: setup
-	$(VPY) bench/bench_fake_quant.py
-	$(VPY) bench/bench_layers.py
+	$(VENV)/bin/lowbit bench
 	$(VPY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/pytest_benchmark_cpu.json
 
 # Compiles every .cu file with nvcc against the torch headers: proves the CUDA sources build, no GPU needed.

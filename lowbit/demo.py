@@ -42,7 +42,7 @@ class DemoConfig:
     lr: float = 0.05
     qat_lr: float = 0.01
     seed: int = 0
-    out: str = "lowbit-demo"
+    out: str = "demo-results"
     quick: bool = False
     progress: bool = True
 
