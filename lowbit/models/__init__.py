@@ -25,11 +25,22 @@ MODELS: dict[str, type[nn.Module]] = {
 _TORCHVISION_NAMES = ("mobilenet_v2", "mobilenet_v3_small", "resnet18")
 
 
+# Attribute on a model built by ``create_model``: {"name": ..., "kwargs": {...}}, what ``lowbit.save`` records so
+# that ``lowbit.load`` can rebuild the architecture without being handed a skeleton.
+ARCH_ATTR = "lowbit_arch"
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Builds the model registered as ``name`` in ``MODELS``, passing ``kwargs`` to its constructor."""
+    """Builds the model registered as ``name`` in ``MODELS``, passing ``kwargs`` to its constructor.
+
+    The name and kwargs are recorded on the model as ``model.lowbit_arch`` (survives ``copy.deepcopy``,
+    ``lowbit.quantize`` and ``lowbit.convert``), so ``lowbit.save`` / ``lowbit.load`` can rebuild it.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
-    return MODELS[name](**kwargs)
+    model = MODELS[name](**kwargs)
+    setattr(model, ARCH_ATTR, {"name": name, "kwargs": dict(kwargs)})
+    return model
 
 
 def from_torchvision(name: str, **kwargs) -> nn.Module:

@@ -1,0 +1,496 @@
+"""Packed inference layers: what ``lowbit.convert`` puts in place of a trained ``QLinear`` / ``QConv2d``.
+
+Every layer here stores its weight as signed integer codes packed in the canonical layout of SPEC section 4
+(``lowbit.pack``): one row per output channel, ``K`` = ``in_features`` (linear) or ``in_channels / groups * kh * kw``
+(conv, in ``F.unfold`` order) packed along the row, plus one step per output channel (``w_scale``) and the bias.
+A saved model therefore holds ``bits / 32`` of the float weight bytes, whatever the layer runs on.
+
+* ``PackedLinear``: ``lowbit.packed_linear`` (activations quantized on the fly, exact int32 accumulation).
+* ``PackedConv2d``: the same GEMM over pixels. 1x1 convs run on channels-last pixels directly (a stride
+  subsamples first); kxk, strided or dilated convs go through ``F.unfold`` (im2col) first; grouped convs run one
+  GEMM per group. Depthwise convs (one input channel per group, as in MobileNet) have K = kh * kw = 9 and gain
+  nothing from an integer GEMM, so they dequantize the codes once, at load, and run a float depthwise conv on
+  the fake-quantized input: exactly what the fake-quant model computes (same ops, same values).
+* ``DequantLinear`` / ``DequantConv2d``: layers whose input is not quantized (``a_bits=None``) cannot use the
+  integer GEMM; they keep the packed weight and unpack it once, at load, into a float weight for ``F.linear`` /
+  ``F.conv2d``.
+
+The layers compute in float32 or in the input's float dtype and return the input's dtype; keep them in float32
+(``model.half()`` would round the steps). They are inference-only: no parameters, no gradient to the codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit import _checks
+from lowbit.ops import fake_quant, quant_range
+from lowbit.packed import pack, packed_linear, packed_width, unpack
+
+Tensor = torch.Tensor
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _int_tuple(name: str, value, length: int, minimum: int) -> tuple[int, ...]:
+    """An int (repeated) or a sequence of ``length`` ints, each >= ``minimum``."""
+    values = (value,) * length if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(values, (tuple, list)) or len(values) != length:
+        raise TypeError(f"{name} must be an int or {length} ints, got {value!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"{name} must hold ints >= {minimum}, got {value!r}")
+    return tuple(values)
+
+
+def _padding4(value) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom), the order of ``F.pad``, from an int, (pad_h, pad_w) or a 4-tuple."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        ph, pw = _int_tuple("padding", value, 2, 0)
+        return (pw, pw, ph, ph)
+    if isinstance(value, (tuple, list)) and len(value) == 4:
+        return _int_tuple("padding", value, 4, 0)
+    return _int_tuple("padding", value, 4, 0)
+
+
+class _PackedBase(nn.Module):
+    """Weight storage shared by the packed layers: packed codes, per-channel steps, bias, activation config.
+
+    ``x_bits=None`` marks a layer whose input stays float (the ``Dequant*`` layers). Layers that run on float
+    weights (``_runs_float``) keep a non-persistent ``dequant_weight`` buffer, rebuilt whenever the codes are
+    loaded, so it follows ``.to(device)`` and never reaches a saved file.
+    """
+
+    _runs_float = False
+
+    def _init_storage(self, *, out_channels: int, k: int, w_bits: int, x_bits, x_signed, bias: bool, device) -> None:
+        self.w_bits = _checks.bits("w_bits", w_bits)
+        self.k = k
+        self.x_bits = None if x_bits is None else _checks.bits("x_bits", x_bits)
+        self.x_signed = _checks.flag("x_signed", x_signed)
+        bias = _checks.flag("bias", bias)
+        width = packed_width(k, self.w_bits)
+        self.register_buffer("packed_weight", torch.zeros(out_channels, width, dtype=torch.uint8, device=device))
+        self.register_buffer("w_scale", torch.ones(out_channels, device=device))
+        if self.x_bits is not None:
+            self.register_buffer("x_step", torch.ones(1, device=device))
+        self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
+        self.register_buffer("dequant_weight", None, persistent=False)
+        self._refresh()
+
+    # -- weights ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_weight(self, codes: Tensor, w_scale: Tensor, bias: Tensor | None = None, x_step: Tensor | None = None):
+        """Stores int8 codes (N, K) (packed here), steps (N,), the bias and the activation step."""
+        self.packed_weight.copy_(pack(codes.to(torch.int8).reshape(self.packed_weight.shape[0], self.k), self.w_bits))
+        self.w_scale.copy_(w_scale.reshape(-1))
+        if self.bias is not None and bias is not None:
+            self.bias.copy_(bias.reshape(-1))
+        if x_step is not None:
+            self.x_step.copy_(x_step.reshape(1))
+        self._refresh()
+        return self
+
+    def weight_codes(self) -> Tensor:
+        """The signed int8 codes (N, K)."""
+        return unpack(self.packed_weight, self.w_bits, self.k, signed=True)
+
+    def dequantized_weight(self) -> Tensor:
+        """float32 (N, K) ``codes * w_scale``: bit-identical to ``lowbit.fake_quant`` of the original weight."""
+        return self.weight_codes().float() * self.w_scale.float().reshape(-1, 1)
+
+    def _refresh(self) -> None:
+        if self._runs_float:
+            self.dequant_weight = self.dequantized_weight().reshape(self._float_weight_shape())
+
+    def _float_weight_shape(self) -> tuple[int, ...]:
+        return (self.packed_weight.shape[0], self.k)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh()  # the float weight follows the loaded codes
+
+    def validate(self, name: str = "layer") -> None:
+        """Raises ValueError if the stored values cannot come from a quantized layer: codes outside the
+        ``w_bits`` range (e.g. a 3-bit layer's 4-bit container holding -8), steps not positive and finite."""
+        lo, hi = quant_range(self.w_bits, True)
+        codes = self.weight_codes()
+        if codes.numel() and not bool(((codes >= lo) & (codes <= hi)).all()):
+            raise ValueError(
+                f"{name}: packed_weight holds codes outside the signed {self.w_bits}-bit range [{lo}, {hi}]"
+            )
+        _checks.step_values(f"{name}.w_scale", self.w_scale)
+        if self.x_bits is not None:
+            _checks.step_values(f"{name}.x_step", self.x_step)
+        if self.bias is not None:
+            _checks.finite_values(f"{name}.bias", self.bias)
+
+    # -- config (what lowbit.save records to rebuild the layer) -----------------------------------------------
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments plus ``type``: ``from_config(config())`` rebuilds the empty layer."""
+        return {"type": type(self).__name__, **self._config()}
+
+    def _config(self) -> dict:
+        raise NotImplementedError
+
+    def _act_repr(self) -> str:
+        if self.x_bits is None:
+            return "a=float"
+        return f"a{self.x_bits} {'signed' if self.x_signed else 'unsigned'}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _LinearBase(_PackedBase):
+    def __init__(self, in_features: int, out_features: int, *, w_bits: int, x_bits, x_signed, bias, device):
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        self._init_storage(
+            out_channels=out_features, k=in_features, w_bits=w_bits, x_bits=x_bits, x_signed=x_signed, bias=bias,
+            device=device,
+        )  # fmt: skip
+
+    def _config(self) -> dict:
+        cfg = {"in_features": self.in_features, "out_features": self.out_features, "w_bits": self.w_bits}
+        return {**cfg, **self._act_config(), "bias": self.bias is not None}
+
+    def _check_input(self, x: Tensor) -> None:
+        _checks.float_tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w{self.w_bits} {self._act_repr()}"
+
+
+class PackedLinear(_LinearBase):
+    """``QLinear`` for inference: ``lowbit.packed_linear`` on packed ``w_bits`` codes, input quantized on the fly
+    at ``x_bits`` (per tensor, step ``x_step``; signed range if ``x_signed``). Matches the fake-quant layer to
+    float32 rounding (SPEC section 4); build it with ``lowbit.convert`` or fill it with ``set_weight``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        w_bits: int,
+        x_bits: int,
+        x_signed: bool = False,
+        bias: bool = True,
+        device=None,
+    ):
+        if x_bits is None:
+            raise ValueError("x_bits must be an int in 2..8 (use DequantLinear for a float input), got None")
+        super().__init__(
+            in_features, out_features, w_bits=w_bits, x_bits=x_bits, x_signed=x_signed, bias=bias, device=device
+        )
+
+    def _act_config(self) -> dict:
+        return {"x_bits": self.x_bits, "x_signed": self.x_signed}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return packed_linear(
+            x, self.packed_weight, self.w_scale, self.w_bits, self.x_step, self.x_bits,
+            x_signed=self.x_signed, bias=self.bias,
+        )  # fmt: skip
+
+
+class DequantLinear(_LinearBase):
+    """A linear layer with a float input (``a_bits=None``) and packed weights, dequantized once at load:
+    ``F.linear(x, codes * w_scale, bias)``, the fake-quant layer's computation."""
+
+    _runs_float = True
+
+    def __init__(self, in_features: int, out_features: int, *, w_bits: int, bias: bool = True, device=None):
+        super().__init__(
+            in_features, out_features, w_bits=w_bits, x_bits=None, x_signed=False, bias=bias, device=device
+        )
+
+    def _act_config(self) -> dict:
+        return {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequant_weight.to(x.dtype), bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conv2d
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _ConvBase(_PackedBase):
+    """Conv geometry (``nn.Conv2d``'s, with ``padding`` stored as (left, right, top, bottom)) and the shared
+    padding / output-size logic."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, *, geometry: dict, quant: dict, device):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.kernel_size = _int_tuple("kernel_size", kernel_size, 2, 1)
+        self.stride = _int_tuple("stride", geometry.get("stride", 1), 2, 1)
+        self.padding = _padding4(geometry.get("padding", 0))
+        self.dilation = _int_tuple("dilation", geometry.get("dilation", 1), 2, 1)
+        self.groups = _positive_int("groups", geometry.get("groups", 1))
+        self.padding_mode = geometry.get("padding_mode", "zeros")
+        self._check_geometry()
+        k = in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        self._init_storage(out_channels=out_channels, k=k, device=device, **quant)
+
+    def _check_geometry(self) -> None:
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"groups must divide in_channels ({self.in_channels}) and out_channels ({self.out_channels}), "
+                f"got {self.groups}"
+            )
+        if self.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(
+                f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {self.padding_mode!r}"
+            )
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.in_channels == self.groups
+
+    def _float_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def _geometry_config(self) -> dict:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "padding_mode": self.padding_mode,
+        }
+
+    def _config(self) -> dict:
+        return {**self._geometry_config(), "w_bits": self.w_bits, **self._act_config(), "bias": self.bias is not None}
+
+    def _batched(self, x: Tensor) -> tuple[Tensor, bool]:
+        """x as (B, C, H, W) (a 3-d input is one unbatched image, as for ``nn.Conv2d``)."""
+        _checks.float_tensor("x", x)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        return (x.unsqueeze(0), True) if x.dim() == 3 else (x, False)
+
+    def _padded(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(x, (pad_h, pad_w) still to apply as symmetric zero padding). Padding commutes with the (elementwise)
+        activation quantizer, and a zero pads to code 0, so padding the float input is exact."""
+        left, right, top, bottom = self.padding
+        if self.padding_mode == "zeros" and left == right and top == bottom:
+            return x, (top, left)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self.padding, mode=mode), (0, 0)
+
+    def _out_size(self, x: Tensor, pad: tuple[int, int]) -> tuple[int, int]:
+        sizes = []
+        for i in range(2):
+            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            size = (x.shape[2 + i] + 2 * pad[i] - span) // self.stride[i] + 1
+            if size < 1:
+                raise ValueError(f"x of spatial size {tuple(x.shape[2:])} is smaller than the kernel span")
+            sizes.append(size)
+        return sizes[0], sizes[1]
+
+    def _float_conv(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        w = self.dequant_weight.to(x.dtype)
+        return F.conv2d(x, w, bias, self.stride, pad, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        geometry = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        if self.groups > 1:
+            geometry += f", groups={self.groups}"
+        if self.dilation != (1, 1):
+            geometry += f", dilation={self.dilation}"
+        return f"{self.in_channels}, {self.out_channels}, {geometry}, w{self.w_bits} {self._act_repr()}"
+
+
+class PackedConv2d(_ConvBase):
+    """``QConv2d`` for inference on packed weights (see the module docstring for the paths).
+
+    groups == 1 and grouped convs run ``lowbit.packed_linear`` (integer GEMM, float32-rounding agreement with
+    the fake-quant conv, SPEC section 4); depthwise convs run a float conv of the dequantized weights on the
+    fake-quantized input (the fake-quant model's own ops). ``padding`` is an int, (pad_h, pad_w) or
+    (left, right, top, bottom).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        *,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        w_bits: int,
+        x_bits: int,
+        x_signed: bool = False,
+        bias: bool = True,
+        device=None,
+    ):
+        if x_bits is None:
+            raise ValueError("x_bits must be an int in 2..8 (use DequantConv2d for a float input), got None")
+        geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+        quant = {"w_bits": w_bits, "x_bits": x_bits, "x_signed": x_signed, "bias": bias}
+        super().__init__(
+            in_channels, out_channels, kernel_size, geometry={**geometry, "padding_mode": padding_mode}, quant=quant,
+            device=device,
+        )  # fmt: skip
+
+    @property
+    def _runs_float(self) -> bool:
+        return self.depthwise
+
+    @property
+    def path(self) -> str:
+        """How forward runs: ``gemm`` (groups 1), ``grouped-gemm`` or ``depthwise-float``."""
+        if self.groups == 1:
+            return "gemm"
+        return "depthwise-float" if self.depthwise else "grouped-gemm"
+
+    def _act_config(self) -> dict:
+        return {"x_bits": self.x_bits, "x_signed": self.x_signed}
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, unbatched = self._batched(x)
+        x, pad = self._padded(x)
+        if self.depthwise:
+            y = self._float_conv(fake_quant(x, self.x_step, self.x_bits, signed=self.x_signed), pad)
+        elif self.kernel_size == (1, 1) and self.groups == 1:
+            y = self._pointwise(x, pad)
+        else:
+            y = self._im2col(x, pad)
+        return y.squeeze(0) if unbatched else y
+
+    def _linear(self, x: Tensor, group: int | None = None) -> Tensor:
+        """packed_linear over the last dim of x, for all output channels or one group's."""
+        rows = slice(None)
+        if group is not None:
+            per_group = self.out_channels // self.groups
+            rows = slice(group * per_group, (group + 1) * per_group)
+        bias = None if self.bias is None else self.bias[rows]
+        return packed_linear(
+            x, self.packed_weight[rows], self.w_scale[rows], self.w_bits, self.x_step, self.x_bits,
+            x_signed=self.x_signed, bias=bias,
+        )  # fmt: skip
+
+    def _pointwise(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
+        """1x1 conv: pad, subsample by the stride, one GEMM over channels-last pixels; the result is returned as
+        a channels-last (B, N, H, W) view, no copy."""
+        if pad != (0, 0):
+            x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+        if self.stride != (1, 1):
+            x = x[:, :, :: self.stride[0], :: self.stride[1]]
+        return self._linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def _im2col(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
+        """kxk / strided / dilated / grouped conv: ``F.unfold`` patches (B, L, K) times the codes (N, K)."""
+        batch = x.shape[0]
+        out_h, out_w = self._out_size(x, pad)
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)
+        if self.groups == 1:
+            y = self._linear(cols.transpose(1, 2))
+        else:
+            cols = cols.view(batch, self.groups, self.k, -1)
+            y = torch.cat([self._linear(cols[:, g].transpose(1, 2), g) for g in range(self.groups)], dim=-1)
+        return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+
+
+class DequantConv2d(_ConvBase):
+    """A conv with a float input (``a_bits=None``) and packed weights, dequantized once at load:
+    ``F.conv2d(x, codes * w_scale, bias, ...)``, the fake-quant layer's computation."""
+
+    _runs_float = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        *,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        w_bits: int,
+        bias: bool = True,
+        device=None,
+    ):
+        geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+        quant = {"w_bits": w_bits, "x_bits": None, "x_signed": False, "bias": bias}
+        super().__init__(
+            in_channels, out_channels, kernel_size, geometry={**geometry, "padding_mode": padding_mode}, quant=quant,
+            device=device,
+        )  # fmt: skip
+
+    def _act_config(self) -> dict:
+        return {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, unbatched = self._batched(x)
+        x, pad = self._padded(x)
+        y = self._float_conv(x, pad)
+        return y.squeeze(0) if unbatched else y
+
+
+PACKED_LAYERS: dict[str, type[_PackedBase]] = {
+    cls.__name__: cls for cls in (PackedLinear, DequantLinear, PackedConv2d, DequantConv2d)
+}
+
+
+def from_config(config: dict) -> _PackedBase:
+    """An empty packed layer (zero codes) built from ``layer.config()``; raises ValueError on a bad config."""
+    if not isinstance(config, dict) or config.get("type") not in PACKED_LAYERS:
+        found = config.get("type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"config must name a packed layer type ({', '.join(PACKED_LAYERS)}), got {found!r}")
+    kwargs = {k: v for k, v in config.items() if k != "type"}
+    cls = PACKED_LAYERS[config["type"]]
+    positional = ("in_features", "out_features") if issubclass(cls, _LinearBase) else ("in_channels", "out_channels")
+    if issubclass(cls, _ConvBase):
+        positional += ("kernel_size",)
+    missing = [name for name in positional if name not in kwargs]
+    if missing:
+        raise ValueError(f"config of a {cls.__name__} lacks {missing}")
+    args = [kwargs.pop(name) for name in positional]
+    try:
+        return cls(*args, **kwargs)
+    except TypeError as exc:  # an unknown or missing keyword: the config does not describe this layer type
+        raise ValueError(f"config does not describe a {cls.__name__}: {exc}") from exc
+
+
+def weight_bytes(layer: _PackedBase) -> int:
+    """Bytes of the packed weight codes (what the saved file holds for the weight)."""
+    return layer.packed_weight.numel() * layer.packed_weight.element_size()
+
+
+def float_weight_bytes(layer: _PackedBase) -> int:
+    """Bytes the same weight takes as float32."""
+    return math.prod(layer._float_weight_shape()) * 4
