@@ -95,9 +95,7 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _weight_tile(
-    w_ptr, w_rows, n_mask, k0, K, KB, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
-):
+def _weight_tile(w_ptr, w_rows, n_mask, k0, K, KB, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Signed int8 codes W[n, k0:k0 + BLOCK_K] as a (BLOCK_K, BLOCK_N) tile, unpacked from the canonical layout.
 
     w_rows: int64 (BLOCK_N,) offsets of the packed rows, KB bytes each. Codes at k >= K are returned as 0.
@@ -451,9 +449,7 @@ def forward(
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
 
-        kernel[grid](
-            codes, packed_w, y, w_scale, x_step, bias_arg, nan_rows, **common, **meta, enable_fp_fusion=False
-        )
+        kernel[grid](codes, packed_w, y, w_scale, x_step, bias_arg, nan_rows, **common, **meta, enable_fp_fusion=False)
         return y
 
     block_m = 1 if m == 1 else GEMV_MAX_M
