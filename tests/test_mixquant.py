@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -113,6 +114,164 @@ def test_bad_input(call, exc, argument):
     table = mq.qe_table(nn.Sequential(nn.Linear(4, 3)))
     with pytest.raises(exc, match=argument):
         call(table)
+
+
+def test_qem_rule_on_hand_made_weights_with_known_qe():
+    # One channel [1, 0, 0.5, -1]: QE(2) = 0.25 / 4, QE(3) = (1/6)^2 / 4, QE(8) = (0.5 * 127 - 64)^2 / 127^2 / 4.
+    # The other channel [1, 0, 0, -1] is exact at every width, so its layer always takes the fewest bits.
+    model = nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.5, -1.0]]))
+        model[1].weight.copy_(torch.tensor([[1.0, 0.0, 0.0, -1.0]]))
+    qe2, qe3, qe8 = 0.25 / 4, (1 / 6) ** 2 / 4, (0.5 / 127) ** 2 / 4
+    table = mq.qe_table(model, bits=[2, 3, 8])
+    assert table.error("0", 8) == pytest.approx(qe8)
+    for qem, expect in [(1, 8), (qe3 / qe8 * 0.99, 8), (qe3 / qe8 * 1.01, 3), (qe2 / qe8 * 1.01, 2)]:
+        plan = mq.search(table, qem=max(qem, 1))
+        assert dict(plan) == {"0": expect, "1": 2}
+        assert plan.qe["0"] == pytest.approx(table.error("0", expect))
+
+
+def _trained_free_model(name: str) -> nn.Module:
+    from lowbit.models import create_model
+
+    torch.manual_seed(0)
+    kwargs = {"width": 4} if name == "small_cnn" else {"width_mult": 0.1, "small_input": True}
+    return create_model(name, num_classes=10, in_channels=1, **kwargs).eval()
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "mobilenet_v2", "mobilenet_v3_small", "resnet18"])
+def test_every_quantizer_applies_a_plan_to_every_packaged_model(name):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lowbit.train import evaluate
+
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    quantizers = [mq.MinMaxPTQ(), mq.LSQFineTune(loader, epochs=1, lr=0.01), mq.BRECQ(x, samples=8, iters=2)]
+    for quantizer in quantizers:
+        model = _trained_free_model(name)
+        plan = mq.search(model, budget=mq.AvgBits(3))
+        out = mq.apply_plan(model, plan, quantizer)
+        assert isinstance(out, nn.Module)
+        assert 0 <= evaluate(out, loader)["acc"] <= 100
+        layers = mq.table.quantizable_layers(out)
+        for layer_name, bits in plan.items():
+            w = (
+                layers[layer_name].weight_quant(layers[layer_name].weight)
+                if hasattr(layers[layer_name], "weight_quant")
+                else layers[layer_name].weight
+            )
+            assert max(torch.unique(row).numel() for row in w.detach().flatten(1)) <= 2**bits
+
+
+def test_reconstruction_units_cover_every_layer_once():
+    for name in ["small_cnn", "mobilenet_v2", "mobilenet_v3_small", "resnet18"]:
+        model = _trained_free_model(name)
+        covered = [layer for unit in mq.reconstruction_units(model) for layer in unit.layers()]
+        assert len(covered) == len(set(covered)) == len(mq.table.quantizable_layers(model))
+    units = mq.reconstruction_units(_trained_free_model("resnet18"))
+    assert [u.name for u in units][:3] == ["conv1", "layer1.0", "layer1.1"] and units[-1].name == "fc"
+
+
+def test_brecq_reconstruction_beats_nearest_rounding_on_a_toy_block():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    model = nn.Sequential(block)  # one unit: the conv, ReLU, conv chain is reconstructed layer by layer
+    x = torch.randn(64, 4, 6, 6)
+    plan = {"0.0": 3, "0.2": 3}
+    with torch.no_grad():
+        target = model(x)
+    errors = {}
+    for iters in (0, 300):
+        quantized = mq.BRECQ(x, samples=64, iters=iters).apply(copy.deepcopy(model), plan)
+        with torch.no_grad():
+            errors[iters] = float((quantized(x) - target).pow(2).mean())
+    nearest = mq.MinMaxPTQ().apply(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        assert float((nearest(x) - target).pow(2).mean()) == pytest.approx(errors[0], rel=1e-5)
+    assert errors[300] < 0.9 * errors[0]  # measured: 15% lower
+
+
+def test_brecq_lowers_each_units_error_on_a_residual_block():
+    from lowbit.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(BasicBlock(4, 8, stride=2)).eval()
+    brecq = mq.BRECQ(torch.randn(64, 4, 6, 6), iters=200)
+    brecq.apply(model, dict.fromkeys(["0.conv1", "0.conv2", "0.downsample.0"], 2))
+    nearest, learned = brecq.losses["0"]
+    assert learned < nearest
+
+
+def test_custom_quantizer_plugs_in():
+    class SignOnly:  # 1 sign bit per weight, scaled: a user's own quantizer needs only apply(model, plan)
+        def apply(self, model, plan):
+            for name in mq.check_plan(model, plan):
+                w = model.get_submodule(name).weight
+                w.data = w.data.sign() * w.data.abs().mean()
+            return model
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    assert isinstance(SignOnly(), mq.PlanQuantizer)
+    mq.apply_plan(model, {"0": 2}, SignOnly())
+    assert torch.unique(model[0].weight.abs()).numel() == 1
+    with pytest.raises(TypeError, match="quantizer"):
+        mq.apply_plan(model, {"0": 2}, object())
+
+
+def _quantizers():
+    x = torch.randn(4, 4)
+    return [mq.MinMaxPTQ(), mq.LSQFineTune([(x, torch.zeros(4, dtype=torch.long))], epochs=1), mq.BRECQ(x)]
+
+
+@pytest.mark.parametrize(
+    "plan, exc",
+    [
+        ({"nope": 4}, ValueError),
+        ({"0": 9}, ValueError),
+        ({"0": 1}, ValueError),
+        ({"0": 3.0}, TypeError),
+        (4, TypeError),
+    ],
+    ids=["unknown-layer", "bits-9", "bits-1", "bits-float", "not-a-mapping"],
+)
+def test_every_quantizer_rejects_a_bad_plan(plan, exc):
+    for quantizer in _quantizers():
+        model = nn.Sequential(nn.Linear(4, 3))
+        before = model[0].weight.detach().clone()
+        with pytest.raises(exc, match="plan"):
+            quantizer.apply(model, plan)
+        assert torch.equal(model[0].weight, before) and isinstance(model[0], nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "make, exc, argument",
+    [
+        (lambda: mq.LSQFineTune([], epochs=-1), ValueError, "epochs"),
+        (lambda: mq.LSQFineTune([], lr=0), ValueError, "lr"),
+        (lambda: mq.LSQFineTune([], a_bits=9), ValueError, "a_bits"),
+        (lambda: mq.BRECQ(torch.randn(4, 3), iters=-1), ValueError, "iters"),
+        (lambda: mq.BRECQ(torch.randn(4, 3), samples=0), ValueError, "samples"),
+        (lambda: mq.BRECQ(torch.empty(0, 3)), ValueError, "calibration"),
+        (lambda: mq.BRECQ("images"), TypeError, "calibration"),
+        (lambda: mq.search(nn.Sequential(nn.Linear(3, 3)), qem=2, bits=[]), ValueError, "bits"),
+        (lambda: mq.search(nn.Sequential(nn.Linear(3, 3)), qem=2, bits=[2, 9]), ValueError, "bits"),
+    ],
+    ids=["epochs", "lr", "a_bits", "iters", "samples", "empty-calibration", "calibration-str", "empty-bits", "bits-9"],
+)
+def test_quantizer_settings_are_checked(make, exc, argument):
+    with pytest.raises(exc, match=argument):
+        make()
+
+
+def test_lsq_finetune_with_activation_bits():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    tuner = mq.LSQFineTune([(x, y)], epochs=2, lr=0.01, a_bits=4)
+    out = tuner.apply(model, {"0": 3, "2": 4})
+    assert [out[0].w_bits, out[2].w_bits, out[0].a_bits] == [3, 4, 4] and len(tuner.history) == 2
 
 
 def test_minmax_ptq_applies_a_plan():

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch import nn
 
 from lowbit import _checks
@@ -33,7 +34,7 @@ class Plan(Mapping):
     bits: dict[str, int]
     qe: dict[str, float]  # the layer's QE at its chosen width
     params: dict[str, int]
-    gap_bound: float | None = field(default=None)  # budget mode: summed QE is within this of the optimum
+    gap_bound: float | None = field(default=None)  # budget mode: summed QE is at most this above the optimum
 
     def __getitem__(self, layer: str) -> int:
         return self.bits[layer]
@@ -75,8 +76,8 @@ def search(model, *, qem: float | None = None, budget=None, base_bits: int = 8, 
 
     Exactly one of:
         qem: the QEM rule, ``b_l = min{b : QE(l, b) <= qem * QE(l, base_bits)}``, ``qem >= 1``.
-        budget: ``AvgBits(a)`` or ``ModelBytes(n)``; minimises the summed size-weighted QE under it (see
-            ``_under_budget`` for the method and its bound).
+        budget: ``AvgBits(a)`` or ``ModelBytes(n)``; minimises the summed size-weighted QE under it by dynamic
+            programming (see ``_under_budget`` for the method and the certified ``Plan.gap_bound``).
     """
     if (qem is None) == (budget is None):
         raise ValueError("search needs exactly one of qem (the QEM rule) or budget (AvgBits or ModelBytes)")
@@ -117,40 +118,87 @@ def _budget_bits(table: QETable, budget) -> float:
     raise TypeError(f"budget must be AvgBits(...) or ModelBytes(...), got {type(budget).__name__}")
 
 
-def _under_budget(table: QETable, budget) -> Plan:
-    """Greedy over each layer's lower convex hull of (storage bits, size-weighted QE), best QE saved per bit first.
-
-    This is the classic greedy for the multiple-choice knapsack. Taking hull upgrades in order of efficiency,
-    with the first upgrade that does not fit taken fractionally, solves the LP relaxation exactly, and the LP
-    optimum is a lower bound of the integer optimum. The greedy keeps everything before that split upgrade and
-    then adds only upgrades that fit, so its summed QE exceeds the optimum by at most the QE the split upgrade
-    would have saved: ``Plan.gap_bound``. The best uniform plan that fits is also tried, so the result is never
-    worse than uniform bits at the same budget.
+def _under_budget(table: QETable, budget, grid: int = 20_000) -> Plan:
+    """The plan of least summed size-weighted QE under the budget (a multiple-choice knapsack), by dynamic
+    programming over the budget split into ``grid`` cells, each layer's extra storage rounded *up* to whole cells
+    (so the plan always fits). The DP is exact for the rounded costs; rounding can cost at most one cell per layer
+    of capacity. ``Plan.gap_bound`` certifies the result against the true optimum: it is the plan's summed QE
+    minus the LP-relaxation optimum (``_lp_bound``), a lower bound of every plan that fits. The hull greedy and the
+    best uniform plan that fits are also tried and the best of the three is returned, so the result is never worse
+    than uniform bits at the same budget.
     """
     capacity = _budget_bits(table, budget)
     lowest = min(table.bits)
     floor = sum(n * lowest for n in table.params.values())
     if capacity < floor - 1e-9:
         raise ValueError(f"budget is below the all-{lowest}-bit size ({floor / 8:,.0f} bytes): {budget}")
-    chosen = {name: lowest for name in table.layers}
-    used, gap = floor, 0.0
+    candidates = [_dp_plan(table, capacity - floor, grid), _greedy_plan(table, capacity)]
+    uniform = [dict.fromkeys(table.layers, b) for b in table.bits]
+    candidates += [u for u in uniform if sum(table.params[n] * b for n, b in u.items()) <= capacity + 1e-9]
+    plans = [_plan(table, bits) for bits in candidates]
+    best = min(plans, key=lambda p: p.total_qe)  # min keeps the first of equals: DP, then greedy, then uniform
+    best.gap_bound = max(0.0, best.total_qe - _lp_bound(table, capacity))
+    return best
+
+
+def _dp_plan(table: QETable, spare: float, grid: int) -> dict[str, int]:
+    """Exact DP for the knapsack with extra storage ``n_l * (b - lowest)`` rounded up to cells of ``spare / grid``."""
+    lowest = min(table.bits)
+    if spare <= 1e-9:
+        return dict.fromkeys(table.layers, lowest)
+    unit = spare / grid
+    best = np.zeros(grid + 1)  # least summed QE using at most g cells, over the layers so far
+    choices = []
+    for name in table.layers:
+        n = table.params[name]
+        new, pick = np.full(grid + 1, np.inf), np.zeros(grid + 1, dtype=np.int8)
+        for j, b in enumerate(table.bits):
+            cells = math.ceil(n * (b - lowest) / unit - 1e-9)
+            if cells > grid:
+                continue
+            value = np.full(grid + 1, np.inf)
+            value[cells:] = best[: grid + 1 - cells] + n * table.error(name, b)
+            better = value < new
+            new[better], pick[better] = value[better], j
+        best = new
+        choices.append(pick)
+    chosen, g = {}, grid
+    for name, pick in zip(reversed(table.layers), reversed(choices), strict=True):
+        b = table.bits[int(pick[g])]
+        chosen[name] = b
+        g -= math.ceil(table.params[name] * (b - lowest) / unit - 1e-9)
+    return {name: chosen[name] for name in table.layers}
+
+
+def _greedy_plan(table: QETable, capacity: float) -> dict[str, int]:
+    """The classic greedy: hull upgrades by QE saved per storage bit, skipping those that no longer fit."""
+    lowest = min(table.bits)
+    chosen = dict.fromkeys(table.layers, lowest)
+    used = sum(n * lowest for n in table.params.values())
     blocked: set[str] = set()
-    for _efficiency, name, to_bits, cost, saving in _hull_upgrades(table):
+    for _efficiency, name, to_bits, cost, _saving in _hull_upgrades(table):
         if name in blocked or chosen[name] >= to_bits:
             continue
         if used + cost <= capacity + 1e-9:
             chosen[name], used = to_bits, used + cost
         else:
-            gap = gap or saving  # the split upgrade: the bound of the greedy
             blocked.add(name)  # its later upgrades build on this one
-    greedy = _plan(table, chosen, gap_bound=gap)
-    uniform = [_plan(table, dict.fromkeys(table.layers, b)) for b in table.bits]
-    feasible = [p for p in uniform if p.avg_bits * sum(table.params.values()) <= capacity + 1e-9]
-    best_uniform = min(feasible, key=lambda p: p.total_qe)
-    if best_uniform.total_qe < greedy.total_qe:
-        best_uniform.gap_bound = gap
-        return best_uniform
-    return greedy
+    return chosen
+
+
+def _lp_bound(table: QETable, capacity: float) -> float:
+    """Optimum of the LP relaxation: hull upgrades in order of efficiency, the first that does not fit taken
+    fractionally (each layer's hull is convex, so this order respects every layer's own order). No plan that fits
+    has a smaller summed QE."""
+    lowest = min(table.bits)
+    value = sum(n * table.error(name, lowest) for name, n in table.params.items())
+    room = capacity - sum(n * lowest for n in table.params.values())
+    for _efficiency, _name, _to_bits, cost, saving in _hull_upgrades(table):
+        if room <= 0:
+            break
+        take = min(1.0, room / cost)
+        value, room = value - take * saving, room - take * cost
+    return value
 
 
 def _hull_upgrades(table: QETable) -> list[tuple[float, str, int, float, float]]:
