@@ -70,4 +70,14 @@ void set_active_isa(const std::string& name) {
   active().store(static_cast<int>(wanted));
 }
 
+bool cpu_has_avx512_vnni() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    const char* off = std::getenv("LOWBIT_CPU_VNNI");
+    if (off && std::string(off) == "0") return false;
+    return detected_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+  }();
+  return has;
+}
+
 }  // namespace lowbit::cpu

@@ -19,5 +19,8 @@ Isa active_isa();
 std::vector<std::string> supported_isa_names();
 // For tests and benchmarks: run the kernels with a lower ISA. Rejects names the CPU cannot run.
 void set_active_isa(const std::string& name);
+// AVX-512 VNNI (vpdpbusd), used by the avx512 level of the packed GEMM when present (not part of the ISA levels:
+// an AVX-512 CPU without it runs that op's AVX2 tiles). LOWBIT_CPU_VNNI=0 turns it off.
+bool cpu_has_avx512_vnni();
 
 }  // namespace lowbit::cpu

@@ -1,0 +1,68 @@
+// Packed inference GEMM (SPEC section 4): the per-ISA kernel table used by packed_linear.cpp.
+//
+// The driver quantizes each row of x once into a "prepared" buffer whose layout matches how the ISA's tile
+// kernel unpacks weights in registers, then runs tiles of (up to 4 x rows) x (up to 8 weight rows) over a
+// range of packed weight bytes. Layout of a prepared row (`lanes` = V packed weight bytes per step, F codes per
+// packed byte = 8 / container bits): step s covers the F*V codes k in [s*F*V, (s+1)*F*V); the code of packed
+// byte s*V + j, field f (k = s*F*V + j*F + f) sits at element s*F*V + f*V + j, so that one vector of field f
+// lines up with one vector of x. The row is zero-padded to whole steps.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+namespace lowbit::cpu {
+
+// Tile arguments. x[i] (i < mr <= 4) point at prepared rows, w[j] (j < 8) at canonical packed weight rows of
+// `w_bytes` bytes (rows j >= nr repeat a valid row and are ignored). Adds, for every i < mr and j < nr,
+//   acc[i * acc_stride + j] += sum over packed bytes [b0, b1) of x_i . (w_j + weight_offset)
+// with int32 wrap-around. b0 and b1 are multiples of `lanes` (b1 may pass w_bytes: the rest reads as zero codes).
+struct PackedTile {
+  const void* const* x;
+  int mr;
+  const uint8_t* const* w;
+  int nr;
+  int64_t b0, b1, w_bytes;
+  int container_bits;  // 2, 4 or 8
+  bool x_u8;           // activations span 0..255 (unsigned 8-bit): codes do not fit int8
+  int32_t* acc;
+  int64_t acc_stride;
+};
+
+struct PackedLinearKernels {
+  int lanes;       // V, packed weight bytes per step
+  int elem_bytes;  // 1: int8/uint8 prepared codes; 2: int16
+  // True when tiles return sum x * (w + 2^(container-1)) for activations that fit int8 (VNNI multiplies
+  // unsigned by signed bytes); the driver subtracts 2^(container-1) * rowsum(x).
+  bool offset_weights;
+  void (*tile)(const PackedTile& t);
+  // q[i] = round-half-even(float32(x[i]) / step) for i < n, IEEE division, no clamp (NaN stays NaN).
+  void (*quantize_f32)(const float* x, float* q, int64_t n, float step);
+  void (*quantize_f16)(const c10::Half* x, float* q, int64_t n, float step);
+  void (*quantize_bf16)(const c10::BFloat16* x, float* q, int64_t n, float step);
+};
+
+namespace packed_avx512 {
+PackedLinearKernels kernels();  // needs AVX-512 VNNI
+}
+namespace packed_avx2 {
+PackedLinearKernels kernels();
+}
+namespace packed_scalar {
+PackedLinearKernels kernels();
+}
+
+// The avx512 level uses VNNI (vpdpbusd) when the CPU has it, else the AVX2 tiles (which every AVX-512 CPU runs).
+inline PackedLinearKernels packed_linear_kernels(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return cpu_has_avx512_vnni() ? packed_avx512::kernels() : packed_avx2::kernels();
+    case Isa::kAvx2: return packed_avx2::kernels();
+    default: return packed_scalar::kernels();
+  }
+}
+
+}  // namespace lowbit::cpu

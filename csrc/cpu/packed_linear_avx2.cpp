@@ -1,0 +1,113 @@
+// Packed GEMM tiles for the avx2 code path (and the avx512 level on CPUs without VNNI).
+//
+// Prepared activations are int16 (lanes = 16 packed weight bytes per step). Weights are unpacked in registers:
+// 16 packed bytes are zero/sign-extended to 16-bit lanes, and field f of a 2- or 4-bit container is moved to the
+// top of the lane and arithmetically shifted back down (sign extension). _mm256_madd_epi16 multiplies int16 pairs
+// and adds each pair into int32: |x| <= 255 and |w| <= 128 give pair sums of at most 65280, exact. (The faster
+// _mm256_maddubs_epi16 would saturate its int16 pair sums for 8-bit weights, 255 * 128 * 2 > 32767, so it is
+// not used.)
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/packed_linear.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace lowbit::cpu::packed_avx2 {
+
+#include "cpu/simd_scalar.h"
+#include "cpu/simd_avx2.h"
+using Vec = Avx2Vec;
+#include "cpu/packed_linear_quantize.h"
+
+namespace {
+
+constexpr int kLanes = 16;
+
+// 16 packed bytes widened to 16-bit lanes; past the row end the bytes read as zero.
+template <int kC>
+inline __m256i load_weights(const uint8_t* row, int64_t b, int64_t w_bytes) {
+  __m128i raw;
+  if (b + kLanes <= w_bytes) {
+    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b));
+  } else {
+    alignas(16) uint8_t tail[kLanes] = {};
+    if (w_bytes > b) std::memcpy(tail, row + b, static_cast<size_t>(w_bytes - b));
+    raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+  }
+  return kC == 8 ? _mm256_cvtepi8_epi16(raw) : _mm256_cvtepu8_epi16(raw);
+}
+
+// Field f of each 16-bit lane (one packed byte) as a signed code.
+template <int kC>
+inline __m256i field(__m256i w, int f) {
+  if constexpr (kC == 8) return w;
+  return _mm256_srai_epi16(_mm256_slli_epi16(w, 16 - kC * (f + 1)), 16 - kC);
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// MR x rows against 4 weight rows starting at w[j0].
+template <int kC, int MR>
+void micro(const PackedTile& t, int i0, int j0) {
+  constexpr int kF = 8 / kC;
+  __m256i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  const int16_t* x[MR];
+  for (int i = 0; i < MR; ++i) x[i] = static_cast<const int16_t*>(t.x[i0 + i]);
+  for (int64_t b = t.b0; b < t.b1; b += kLanes) {
+    __m256i w[4];
+    for (int j = 0; j < 4; ++j) w[j] = load_weights<kC>(t.w[j0 + j], b, t.w_bytes);
+    for (int f = 0; f < kF; ++f) {
+      __m256i xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kF + f * kLanes));
+      for (int j = 0; j < 4; ++j) {
+        const __m256i wf = field<kC>(w[j], f);
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv[i], wf));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < 4 && j0 + j < t.nr; ++j) {
+      int32_t* out = t.acc + (i0 + i) * t.acc_stride + j0 + j;
+      *out = static_cast<int32_t>(static_cast<uint32_t>(*out) + static_cast<uint32_t>(hsum(acc[i][j])));
+    }
+  }
+}
+
+template <int kC>
+void tile_impl(const PackedTile& t) {
+  for (int j0 = 0; j0 < t.nr; j0 += 4) {
+    int i0 = 0;
+    for (; i0 + 2 <= t.mr; i0 += 2) micro<kC, 2>(t, i0, j0);
+    if (i0 < t.mr) micro<kC, 1>(t, i0, j0);
+  }
+}
+
+void tile(const PackedTile& t) {
+  switch (t.container_bits) {
+    case 2: return tile_impl<2>(t);
+    case 4: return tile_impl<4>(t);
+    default: return tile_impl<8>(t);
+  }
+}
+
+}  // namespace
+
+PackedLinearKernels kernels() {
+  return {kLanes, 2, false, &tile, &quantize_f32, &quantize_f16, &quantize_bf16};
+}
+
+}  // namespace lowbit::cpu::packed_avx2
+
+#pragma GCC pop_options

@@ -1,0 +1,152 @@
+// Packed GEMM tiles for the avx512 code path on CPUs with AVX-512 VNNI (vpdpbusd: unsigned bytes times signed
+// bytes, four products summed into each int32 lane).
+//
+// Prepared activations are bytes (lanes = 64 packed weight bytes per step). Weights are unpacked in registers
+// without sign extension: field f of a 2- or 4-bit container is shifted to the top of its byte and masked, so
+// the byte holds code * 2^(8 - container) as a signed byte; the int32 sums are shifted back down by
+// 8 - container bits after the horizontal reduction (exact: every lane is a multiple of the scale, and a tile's
+// lane sums stay far below 2^31 for the driver's K chunks).
+//
+// vpdpbusd needs one unsigned operand:
+//   x_u8 (unsigned 8-bit activations, 0..255):  x unsigned, weights signed as above.
+//   otherwise (activations fit int8):            x signed; the weights' sign bits are flipped (one xor on the
+//     packed byte flips every field), making each field code + 2^(container-1) unsigned; the driver subtracts
+//     2^(container-1) * rowsum(x) afterwards (PackedLinearKernels::offset_weights).
+// Every product is at most 255 * 128 in magnitude, so the int16 intermediates of vpdpbusd never overflow.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/packed_linear.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+// gcc 12 false positive inside its own _mm512_cast*/extract intrinsics (the undefined upper lanes)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace lowbit::cpu::packed_avx512 {
+
+#include "cpu/simd_scalar.h"
+#include "cpu/simd_avx512.h"
+using Vec = Avx512Vec;
+#include "cpu/packed_linear_quantize.h"
+
+namespace {
+
+constexpr int kLanes = 64;
+
+template <int kC>
+constexpr int kSignBits = kC == 8 ? 0x80 : kC == 4 ? 0x88 : 0xAA;
+
+// Field f of each packed byte, times 2^(8 - kC), in the byte's top bits.
+template <int kC>
+inline __m512i field(__m512i w, int f) {
+  if constexpr (kC == 8) {
+    return w;
+  } else {
+    const __m512i top = _mm512_set1_epi8(static_cast<char>((0xFF << (8 - kC)) & 0xFF));
+    const int shift = 8 - kC * (f + 1);
+    return _mm512_and_si512(shift ? _mm512_slli_epi16(w, shift) : w, top);
+  }
+}
+
+// Four int32 vectors to the four sums (lane i of the result: sum of vector i).
+inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+inline void add_out(int32_t* out, __m128i sums, int count) {
+  alignas(16) int32_t v[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(v), sums);
+  for (int j = 0; j < count; ++j) out[j] = static_cast<int32_t>(static_cast<uint32_t>(out[j]) + static_cast<uint32_t>(v[j]));
+}
+
+// MR x rows against NR weight rows starting at w[j0].
+template <int kC, bool kXu8, int MR, int NR>
+void micro(const PackedTile& t, int i0, int j0) {
+  constexpr int kF = 8 / kC;
+  __m512i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+  const uint8_t* x[MR];
+  for (int i = 0; i < MR; ++i) x[i] = static_cast<const uint8_t*>(t.x[i0 + i]);
+  const uint8_t* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = t.w[j0 + j];
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kSignBits<kC>));
+  for (int64_t b = t.b0; b < t.b1; b += kLanes) {
+    const int64_t left = t.w_bytes - b;
+    const __mmask64 mask = left >= kLanes ? ~__mmask64{0} : left > 0 ? (__mmask64{1} << left) - 1 : 0;
+    __m512i packed[NR];
+    for (int j = 0; j < NR; ++j) {
+      packed[j] = _mm512_maskz_loadu_epi8(mask, w[j] + b);
+      if constexpr (!kXu8) packed[j] = _mm512_xor_si512(packed[j], flip);
+    }
+    for (int f = 0; f < kF; ++f) {
+      __m512i wf[NR];
+      for (int j = 0; j < NR; ++j) wf[j] = field<kC>(packed[j], f);
+      for (int i = 0; i < MR; ++i) {
+        const __m512i xv = _mm512_loadu_si512(x[i] + b * kF + f * kLanes);
+        for (int j = 0; j < NR; ++j) {
+          acc[i][j] = kXu8 ? _mm512_dpbusd_epi32(acc[i][j], xv, wf[j]) : _mm512_dpbusd_epi32(acc[i][j], wf[j], xv);
+        }
+      }
+    }
+  }
+  constexpr int kShift = 8 - kC;
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; j += 4) {
+      if (j0 + j >= t.nr) break;
+      const __m128i sums = _mm_srai_epi32(reduce4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3]), kShift);
+      const int count = t.nr - (j0 + j) < 4 ? t.nr - (j0 + j) : 4;
+      add_out(t.acc + (i0 + i) * t.acc_stride + j0 + j, sums, count);
+    }
+  }
+}
+
+template <int kC, bool kXu8>
+void tile_impl(const PackedTile& t) {
+  switch (t.mr) {
+    case 1: return micro<kC, kXu8, 1, 8>(t, 0, 0);
+    case 2:
+      micro<kC, kXu8, 2, 4>(t, 0, 0);
+      if (t.nr > 4) micro<kC, kXu8, 2, 4>(t, 0, 4);
+      return;
+    case 3:
+      micro<kC, kXu8, 3, 4>(t, 0, 0);
+      if (t.nr > 4) micro<kC, kXu8, 3, 4>(t, 0, 4);
+      return;
+    default:
+      micro<kC, kXu8, 4, 4>(t, 0, 0);
+      if (t.nr > 4) micro<kC, kXu8, 4, 4>(t, 0, 4);
+      return;
+  }
+}
+
+template <int kC>
+void tile_container(const PackedTile& t) {
+  if (t.x_u8) return tile_impl<kC, true>(t);
+  return tile_impl<kC, false>(t);
+}
+
+void tile(const PackedTile& t) {
+  switch (t.container_bits) {
+    case 2: return tile_container<2>(t);
+    case 4: return tile_container<4>(t);
+    default: return tile_container<8>(t);
+  }
+}
+
+}  // namespace
+
+PackedLinearKernels kernels() {
+  return {kLanes, 1, true, &tile, &quantize_f32, &quantize_f16, &quantize_bf16};
+}
+
+}  // namespace lowbit::cpu::packed_avx512
+
+#pragma GCC pop_options
