@@ -205,6 +205,7 @@ class PackedLinear(_LinearBase):
         return {"x_bits": self.x_bits, "x_signed": self.x_signed}
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)  # names x (packed_linear would blame packed_w for a wrong K)
         return packed_linear(
             x, self.packed_weight, self.w_scale, self.w_bits, self.x_step, self.x_bits,
             x_signed=self.x_signed, bias=self.bias,
