@@ -284,3 +284,14 @@ def test_minmax_ptq_applies_a_plan():
     assert not torch.equal(model[0].weight, original[0])
     with pytest.raises(ValueError, match="plan"):
         mq.MinMaxPTQ().apply(model, {"nope": 4})
+
+
+def test_docs_custom_quantizer_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "mixquant.md").read_text()
+    code = text[text.index("import torch\nfrom lowbit import mixquant as mq") :]
+    code = code[: code.index("```")]
+    namespace = {"model": nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))}
+    exec(code, namespace)
+    assert all(torch.unique(row).numel() <= 256 for row in namespace["model"][0].weight.flatten(1))

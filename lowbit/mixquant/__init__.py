@@ -7,7 +7,7 @@ of SPEC section 7 or under a size budget. Any quantizer with ``apply(model, plan
 """
 
 from lowbit.mixquant.brecq import BRECQ, reconstruction_units
-from lowbit.mixquant.plan import AvgBits, ModelBytes, Plan, search
+from lowbit.mixquant.plan import AvgBits, ModelBytes, Plan, search, uniform_plan
 from lowbit.mixquant.quantizers import (
     LSQFineTune,
     MinMaxPTQ,
@@ -34,4 +34,5 @@ __all__ = [
     "qe_table",
     "reconstruction_units",
     "search",
+    "uniform_plan",
 ]

@@ -71,6 +71,15 @@ def _plan(table: QETable, bits: dict[str, int], gap_bound: float | None = None) 
     return Plan(bits=bits, qe=qe, params=dict(table.params), gap_bound=gap_bound)
 
 
+def uniform_plan(model, bits: int, *, quantizer=None) -> Plan:
+    """Every layer at ``bits``: the baseline a MixQuant plan is compared with (``model`` or a ``QETable``)."""
+    bits = _checks.bits("bits", bits)
+    table = model if isinstance(model, QETable) else qe_table(_module(model), [bits], quantizer)
+    if bits not in table.bits:
+        raise ValueError(f"bits={bits} is not a width of the QE table {table.bits}")
+    return _plan(table, dict.fromkeys(table.layers, bits))
+
+
 def search(model, *, qem: float | None = None, budget=None, base_bits: int = 8, bits=range(2, 9), quantizer=None):
     """Per-layer weight bits for ``model`` (an ``nn.Module`` or a ``QETable`` already computed).
 
