@@ -193,6 +193,7 @@ def test_packed_conv2d_matches_qconv2d(case, w_bits, a_bits, signed):
         ref, out = q(x), packed(x)
         _close(out, ref)
         _close(packed(x[0]), q(x[0]))  # unbatched input, as nn.Conv2d takes it
+        _close(packed(x.contiguous(memory_format=torch.channels_last)), ref)
     if a_bits is None:
         assert torch.equal(out, ref)  # a float input runs the fake-quant layer's own conv
 

@@ -86,6 +86,7 @@ class _PackedBase(nn.Module):
             self.register_buffer("x_step", torch.ones(1, device=device))
         self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
         self.register_buffer("dequant_weight", None, persistent=False)
+        self.register_buffer("gemm_weight", None, persistent=False)
         self._refresh()
 
     # -- weights ----------------------------------------------------------------------------------------------
@@ -111,6 +112,7 @@ class _PackedBase(nn.Module):
         return self.weight_codes().float() * self.w_scale.float().reshape(-1, 1)
 
     def _refresh(self) -> None:
+        """Rebuilds the run-time weight forms (never saved) from the stored codes."""
         if self._runs_float:
             self.dequant_weight = self.dequantized_weight().reshape(self._float_weight_shape())
 
@@ -370,6 +372,17 @@ class PackedConv2d(_ConvBase):
         return self.depthwise
 
     @property
+    def _channels_last_patches(self) -> bool:
+        """kxk convs with groups 1 gather their patches from channels-last pixels: K in (kh, kw, C) order."""
+        return self.groups == 1 and self.kernel_size != (1, 1)
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        if self._channels_last_patches:  # the codes repacked once in (kh, kw, C) order, as the patches come
+            codes = self.weight_codes().view(self.out_channels, self.in_channels, *self.kernel_size)
+            self.gemm_weight = pack(codes.permute(0, 2, 3, 1).reshape(self.out_channels, -1), self.w_bits)
+
+    @property
     def path(self) -> str:
         """How forward runs: ``gemm`` (groups 1), ``grouped-gemm`` or ``depthwise-float``."""
         if self.groups == 1:
@@ -383,22 +396,33 @@ class PackedConv2d(_ConvBase):
         x, unbatched = self._batched(x)
         x, pad = self._padded(x)
         if self.depthwise:
-            y = self._float_conv(fake_quant(x, self.x_step, self.x_bits, signed=self.x_signed), pad)
+            y = self._float_conv(self._fake_quant(x), pad)
         elif self.kernel_size == (1, 1) and self.groups == 1:
             y = self._pointwise(x, pad)
+        elif self._channels_last_patches:
+            y = self._patches_gemm(x, pad)
         else:
             y = self._im2col(x, pad)
         return y.squeeze(0) if unbatched else y
 
-    def _linear(self, x: Tensor, group: int | None = None) -> Tensor:
+    def _fake_quant(self, x: Tensor) -> Tensor:
+        """The input's fake quantization, kept channels-last when it is (the op makes its input contiguous, which
+        would turn channels-last pixels back into NCHW); per-tensor and elementwise, so the values are the same."""
+        pixels = x.permute(0, 2, 3, 1)
+        if pixels.is_contiguous():
+            return fake_quant(pixels, self.x_step, self.x_bits, signed=self.x_signed).permute(0, 3, 1, 2)
+        return fake_quant(x, self.x_step, self.x_bits, signed=self.x_signed)
+
+    def _linear(self, x: Tensor, group: int | None = None, weight: Tensor | None = None) -> Tensor:
         """packed_linear over the last dim of x, for all output channels or one group's."""
         rows = slice(None)
         if group is not None:
             per_group = self.out_channels // self.groups
             rows = slice(group * per_group, (group + 1) * per_group)
         bias = None if self.bias is None else self.bias[rows]
+        weight = self.packed_weight if weight is None else weight
         return packed_linear(
-            x, self.packed_weight[rows], self.w_scale[rows], self.w_bits, self.x_step, self.x_bits,
+            x, weight[rows], self.w_scale[rows], self.w_bits, self.x_step, self.x_bits,
             x_signed=self.x_signed, bias=bias,
         )  # fmt: skip
 
@@ -411,8 +435,30 @@ class PackedConv2d(_ConvBase):
             x = x[:, :, :: self.stride[0], :: self.stride[1]]
         return self._linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
+    def _patches_gemm(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
+        """kxk conv, groups 1: im2col straight from channels-last pixels. The padded input is written once as
+        (B, H, W, C); a strided view of it is the (B, Ho, Wo, kh, kw, C) patch tensor, gathered by one copy into
+        the (B*L, K) GEMM input (``F.unfold`` would need that copy plus a transpose). The output is a
+        channels-last (B, N, Ho, Wo) view, so the next layer's pixels are channels-last too."""
+        batch, channels, height, width = x.shape
+        ph, pw = pad
+        pixels = x.permute(0, 2, 3, 1)
+        if ph or pw:
+            padded = x.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
+            padded[:, ph : ph + height, pw : pw + width] = pixels
+            pixels = padded
+        pixels = pixels.contiguous()
+        out_h, out_w = self._out_size(x, pad)
+        s_b, s_h, s_w, _ = pixels.stride()
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        patches = pixels.as_strided(
+            (batch, out_h, out_w, kh, kw, channels), (s_b, s_h * sh, s_w * sw, s_h * dh, s_w * dw, 1)
+        )
+        y = self._linear(patches.reshape(batch, out_h * out_w, self.k), weight=self.gemm_weight)
+        return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+
     def _im2col(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
-        """kxk / strided / dilated / grouped conv: ``F.unfold`` patches (B, L, K) times the codes (N, K)."""
+        """Grouped conv: ``F.unfold`` patches (B, L, K) times the codes (N, K)."""
         batch = x.shape[0]
         out_h, out_w = self._out_size(x, pad)
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)
