@@ -17,6 +17,8 @@ The op is inference-only: integer codes carry no gradient (train with ``QLinear`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lowbit import _checks
@@ -51,7 +53,8 @@ def _pack_impl(codes: Tensor, bits: int) -> Tensor:
     as_bytes = codes.view(torch.uint8) if codes.dtype == torch.int8 else codes
     if padded != k:
         as_bytes = torch.nn.functional.pad(as_bytes, (0, padded - k))
-    fields = as_bytes.reshape(*codes.shape[:-1], -1, per_byte).to(torch.int32) & ((1 << width) - 1)
+    # explicit sizes (not -1), so that tensors with no rows reshape too
+    fields = as_bytes.reshape(*codes.shape[:-1], padded // per_byte, per_byte).to(torch.int32) & ((1 << width) - 1)
     shifts = torch.arange(0, 8, width, device=codes.device, dtype=torch.int32)
     return (fields << shifts).sum(dim=-1).to(torch.uint8)
 
@@ -60,7 +63,7 @@ def _unpack_impl(packed: Tensor, bits: int, k: int, signed: bool) -> Tensor:
     width = CONTAINER_BITS[bits]
     shifts = torch.arange(0, 8, width, device=packed.device, dtype=torch.int32)
     fields = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << width) - 1)
-    fields = fields.reshape(*packed.shape[:-1], -1)[..., :k]
+    fields = fields.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // width))[..., :k]
     if signed:  # two's complement in the container: sign-extend from its top bit
         fields = fields - ((fields >> (width - 1)) << width)
         return fields.to(torch.int8)
@@ -139,7 +142,7 @@ def unpack(packed: Tensor, bits: int, k: int, *, signed: bool = True) -> Tensor:
 
 def _packed_linear_impl(x, packed_w, w_scale, w_bits, x_step, x_bits, x_signed, bias):
     n = packed_w.shape[0]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
     out_shape = (*x.shape[:-1], n)
     if x2d.shape[0] == 0 or n == 0:
         return x.new_empty(out_shape)
