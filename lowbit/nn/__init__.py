@@ -1,14 +1,19 @@
 """Quantized layers and quantizers (``lowbit.nn``)."""
 
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
+from lowbit.nn.packed import DequantConv2d, DequantLinear, PackedConv2d, PackedLinear
 from lowbit.nn.quantizers import LSQQuantizer, MultiBranchQuantizer, lsq_initial_step
 from lowbit.nn.reference_lsq import ReferenceLSQ
 
 __all__ = [
+    "DequantConv2d",
+    "DequantLinear",
     "LSQQuantizer",
     "MultiBranchQConv2d",
     "MultiBranchQLinear",
     "MultiBranchQuantizer",
+    "PackedConv2d",
+    "PackedLinear",
     "QConv2d",
     "QLinear",
     "ReferenceLSQ",
