@@ -53,5 +53,11 @@ LOWBIT_HD float div_rn(float a, float b) {
 // as the CPU's min(hi, max(lo, v)) for every input, signed zeros included.
 LOWBIT_HD float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// The quantization level of x at step s: clamp(rint(x / s), lo, hi) with the IEEE quotient, round half to even
+// (rintf, the default rounding mode on the host) and NaN kept; infinities land on lo or hi.
+LOWBIT_HD float quantize_level(float x, float s, float lo, float hi) {
+  return clamp_keep_nan(rintf(div_rn(x, s)), lo, hi);
+}
+
 }  // namespace cuda
 }  // namespace lowbit
