@@ -30,14 +30,20 @@
 // (A tensor-core path, mma.sync m16n8k32 s8/u8 x s8, is future work.)
 //
 // Never run on a GPU so far: `make cuda-check` compiles it for sm_90 and sm_80 (dp4a needs sm_61+).
+// LOWBIT_PACKED_LINEAR_HOST_EMULATION leaves out the torch parts (launchers, op entry point, registration), so a
+// host program can include this file and run the __host__ __device__ helpers the kernels are built from.
+#if !defined(LOWBIT_PACKED_LINEAR_HOST_EMULATION)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
+
+#include "cuda/launch.cuh"
+#endif
+#include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
@@ -45,7 +51,6 @@
 #include <optional>
 #include <type_traits>
 
-#include "cuda/launch.cuh"
 #include "cuda/rounding.cuh"
 
 namespace lowbit {
@@ -114,16 +119,6 @@ LOWBIT_HD int32_t dot4(uint32_t a, uint32_t b, int32_t acc) {
 #endif
 }
 
-// Index (inside a row of the activation buffer) of code k: the layout's permutation inside runs of 4 * PB codes.
-template <int kPB>
-LOWBIT_HD int64_t permuted_position(int64_t k) {
-  const int64_t run = k / (4 * kPB);
-  const int r = static_cast<int>(k - run * 4 * kPB);
-  const int j = r / kPB;
-  const int g = r - j * kPB;
-  return run * 4 * kPB + 4 * g + j;
-}
-
 // The activation code of x as one byte: clamp(rint(x / step), qmin, qmax), 0 for NaN (its row is flagged).
 LOWBIT_HD uint32_t activation_code(float x, float step, float qmin, float qmax) {
   const float level = quantize_level(x, step, qmin, qmax);
@@ -135,7 +130,44 @@ LOWBIT_HD uint32_t activation_code(float x, float step, float qmin, float qmax) 
 LOWBIT_HD float epilogue_value(int32_t acc, float x_step, float w_scale, const float* bias, int64_t n, bool nan_row) {
   float v = mul_rn(static_cast<float>(acc), mul_rn(x_step, w_scale));
   if (bias != nullptr) v = add_rn(v, bias[n]);
-  return nan_row ? std::numeric_limits<float>::quiet_NaN() : v;
+  return nan_row ? NAN : v;
+}
+
+// Activation word d of a row of the buffer: the codes 4 * PB * (d / PB) + PB * j + d % PB for bytes j = 0..3, zero
+// codes past K. Sets `nan` when one of those x is NaN.
+template <typename scalar_t, int kPB>
+LOWBIT_HD uint32_t activation_word(const scalar_t* xrow, int64_t K, int64_t d, float step, float qmin, float qmax,
+                                   bool& nan) {
+  const int64_t w = d / kPB;
+  const int64_t g = d - w * kPB;
+  uint32_t word = 0u;
+  for (int j = 0; j < 4; ++j) {
+    const int64_t k = 4 * kPB * w + kPB * j + g;
+    if (k < K) {
+      const float v = static_cast<float>(xrow[k]);
+      nan = nan || v != v;
+      word |= activation_code(v, step, qmin, qmax) << (8 * j);
+    }
+  }
+  return word;
+}
+
+// Position, among the 4 * PB activation words of a 16-byte weight vector, of group g of the vector's word `word`.
+template <int kPB>
+LOWBIT_HD int group_slot(int word, int g) {
+  return word * kPB + g;
+}
+
+// acc + the dot product of one 16-byte weight vector (4 packed words) with its 4 * PB activation words. (No
+// #pragma unroll in __host__ __device__ code, which the host compiler would warn about; nvcc unrolls these
+// constant-trip loops anyway.)
+template <int kWidth, bool kSignedX>
+LOWBIT_HD int32_t vector_dot(const uint32_t (&w)[4], const uint32_t (&x)[4 * (8 / kWidth)], int32_t acc) {
+  constexpr int kPB = 8 / kWidth;
+  for (int word = 0; word < 4; ++word) {
+    for (int g = 0; g < kPB; ++g) acc = dot4<kSignedX>(x[group_slot<kPB>(word, g)], unpack_group<kWidth>(w[word], g), acc);
+  }
+  return acc;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -178,21 +210,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < words;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = i / row_words;
-    const int64_t d = i - m * row_words;
-    // Word d = PB * w + g holds codes 4 * PB * w + PB * j + g, j = 0..3.
-    const int64_t w = d / kPB;
-    const int64_t g = d - w * kPB;
-    uint32_t word = 0u;
     bool nan = false;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t k = 4 * kPB * w + kPB * j + g;
-      if (k < K) {
-        const float v = static_cast<float>(x[m * K + k]);
-        nan = nan || v != v;
-        word |= activation_code(v, step, qmin, qmax) << (8 * j);
-      }
-    }
+    const uint32_t word = activation_word<scalar_t, kPB>(x + m * K, K, i - m * row_words, step, qmin, qmax, nan);
     xq[i] = word;
     // Every thread that meets a NaN of row m stores the same 1 into the zeroed flags: no atomics needed.
     if (nan) nan_rows[m] = 1;
@@ -224,22 +243,22 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t v = v_begin + lane; v < v_end; v += 32) {
     const uint4 wv = load_weight_vec(row, v * kVecBytes, kb, vector_ok);
-    // The vector's 4 * PB activation words, PB 16-byte loads per row.
+    const uint32_t wwords[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
     for (int m = 0; m < kRows; ++m) {
       if (m < M) {
+        // The vector's 4 * PB activation words: PB 16-byte loads.
         const uint4* xrow = reinterpret_cast<const uint4*>(xq + m * row_words) + v * kPB;
+        uint32_t xwords[4 * kPB];
 #pragma unroll
         for (int q = 0; q < kPB; ++q) {
           const uint4 xv = __ldg(xrow + q);
-#pragma unroll
-          for (int t = 0; t < 4; ++t) {
-            // Activation word 4 * q + t of the vector = word (4q + t) / PB of the weights, group (4q + t) % PB.
-            const int word = (4 * q + t) / kPB;
-            const int g = (4 * q + t) % kPB;
-            acc[m] = dot4<kSignedX>(word_of(xv, t), unpack_group<kWidth>(word_of(wv, word), g), acc[m]);
-          }
+          xwords[4 * q] = xv.x;
+          xwords[4 * q + 1] = xv.y;
+          xwords[4 * q + 2] = xv.z;
+          xwords[4 * q + 3] = xv.w;
         }
+        acc[m] = vector_dot<kWidth, kSignedX>(wwords, xwords, acc[m]);
       }
     }
   }
@@ -335,7 +354,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int word = 0; word < 4; ++word) {
 #pragma unroll
-        for (int g = 0; g < kPB; ++g) ws[r][c * 4 * kPB + word * kPB + g] = unpack_group<kWidth>(word_of(wv, word), g);
+        for (int g = 0; g < kPB; ++g) {
+          ws[r][c * 4 * kPB + group_slot<kPB>(word, g)] = unpack_group<kWidth>(word_of(wv, word), g);
+        }
       }
     }
     __syncthreads();
@@ -369,6 +390,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+#if !defined(LOWBIT_PACKED_LINEAR_HOST_EMULATION)
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers.
 
@@ -546,8 +568,12 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& packed_w, c
   return y;
 }
 
+#endif  // !LOWBIT_PACKED_LINEAR_HOST_EMULATION
+
 }  // namespace
 }  // namespace cuda
 }  // namespace lowbit
 
+#if !defined(LOWBIT_PACKED_LINEAR_HOST_EMULATION)
 TORCH_LIBRARY_IMPL(lowbit_C, CUDA, m) { m.impl("packed_linear", TORCH_FN(lowbit::cuda::packed_linear_cuda)); }
+#endif
