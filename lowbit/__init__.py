@@ -2,14 +2,16 @@
 
 Public ops (SPEC section 5): ``fake_quant``, ``multi_branch_fake_quant``, ``pack``, ``unpack``,
 ``packed_linear``; backend control: ``backends``, ``use_backend``. Model tools: ``quantize``, ``swap_fused``,
-``bops``; layers in ``lowbit.nn``, models in ``lowbit.models``.
+``bops``, ``convert``, ``save``, ``load``; layers in ``lowbit.nn``, models in ``lowbit.models``.
 """
 
 from lowbit.backends import LowbitFallbackWarning, backends, use_backend
 from lowbit.bops import bops  # noqa: I001  (after the ops: the layers need them)
+from lowbit.convert import convert
 from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
 from lowbit.packed import pack, packed_linear, unpack
 from lowbit.quantize import quantize, swap_fused
+from lowbit.serialization import load, save
 
 __version__ = "0.1.0"
 
@@ -17,13 +19,16 @@ __all__ = [
     "LowbitFallbackWarning",
     "backends",
     "bops",
+    "convert",
     "fake_quant",
+    "load",
     "multi_branch_fake_quant",
     "pack",
     "packed_linear",
     "unpack",
     "quant_range",
     "quantize",
+    "save",
     "swap_fused",
     "use_backend",
     "__version__",

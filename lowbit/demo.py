@@ -159,19 +159,29 @@ class Demo:
         search_epochs = max(self.cfg.qat_epochs // 2, 1)
         config = metamix.MetaMixConfig(
             w_bits=dict(plan),
-            target_avg_bits=self.cfg.target_bits,
+            target_bits=self.cfg.target_bits,
             search_epochs=search_epochs,
             finetune_epochs=self.cfg.qat_epochs - search_epochs,
             lr=self.cfg.qat_lr,
             device=str(self.device),
             progress=self.cfg.progress,
             seed=self.cfg.seed,
+            log_path=os.path.join(self.cfg.out, "metamix_log.jsonl"),
         )
         start = time.perf_counter()
         model, report = metamix.run(copy.deepcopy(fp_model), self.train_loader, self.test_loader, config)
         seconds = time.perf_counter() - start
-        self.metrics["metamix"] = report.to_dict()
-        report.plot_bits(os.path.join(self.cfg.out, "bits.png"))
+        self.metrics["metamix"] = {
+            "target_bops": report.target_bops,
+            "bops": report.bops,
+            "avg_bits": report.avg_bits,
+            "phase_seconds": report.phase_seconds,
+            "layers": [
+                {"name": c.name, "bits": c.bits, "prob": c.probs[c.candidates.index(c.bits)], "probs": c.probs}
+                for c in report.selection.layers
+            ],
+        }
+        report.plot_allocation(os.path.join(self.cfg.out, "bits.png"))
         self._record("MixQuant + MetaMix", model, self.cfg.qat_epochs, seconds)
         return model
 
