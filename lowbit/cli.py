@@ -189,6 +189,161 @@ def _add_bench(sub) -> None:
     p.set_defaults(run=cmd_bench)
 
 
+# ---- mixquant and metamix on a packaged model and your data ---------------------------------------------------
+
+
+def _float_model(args, dataset, out: str):
+    """The packaged model, from ``--checkpoint`` (a state_dict) or trained here for ``--epochs`` (then saved)."""
+    import torch
+
+    from lowbit import train
+    from lowbit.models import create_model
+
+    kwargs = {"num_classes": dataset.num_classes, "in_channels": dataset.in_channels}
+    if args.model != "small_cnn":
+        kwargs.update(small_input=True, width_mult=args.width)
+    model = create_model(args.model, **kwargs).to(args.device)
+    train_loader, test_loader = dataset.loaders(args.batch_size, seed=args.seed)
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            raise ValueError(f"--checkpoint: no such file: {args.checkpoint}")
+        model.load_state_dict(torch.load(args.checkpoint, map_location=args.device, weights_only=True))
+    else:
+        train.fit(
+            model,
+            train_loader,
+            None,
+            args.epochs,
+            lr=args.lr,
+            device=args.device,
+            progress=not args.no_progress,
+            desc="fp32",
+        )
+        torch.save(model.state_dict(), os.path.join(out, "fp32.pt"))
+    acc = train.evaluate(model, test_loader, args.device)["acc"]
+    print(f"fp32 {args.model}: top-1 {acc:.2f}%")
+    return model, train_loader, test_loader
+
+
+def _prepare(args):
+    from lowbit import data, train
+
+    os.makedirs(args.out, exist_ok=True)
+    train.set_seed(args.seed)
+    dataset = data.load(args.data, image_size=args.image_size)
+    return (dataset, *_float_model(args, dataset, args.out))
+
+
+def _save_quantized(model, args) -> None:
+    import torch
+
+    path = os.path.join(args.out, "qat.pt")
+    torch.save(model, path)
+    print(f"wrote {path} (pack it with: lowbit convert {path} {os.path.join(args.out, 'model.safetensors')})")
+
+
+def cmd_mixquant(args) -> int:
+    from lowbit import mixquant, train
+
+    dataset, model, train_loader, test_loader = _prepare(args)
+    budget = {"qem": args.qem} if args.qem is not None else {"budget": mixquant.AvgBits(args.avg_bits)}
+    plan = mixquant.search(model, **budget)
+    print(plan)
+    quantizers = {
+        "minmax": lambda: mixquant.MinMaxPTQ(),
+        "lsq": lambda: mixquant.LSQFineTune(
+            train_loader,
+            epochs=args.finetune_epochs,
+            a_bits=args.a_bits,
+            device=args.device,
+            progress=not args.no_progress,
+        ),
+        "brecq": lambda: mixquant.BRECQ(dataset.train_x, device=args.device, seed=args.seed),
+    }
+    quantized = quantizers[args.quantizer]().apply(model, plan)
+    acc = train.evaluate(quantized, test_loader, args.device)["acc"]
+    print(f"MixQuant plan ({plan.avg_bits:.2f} average weight bits) + {args.quantizer}: top-1 {acc:.2f}%")
+    with open(os.path.join(args.out, "plan.json"), "w") as f:
+        json.dump({"plan": dict(plan), "avg_bits": plan.avg_bits, "accuracy": acc}, f, indent=2)
+    _save_quantized(quantized, args)
+    return 0
+
+
+def cmd_metamix(args) -> int:
+    from lowbit import metamix
+
+    dataset, model, train_loader, test_loader = _prepare(args)
+    config = metamix.MetaMixConfig(
+        mode=args.mode,
+        a_bits=tuple(args.a_bits_choices),
+        w_bits=args.w_bits,
+        target_bits=args.target_bits,
+        search_epochs=args.search_epochs,
+        finetune_epochs=args.finetune_epochs,
+        lam=args.lam,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_dir=os.path.join(args.out, "checkpoints"),
+        log_path=os.path.join(args.out, "log.jsonl"),
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    model, report = metamix.run(model, train_loader, test_loader, config)
+    print(report.to_markdown())
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        f.write(report.to_json())
+    report.plot_allocation(os.path.join(args.out, "bits.png"))
+    report.plot_trajectories(os.path.join(args.out, "trajectories.png"))
+    _save_quantized(model, args)
+    return 0
+
+
+def _bit_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit-widths such as 2,4,8, got {text!r}") from None
+
+
+def _add_training_args(p, out: str) -> None:
+    _add_model_args(p, "mobilenet_v2", 0.5)
+    _add_data_args(p)
+    p.add_argument("--checkpoint", help="fp32 state_dict (.pt) of the model; default: train it here for --epochs")
+    p.add_argument("--epochs", type=int, default=10, help="fp32 training epochs when no --checkpoint (default 10)")
+    p.add_argument("--lr", type=float, default=0.05, help="fp32 learning rate (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+
+
+def _add_methods(sub) -> None:
+    p = sub.add_parser("mixquant", help="MixQuant: per-layer weight bits from quantization error, then a quantizer")
+    _add_training_args(p, "mixquant-results")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--avg-bits", type=float, default=3.0, help="average weight bits budget (default 3.0)")
+    group.add_argument("--qem", type=float, help="the QEM rule instead of a budget (SPEC section 7; >= 1)")
+    p.add_argument(
+        "--quantizer",
+        choices=("minmax", "lsq", "brecq"),
+        default="lsq",
+        help="min-max PTQ, LSQ QAT fine-tuning (packable) or BRECQ-style PTQ (default lsq)",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=3, help="LSQ fine-tuning epochs (default 3)")
+    p.add_argument("--a-bits", type=int, default=None, help="LSQ activation bits (default: float activations)")
+    p.set_defaults(run=cmd_mixquant)
+
+    p = sub.add_parser("metamix", help="MetaMix: per-layer activation bits at a BOPs target, then weight training")
+    _add_training_args(p, "metamix-results")
+    p.add_argument("--target-bits", type=float, default=3.0, help="average activation bits target (default 3.0)")
+    p.add_argument("--a-bits-choices", type=_bit_list, default=[2, 4, 8], help="candidate bits (default 2,4,8)")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4; first/last layer 8)")
+    p.add_argument("--search-epochs", type=int, default=4, help="bit-selection epochs (default 4)")
+    p.add_argument("--finetune-epochs", type=int, default=4, help="weight-training epochs (default 4)")
+    p.add_argument("--lam", type=float, default=1.0, help="BOPs penalty weight (default 1.0)")
+    p.add_argument("--mode", choices=("metamix", "joint", "uniform"), default="metamix", help="default metamix")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(run=cmd_metamix)
+
+
 # ---- convert and eval -------------------------------------------------------------------------------------------
 
 
@@ -265,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
     _add_demo(sub)
     _add_bench(sub)
+    _add_methods(sub)
     _add_convert_eval(sub)
     return parser
 
