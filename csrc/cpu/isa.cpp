@@ -5,6 +5,12 @@
 #include <atomic>
 #include <cstdlib>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace lowbit::cpu {
 namespace {
 
@@ -76,6 +82,24 @@ bool cpu_has_avx512_vnni() {
     const char* off = std::getenv("LOWBIT_CPU_VNNI");
     if (off && std::string(off) == "0") return false;
     return detected_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+  }();
+  return has;
+}
+
+bool cpu_has_amx_int8() {
+  static const bool has = [] {
+#if defined(__linux__) && defined(__x86_64__)
+    const char* off = std::getenv("LOWBIT_CPU_AMX");
+    if ((off && std::string(off) == "0") || !cpu_has_avx512_vnni()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1;
+    if (!tile || !int8) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
   }();
   return has;
 }

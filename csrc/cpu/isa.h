@@ -22,5 +22,8 @@ void set_active_isa(const std::string& name);
 // AVX-512 VNNI (vpdpbusd), used by the avx512 level of the packed GEMM when present (not part of the ISA levels:
 // an AVX-512 CPU without it runs that op's AVX2 tiles). LOWBIT_CPU_VNNI=0 turns it off.
 bool cpu_has_avx512_vnni();
+// AMX-INT8 usable: CPU support (CPUID), VNNI present, and Linux granted this process the tile data state
+// (arch_prctl ARCH_REQ_XCOMP_PERM). LOWBIT_CPU_AMX=0 turns it off.
+bool cpu_has_amx_int8();
 
 }  // namespace lowbit::cpu

@@ -27,6 +27,7 @@ namespace {
 constexpr int64_t kGemvRows = 16;  // M at or below this: one task row block (GEMV)
 constexpr int64_t kBlockM = 64;    // x rows per task (GEMM)
 constexpr int64_t kBlockN = 64;    // weight rows per task
+constexpr int64_t kAmxBlock = 128; // x rows and weight rows per task with AMX
 constexpr int64_t kChunk = 2048;   // packed weight bytes per K chunk (a multiple of every ISA's lanes)
 constexpr int kTileM = 4, kTileN = 8;
 
@@ -113,31 +114,50 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
                              static_cast<float>(qmax));
   const int32_t weight_offset = (k.offset_weights && !x_u8) ? (1 << (container - 1)) : 0;
 
-  const int64_t block_m = m <= kGemvRows ? m : kBlockM;
-  const int64_t tasks_m = (m + block_m - 1) / block_m, tasks_n = (n + kBlockN - 1) / kBlockN;
+  const bool amx = k.amx_block != nullptr && m > kGemvRows;
+  const int64_t block_m = m <= kGemvRows ? m : amx ? kAmxBlock : kBlockM;
+  const int64_t block_n = amx ? kAmxBlock : kBlockN;
+  const int64_t tasks_m = (m + block_m - 1) / block_m, tasks_n = (n + block_n - 1) / block_n;
   const int64_t span = steps * k.lanes;  // packed bytes walked per row (whole steps)
   const uint8_t* w = packed_w.const_data_ptr<uint8_t>();
   T* out = mutable_data<T>(y);
   at::parallel_for(0, tasks_m * tasks_n, 1, [&](int64_t first, int64_t last) {
-    std::vector<int32_t> acc(static_cast<size_t>(block_m * kBlockN));
+    std::vector<int32_t> acc(static_cast<size_t>(block_m * block_n));
+    std::vector<uint8_t> panel_store(amx ? 32 * kChunk * fields + 64 : 0);
+    uint8_t* panel = panel_store.data() + (-reinterpret_cast<uintptr_t>(panel_store.data()) & 63);
+    // VNNI/AVX2/scalar tiles over rows [i_begin, i_end) x weight rows [j_begin, j_end) of the task
+    auto tiles = [&](int64_t m0, int64_t n0, int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end,
+                     int64_t c0, int64_t c1) {
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileN) {
+        const int nr = static_cast<int>(std::min<int64_t>(kTileN, j_end - j0));
+        const uint8_t* wrows[kTileN];
+        for (int j = 0; j < kTileN; ++j) wrows[j] = w + (j0 + (j < nr ? j : 0)) * w_bytes;
+        for (int64_t i0 = i_begin; i0 < i_end; i0 += kTileM) {
+          const int mr = static_cast<int>(std::min<int64_t>(kTileM, i_end - i0));
+          const void* xrows[kTileM];
+          for (int i = 0; i < kTileM; ++i) xrows[i] = p.codes.data() + (i0 + (i < mr ? i : 0)) * p.stride;
+          const PackedTile t{xrows, mr, wrows, nr, c0, c1, w_bytes, container, x_u8,
+                             acc.data() + (i0 - m0) * block_n + (j0 - n0), block_n};
+          k.tile(t);
+        }
+      }
+    };
     for (int64_t task = first; task < last; ++task) {
       const int64_t m0 = (task / tasks_n) * block_m, m1 = std::min(m, m0 + block_m);
-      const int64_t n0 = (task % tasks_n) * kBlockN, n1 = std::min(n, n0 + kBlockN);
+      const int64_t n0 = (task % tasks_n) * block_n, n1 = std::min(n, n0 + block_n);
       std::fill(acc.begin(), acc.end(), 0);
+      // AMX takes the whole 32 x 32 blocks, the tiles the rest
+      const int64_t am = amx ? (m1 - m0) / 32 * 32 : 0, an = amx ? (n1 - n0) / 32 * 32 : 0;
       for (int64_t c0 = 0; c0 < span; c0 += kChunk) {
         const int64_t c1 = std::min(span, c0 + kChunk);
-        for (int64_t j0 = n0; j0 < n1; j0 += kTileN) {
-          const int nr = static_cast<int>(std::min<int64_t>(kTileN, n1 - j0));
-          const uint8_t* wrows[kTileN];
-          for (int j = 0; j < kTileN; ++j) wrows[j] = w + (j0 + (j < nr ? j : 0)) * w_bytes;
-          for (int64_t i0 = m0; i0 < m1; i0 += kTileM) {
-            const int mr = static_cast<int>(std::min<int64_t>(kTileM, m1 - i0));
-            const void* xrows[kTileM];
-            for (int i = 0; i < kTileM; ++i) xrows[i] = p.codes.data() + (i0 + (i < mr ? i : 0)) * p.stride;
-            const PackedTile t{xrows, mr, wrows, nr, c0, c1, w_bytes, container, x_u8,
-                               acc.data() + (i0 - m0) * kBlockN + (j0 - n0), kBlockN};
-            k.tile(t);
-          }
+        if (am > 0 && an > 0) {
+          const AmxBlock b{p.codes.data() + m0 * p.stride, p.stride, am, w + n0 * w_bytes, w_bytes, an, c0, c1,
+                           container, x_u8, weight_offset, p.rowsum.data() + m0, acc.data(), block_n, panel};
+          k.amx_block(b);
+          tiles(m0, n0, m0, m0 + am, n0 + an, n1, c0, c1);
+          tiles(m0, n0, m0 + am, m1, n0, n1, c0, c1);
+        } else {
+          tiles(m0, n0, m0, m1, n0, n1, c0, c1);
         }
       }
       for (int64_t i = m0; i < m1; ++i) {
@@ -147,7 +167,7 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
           continue;
         }
         const uint32_t correction = static_cast<uint32_t>(weight_offset) * static_cast<uint32_t>(p.rowsum[i]);
-        const int32_t* arow = acc.data() + (i - m0) * kBlockN;
+        const int32_t* arow = acc.data() + (i - m0) * block_n;
         for (int64_t j = n0; j < n1; ++j) {
           const int32_t a = static_cast<int32_t>(static_cast<uint32_t>(arow[j - n0]) - correction);
           float v = static_cast<float>(a) * scale[j];

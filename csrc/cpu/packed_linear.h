@@ -33,6 +33,24 @@ struct PackedTile {
   int64_t acc_stride;
 };
 
+// AMX block (x rows and weight rows both multiples of 32, in the same prepared layout as the VNNI tiles):
+// acc[i * acc_stride + j] += sum over packed bytes [b0, b1) of x_i . (w_j + weight_offset), like PackedTile.
+// `panel` is scratch of at least 32 * (b1 - b0) * 8 / container_bits bytes.
+struct AmxBlock {
+  const uint8_t* x;  // first x row
+  int64_t x_stride, rows;
+  const uint8_t* w;  // first weight row
+  int64_t w_bytes, cols;
+  int64_t b0, b1;
+  int container_bits;
+  bool x_u8;
+  int32_t weight_offset;
+  const int32_t* rowsum;  // of the block's x rows
+  int32_t* acc;
+  int64_t acc_stride;
+  uint8_t* panel;
+};
+
 struct PackedLinearKernels {
   int lanes;       // V, packed weight bytes per step
   int elem_bytes;  // 1: int8/uint8 prepared codes; 2: int16
@@ -40,6 +58,8 @@ struct PackedLinearKernels {
   // unsigned by signed bytes); the driver subtracts 2^(container-1) * rowsum(x).
   bool offset_weights;
   void (*tile)(const PackedTile& t);
+  // Optional (nullptr when absent): AMX int8 tiles for blocks of the GEMM path.
+  void (*amx_block)(const AmxBlock& b);
   // q[i] = round-half-even(float32(x[i]) / step) for i < n, IEEE division, no clamp (NaN stays NaN).
   void (*quantize_f32)(const float* x, float* q, int64_t n, float step);
   void (*quantize_f16)(const c10::Half* x, float* q, int64_t n, float step);
@@ -56,10 +76,16 @@ namespace packed_scalar {
 PackedLinearKernels kernels();
 }
 
-// The avx512 level uses VNNI (vpdpbusd) when the CPU has it, else the AVX2 tiles (which every AVX-512 CPU runs).
+// The avx512 level uses VNNI (vpdpbusd) when the CPU has it, else the AVX2 tiles (which every AVX-512 CPU runs);
+// with AMX-INT8 (and the kernel's permission to use it), the GEMM path runs its 32x32 blocks on AMX tiles.
 inline PackedLinearKernels packed_linear_kernels(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return cpu_has_avx512_vnni() ? packed_avx512::kernels() : packed_avx2::kernels();
+    case Isa::kAvx512: {
+      if (!cpu_has_avx512_vnni()) return packed_avx2::kernels();
+      PackedLinearKernels k = packed_avx512::kernels();
+      if (!cpu_has_amx_int8()) k.amx_block = nullptr;
+      return k;
+    }
     case Isa::kAvx2: return packed_avx2::kernels();
     default: return packed_scalar::kernels();
   }

@@ -17,11 +17,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/packed_linear.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
 // gcc 12 false positive inside its own _mm512_cast*/extract intrinsics (the undefined upper lanes)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
@@ -141,10 +142,140 @@ void tile(const PackedTile& t) {
   }
 }
 
+
+// ---- AMX ----------------------------------------------------------------------------------------------------
+// A 32 x 32 block of the output is four int32 C tiles (tmm0-3); per 64 codes of K it loads two A tiles (x rows,
+// tmm4-5) and two B tiles (tmm6-7) and issues four tile dot products. B tiles need the "VNNI layout" (row r holds
+// the four codes 4r..4r+3 of each of 16 weight rows), so each 32-row weight panel of a K chunk is unpacked once
+// into `panel` (field extraction as above, then a 16 x 16 dword transpose in registers) and reused by every x row
+// of the block: a small L2-resident staging buffer, not an unpacked copy of W. Both operands may be signed
+// (tdpbssd), so the weights need no sign flip; the prepared x layout is the VNNI tiles' one.
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void compiler_barrier() { asm volatile("" ::: "memory"); }
+
+// 16 rows of 16 dwords to 16 columns (out[c] = dword c of every row), in place.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes of r[c], r[4 + c], r[8 + c], r[12 + c]
+    const __m512i u0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), u1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i v0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i v1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_i32x4(u0, v0, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(u0, v0, 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(u1, v1, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(u1, v1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// Panel of 32 weight rows over packed bytes [b0, b1): tile (g, u) at panel + (g * substeps + u) * 1024, where
+// u = step * kF + field indexes 64 codes of the prepared x layout.
+template <int kC>
+void build_panel(const AmxBlock& a, const uint8_t* w, uint8_t* panel) {
+  constexpr int kF = 8 / kC;
+  const int64_t substeps = (a.b1 - a.b0) / kLanes * kF;
+  for (int g = 0; g < 2; ++g) {
+    for (int64_t b = a.b0; b < a.b1; b += kLanes) {
+      const int64_t left = a.w_bytes - b;
+      const __mmask64 mask = left >= kLanes ? ~__mmask64{0} : left > 0 ? (__mmask64{1} << left) - 1 : 0;
+      __m512i packed[16];
+      for (int r = 0; r < 16; ++r) packed[r] = _mm512_maskz_loadu_epi8(mask, w + (g * 16 + r) * a.w_bytes + b);
+      for (int f = 0; f < kF; ++f) {
+        __m512i rows[16];
+        for (int r = 0; r < 16; ++r) rows[r] = field<kC>(packed[r], f);
+        transpose16(rows);
+        uint8_t* out = panel + (g * substeps + (b - a.b0) / kLanes * kF + f) * 1024;
+        for (int r = 0; r < 16; ++r) _mm512_store_si512(out + r * 64, rows[r]);
+      }
+    }
+  }
+}
+
+template <int kC, bool kXu8>
+void amx_block_impl(const AmxBlock& a) {
+  constexpr int kF = 8 / kC, kShift = 8 - kC;
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t substeps = (a.b1 - a.b0) / kLanes * kF;
+  alignas(64) int32_t c[4][16][16];
+  for (int64_t n0 = 0; n0 < a.cols; n0 += 32) {
+    build_panel<kC>(a, a.w + n0 * a.w_bytes, a.panel);
+    compiler_barrier();
+    for (int64_t m0 = 0; m0 < a.rows; m0 += 32) {
+      const uint8_t* x0 = a.x + m0 * a.x_stride + a.b0 * kF;
+      const uint8_t* x1 = x0 + 16 * a.x_stride;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t u = 0; u < substeps; ++u) {
+        _tile_loadd(4, x0 + u * 64, a.x_stride);
+        _tile_loadd(5, x1 + u * 64, a.x_stride);
+        _tile_loadd(6, a.panel + u * 1024, 64);
+        _tile_loadd(7, a.panel + (substeps + u) * 1024, 64);
+        if constexpr (kXu8) {
+          _tile_dpbusd(0, 4, 6);
+          _tile_dpbusd(1, 4, 7);
+          _tile_dpbusd(2, 5, 6);
+          _tile_dpbusd(3, 5, 7);
+        } else {
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 4, 7);
+          _tile_dpbssd(2, 5, 6);
+          _tile_dpbssd(3, 5, 7);
+        }
+      }
+      _tile_stored(0, &c[0][0][0], 64);
+      _tile_stored(1, &c[1][0][0], 64);
+      _tile_stored(2, &c[2][0][0], 64);
+      _tile_stored(3, &c[3][0][0], 64);
+      compiler_barrier();
+      for (int t = 0; t < 4; ++t) {
+        const int64_t row0 = m0 + (t >> 1) * 16, col0 = n0 + (t & 1) * 16;
+        for (int i = 0; i < 16; ++i) {
+          // the VNNI tiles' convention: sums include weight_offset * rowsum(x), counted once (first K chunk)
+          const uint32_t offset_sum = a.b0 == 0 ? static_cast<uint32_t>(a.weight_offset) * static_cast<uint32_t>(a.rowsum[row0 + i]) : 0;
+          const __m512i offset = _mm512_set1_epi32(static_cast<int32_t>(offset_sum));
+          int32_t* out = a.acc + (row0 + i) * a.acc_stride + col0;
+          const __m512i sum = _mm512_srai_epi32(_mm512_load_si512(&c[t][i][0]), kShift);
+          _mm512_storeu_si512(out, _mm512_add_epi32(_mm512_loadu_si512(out), _mm512_add_epi32(sum, offset)));
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+void amx_block(const AmxBlock& a) {
+  switch (a.container_bits) {
+    case 2: return a.x_u8 ? amx_block_impl<2, true>(a) : amx_block_impl<2, false>(a);
+    case 4: return a.x_u8 ? amx_block_impl<4, true>(a) : amx_block_impl<4, false>(a);
+    default: return a.x_u8 ? amx_block_impl<8, true>(a) : amx_block_impl<8, false>(a);
+  }
+}
+
 }  // namespace
 
 PackedLinearKernels kernels() {
-  return {kLanes, 1, true, &tile, &quantize_f32, &quantize_f16, &quantize_bf16};
+  return {kLanes, 1, true, &tile, &amx_block, &quantize_f32, &quantize_f16, &quantize_bf16};
 }
 
 }  // namespace lowbit::cpu::packed_avx512
