@@ -90,7 +90,9 @@ Prepared prepare(const T* x, int64_t m, int64_t k_len, int64_t steps, int fields
     for (int64_t row = b; row < e; ++row) {
       quantize_row(k, x + row * k_len, q.data(), k_len, step);
       uint8_t* out = p.codes.data() + row * p.stride;
-      if (k.elem_bytes == 2) {
+      if (k.prepare_row && k.elem_bytes == 1) {
+        p.nan[row] = k.prepare_row(q.data(), k_len, fields, lo, hi, out, p.stride, &p.rowsum[row]);
+      } else if (k.elem_bytes == 2) {
         scatter_row(q.data(), k_len, fields, k.lanes, lo, hi, reinterpret_cast<int16_t*>(out), &p.rowsum[row],
                     &p.nan[row]);
       } else {

@@ -64,6 +64,11 @@ struct PackedLinearKernels {
   void (*quantize_f32)(const float* x, float* q, int64_t n, float step);
   void (*quantize_f16)(const c10::Half* x, float* q, int64_t n, float step);
   void (*quantize_bf16)(const c10::BFloat16* x, float* q, int64_t n, float step);
+  // Optional fast path of the driver's clamp / NaN / rowsum / layout pass for one row (1-byte layouts): reads
+  // q (n values from quantize_*), writes the prepared row `out` (zero padding included, `out_len` bytes).
+  // Returns true when the row holds a NaN.
+  bool (*prepare_row)(const float* q, int64_t n, int fields, float lo, float hi, uint8_t* out, int64_t out_len,
+                      int32_t* rowsum);
 };
 
 namespace packed_avx512 {

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "cpu/packed_linear.h"
 
@@ -272,10 +273,58 @@ void amx_block(const AmxBlock& a) {
   }
 }
 
+
+// ---- prepared activation rows ------------------------------------------------------------------------------
+// Clamp, NaN check and code sum 16 values at a time into a linear byte row, then (2- and 4-bit weights) the
+// field layout: per 64 packed bytes, field f of byte j is code F*j + f, so field f gathers every F-th byte
+// (vpmovwb / vpmovdb narrow 16- / 32-bit lanes after shifting the wanted byte down).
+bool prepare_row(const float* q, int64_t n, int fields, float lo, float hi, uint8_t* out, int64_t out_len,
+                 int32_t* rowsum) {
+  thread_local std::vector<uint8_t> scratch;
+  if (fields != 1 && static_cast<int64_t>(scratch.size()) < out_len) scratch.resize(static_cast<size_t>(out_len));
+  uint8_t* lin = fields == 1 ? out : scratch.data();
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  __m512i sum = _mm512_setzero_si512();
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < out_len; i += 16) {
+    const int64_t left = n - i;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+    const __m512 v = _mm512_maskz_loadu_ps(m, q + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i code = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, vlo), vhi));  // exact: integral
+    const __m512i kept = _mm512_maskz_mov_epi32(m & ~_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), code);
+    sum = _mm512_add_epi32(sum, kept);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lin + i), _mm512_cvtepi32_epi8(kept));
+  }
+  *rowsum = _mm512_reduce_add_epi32(sum);
+  if (fields == 2) {
+    for (int64_t b = 0; b < out_len; b += 128) {
+      const __m512i a0 = _mm512_loadu_si512(lin + b), a1 = _mm512_loadu_si512(lin + b + 64);
+      for (int f = 0; f < 2; ++f) {
+        const __m256i lo0 = _mm512_cvtepi16_epi8(_mm512_srli_epi16(a0, 8 * f));
+        const __m256i lo1 = _mm512_cvtepi16_epi8(_mm512_srli_epi16(a1, 8 * f));
+        _mm512_storeu_si512(out + b + 64 * f, _mm512_inserti64x4(_mm512_castsi256_si512(lo0), lo1, 1));
+      }
+    }
+  } else if (fields == 4) {
+    for (int64_t b = 0; b < out_len; b += 256) {
+      __m512i a[4];
+      for (int i = 0; i < 4; ++i) a[i] = _mm512_loadu_si512(lin + b + 64 * i);
+      for (int f = 0; f < 4; ++f) {
+        for (int i = 0; i < 4; ++i) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b + 64 * f + 16 * i),
+                           _mm512_cvtepi32_epi8(_mm512_srli_epi32(a[i], 8 * f)));
+        }
+      }
+    }
+  }
+  return nan != 0;
+}
+
 }  // namespace
 
 PackedLinearKernels kernels() {
-  return {kLanes, 1, true, &tile, &amx_block, &quantize_f32, &quantize_f16, &quantize_bf16};
+  return {kLanes, 1, true, &tile, &amx_block, &quantize_f32, &quantize_f16, &quantize_bf16, &prepare_row};
 }
 
 }  // namespace lowbit::cpu::packed_avx512
