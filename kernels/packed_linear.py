@@ -317,8 +317,9 @@ def _gemv_configs() -> list[triton.Config]:
 
 def _prune_gemv(configs, named_args, **kwargs):
     """Drops configurations that cannot pay off for this shape (keeps the tuning time down)."""
-    k, n = named_args["K"], named_args["N"]
-    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 16))
+    # The autotuner passes the positional arguments as named_args and the keyword ones (M, N, K, ... here) apart.
+    args = {**named_args, **kwargs}
+    k, n, block_m = args["K"], args["N"], args["BLOCK_M"]
     kept = []
     for c in configs:
         bk, bn, split = c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]
@@ -351,7 +352,7 @@ def _gemm_configs() -> list[triton.Config]:
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    m = named_args["M"]
+    m = {**named_args, **kwargs}["M"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
     return kept or configs[:1]
 

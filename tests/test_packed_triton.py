@@ -314,3 +314,17 @@ def test_path_checks():
     one = torch.ones(3, device=DEVICE)
     with pytest.raises(ValueError, match="gemv"):
         kernels.forward(x, packed, one, 4, one[:1], 0, 255, None, path="gemv")
+
+
+def test_autotune_pruning():
+    """The GPU autotuning configurations (not run under the interpreter): every shape keeps some, and the
+    pruning reads its arguments the way triton's autotuner passes them (positional apart from keywords)."""
+    from lowbit.kernels import packed_linear as kernels
+
+    gemv, gemm = kernels._gemv_configs(), kernels._gemm_configs()
+    for m, n, k in [(1, 4096, 4096), (16, 8192, 8192), (1, 5, 17), (3, 1, 1)]:
+        kept = kernels._prune_gemv(gemv, {"q_ptr": None}, M=m, N=n, K=k, BLOCK_M=1 if m == 1 else 16)
+        assert kept and all(c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 16384 for c in kept if m == 1)
+    for m in (17, 64, 4096):
+        kept = kernels._prune_gemm(gemm, {"q_ptr": None}, M=m, N=4096, K=4096)
+        assert kept and all(c.kwargs["BLOCK_M"] <= max(32, m) for c in kept)
