@@ -425,3 +425,18 @@ def test_packed_linear_bad_input(backend, overrides, error, name):
 def test_pack_unpack_bad_input(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU kernel switches")
+@pytest.mark.parametrize("switch", ["LOWBIT_CPU_AMX", "LOWBIT_CPU_VNNI"])
+def test_cpu_paths_without_amx_or_vnni(switch):
+    """The AVX-512 level runs AMX tiles for GEMM blocks when the CPU has them, else VNNI, else AVX2 tiles; the
+    in-process runs above cover only the best path, so run the GEMM-shaped cases again with one switched off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, switch: "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "cpu-avx512 and 33x130"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
