@@ -213,8 +213,7 @@ def test_empty():
 
 @pytest.mark.parametrize("m,n", [(0, 5), (3, 0), (3, 5), (17, 5)])
 def test_empty_k(m, n):
-    """K == 0: no products, y = 0 * scale + bias. Called on the kernel module: the public op's x.reshape(-1, 0)
-    cannot infer M from an empty x (lowbit/packed.py)."""
+    """K == 0: no products, y = 0 * scale + bias, through the kernel module and the public op."""
     from lowbit.kernels import packed_linear as kernels
 
     x = torch.empty((m, 0), device=DEVICE)
@@ -222,8 +221,12 @@ def test_empty_k(m, n):
     w_scale = torch.full((n,), 0.1, device=DEVICE)
     bias = torch.arange(n, dtype=torch.float32, device=DEVICE)
     for b in (None, bias):
-        y = kernels.forward(x, packed, w_scale, 4, torch.tensor([0.5], device=DEVICE), 0, 255, b)
+        x_step = torch.tensor([0.5], device=DEVICE)
         expected = np_packed_linear(x, np.zeros((n, 0)), w_scale.cpu().numpy(), 0.5, 0, 255, None if b is None else b)
+        y = kernels.forward(x, packed, w_scale, 4, x_step, 0, 255, b)
+        assert y.shape == (m, n) and same_bits(y, expected)
+        with lowbit.use_backend("triton"):
+            y = lowbit.packed_linear(x, packed, w_scale, 4, x_step, 8, bias=b)
         assert y.shape == (m, n) and same_bits(y, expected)
 
 
