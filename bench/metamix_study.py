@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01, help="weights and steps, search and weight phases")
     p.add_argument("--alpha-lr", type=float, default=0.05)
-    p.add_argument("--lam", type=float, default=2.0)
+    p.add_argument("--lam", type=float, default=10.0)
     p.add_argument("--out", default=None, help="default bench/results (--quick: a temporary folder)")
     args = p.parse_args(argv)
     if args.out is None:

@@ -246,6 +246,13 @@ def test_modes_run_and_report(data, tmp_path, mode):
     assert set(report.phase_seconds) == {"fp", "search", "select", "finetune"}
 
 
+def test_fresh_run_starts_a_fresh_log(data, tmp_path):
+    for _ in range(2):  # the same folder twice, no resume: the log holds the second run's epochs only
+        train, test = loaders(data)
+        MetaMix(tiny_net(), train, test, config(mode="uniform", checkpoint_dir=str(tmp_path))).fit()
+    assert len(open(tmp_path / "log.jsonl").read().splitlines()) == 4
+
+
 def test_uniform_width_is_the_widest_within_target(data):
     train, test = loaders(data)
     trainer = MetaMix(tiny_net(), train, test, config(mode="uniform", target_bits=5.0))

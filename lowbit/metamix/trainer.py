@@ -205,8 +205,8 @@ class MetaMix:
             self.selection = selection or self._select()
             self._set_phase("finetune", self._single_branch(self.inner, self.selection.bits))
             if selection is None:  # a real transition, not a rebuild on resume
-                self.summary["selected_test_acc"] = self._test_acc()
                 self.phase_seconds["select"] += time.perf_counter() - start
+                self.summary["selected_test_acc"] = self._test_acc()
 
     def _select(self) -> Selection:
         if self.cfg.mode == "uniform":
@@ -226,6 +226,8 @@ class MetaMix:
         if self._search_generator is not None:
             self._search_generator.manual_seed(self.cfg.seed + 1)
         state = self._load() if self.cfg.resume else None
+        if state is None and self.is_main and self.log_path and os.path.exists(self.log_path):
+            checkpoint.rewrite_log(self.log_path, [])  # a fresh run: the log holds exactly this run's epochs
         start = state["phase"] if state else PHASES[0]
         done = 0
         for phase in PHASES[PHASES.index(start) :]:
