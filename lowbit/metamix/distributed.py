@@ -43,10 +43,12 @@ def world_size() -> int:
 
 
 def local_device(device: str) -> torch.device:
-    """``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun; anything else is kept."""
+    """``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun (and the current device); anything else is kept."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and active():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda" and active():
+        torch.cuda.set_device(dev)  # NCCL collectives (all_gather_object) run on the current device
     return dev
 
 
