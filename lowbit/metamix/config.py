@@ -48,7 +48,7 @@ class MetaMixConfig:
     optimizer: str = "sgd"
     alpha_lr: float = 0.05
     alpha_optimizer: str = "adam"
-    lam: float = 1.0
+    lam: float = 10.0  # digits study: 2 left E[BOPs] ~7% over the target after 6 epochs, 10 within ~2%
     fill: str = "both"  # see lowbit.metamix.select: "both", "repair" or "none"
     seed: int = 0
     device: str = "cpu"
