@@ -152,13 +152,23 @@ def _add_demo(sub) -> None:
 
 # ---- bench ------------------------------------------------------------------------------------------------------
 
-BENCHMARKS = ("bench_fake_quant.py", "bench_layers.py", "bench_packed.py", "bench_convert.py")
+# Per device: the scripts and their extra arguments.
+BENCHMARKS = {
+    "cpu": [
+        ("bench_fake_quant.py",),
+        ("bench_layers.py",),
+        ("bench_packed.py",),
+        ("bench_convert.py",),
+        ("bench_memory.py",),
+    ],
+    "cuda": [("bench_fake_quant.py", "--device", "cuda"), ("bench_packed_gpu.py",)],
+}
 
 
 def _bench_dir() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     for candidate in (os.path.join(os.getcwd(), "bench"), os.path.join(os.path.dirname(here), "bench")):
-        if os.path.isfile(os.path.join(candidate, BENCHMARKS[0])):
+        if os.path.isfile(os.path.join(candidate, "bench_fake_quant.py")):
             return candidate
     raise ValueError("the benchmark scripts live in the source checkout's bench/ folder: run from the checkout")
 
@@ -166,11 +176,11 @@ def _bench_dir() -> str:
 def cmd_bench(args) -> int:
     folder = _bench_dir()
     failed = []
-    for script in BENCHMARKS:
+    if args.device not in BENCHMARKS:
+        raise ValueError(f"--device must be one of {', '.join(BENCHMARKS)}, got {args.device!r}")
+    for script, *extra in BENCHMARKS[args.device]:
         path = os.path.join(folder, script)
-        if not os.path.isfile(path):
-            continue
-        command = [sys.executable, path] + (["--quick"] if args.quick else []) + (["--device", args.device])
+        command = [sys.executable, path, *extra] + (["--quick"] if args.quick else [])
         print(f"$ {' '.join(command)}", flush=True)
         if subprocess.run(command, check=False).returncode != 0:
             failed.append(script)
