@@ -39,7 +39,7 @@ def np_pack(codes: np.ndarray, bits: int) -> np.ndarray:
     per = 8 // width
     pad = (-codes.shape[-1]) % per
     fields = np.pad(codes.astype(np.int64) & ((1 << width) - 1), [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
-    fields = fields.reshape(*codes.shape[:-1], -1, per)
+    fields = fields.reshape(*codes.shape[:-1], fields.shape[-1] // per, per)
     return sum(fields[..., i] << (width * i) for i in range(per)).astype(np.uint8)
 
 
@@ -47,7 +47,7 @@ def np_unpack(packed: np.ndarray, bits: int, k: int, signed: bool) -> np.ndarray
     width = CONTAINER[bits]
     per = 8 // width
     fields = np.stack([(packed.astype(np.int64) >> (width * i)) & ((1 << width) - 1) for i in range(per)], -1)
-    fields = fields.reshape(*packed.shape[:-1], -1)[..., :k]
+    fields = fields.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :k]
     if signed:
         fields = np.where(fields >= 1 << (width - 1), fields - (1 << width), fields)
     return fields

@@ -1,17 +1,23 @@
 """Property tests (hypothesis): random shapes, strides, dtypes, steps from 1e-8 to 1e4, offsets, bits and branch
-counts, with inf and NaN in x, for every backend against the independent reference. Derandomized (fixed seed),
+counts, with inf and NaN in x, for every backend against the independent reference; pack/unpack and packed_linear
+against the NumPy statement of tests/test_packed_ops.py. Derandomized (fixed seed),
 so a failure reproduces; each property runs at least 200 examples per backend."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from conftest import DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fake_quant import check_fake_quant
 from test_multi_branch import check_multi_branch
+from test_packed_ops import np_pack, np_packed_linear
+
+import lowbit
+from lowbit import quant_range
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EXAMPLES = 200
@@ -71,3 +77,54 @@ def test_multi_branch_property(backend, data, xs):
     probs = torch.tensor(data.draw(st.lists(st.floats(0, 1), min_size=len(bits), max_size=len(bits))), device=DEVICE)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, x.dtype)
     check_multi_branch(x, steps, probs, bits, signed, grad)
+
+
+# ---- packed storage and the packed GEMM --------------------------------------------------------------------
+
+
+@given(data=st.data())
+@SETTINGS
+def test_pack_unpack_property(data):
+    bits = data.draw(st.integers(2, 8))
+    signed = data.draw(st.booleans())
+    shape = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=3))
+    lo, hi = quant_range(bits, signed)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    codes = torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int16).to(torch.int8 if signed else torch.uint8)
+    packed = lowbit.pack(codes.to(DEVICE), bits)
+    np.testing.assert_array_equal(packed.cpu().numpy(), np_pack(codes.numpy(), bits))
+    back = lowbit.unpack(packed, bits, shape[-1], signed=signed)
+    assert torch.equal(back.cpu(), codes)
+
+
+@given(data=st.data())
+@SETTINGS
+def test_packed_linear_property(backend, data):
+    """Random M, N, K (0 included), widths, activation ranges, dtypes, steps 1e-8..1e4, inf/NaN, strided x:
+    every backend equals the independent NumPy statement bit for bit."""
+    m, n, k = data.draw(st.integers(0, 9)), data.draw(st.integers(0, 9)), data.draw(st.integers(0, 70))
+    w_bits, x_bits = data.draw(st.integers(2, 8)), data.draw(st.integers(2, 8))
+    x_signed = data.draw(st.booleans())
+    dtype = data.draw(st.sampled_from(DTYPES))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    lo, hi = quant_range(w_bits, True)
+    qw = torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8)
+    w_scale = torch.tensor([10.0 ** data.draw(st.floats(-8, 4)) for _ in range(n)])
+    x_step = torch.tensor([10.0 ** data.draw(st.floats(-8, 4))])
+    x = (torch.randn(m, 2 * k, generator=gen) * x_step * 2 ** (x_bits - 1) * 1.5)[:, ::2]  # strided view
+    if x.numel() and data.draw(st.booleans()):
+        x.view(-1)[torch.randint(0, x.numel(), (3,), generator=gen)] = torch.tensor([math.inf, -math.inf, math.nan])
+    x = x.to(dtype)
+    bias = torch.randn(n, generator=gen) if data.draw(st.booleans()) else None
+    y = lowbit.packed_linear(
+        x.to(DEVICE),
+        lowbit.pack(qw, w_bits).to(DEVICE),
+        w_scale.to(DEVICE),
+        w_bits,
+        x_step.to(DEVICE),
+        x_bits,
+        x_signed=x_signed,
+        bias=None if bias is None else bias.to(DEVICE),
+    )
+    want = np_packed_linear(x, qw.numpy(), w_scale, x_step.item(), x_bits, x_signed, bias)
+    torch.testing.assert_close(y.cpu(), want.to(dtype), rtol=0, atol=0, equal_nan=True)
