@@ -2,9 +2,11 @@
 
 Public ops (SPEC section 5): ``fake_quant``, ``multi_branch_fake_quant``, ``pack``, ``unpack``,
 ``packed_linear``; backend control: ``backends``, ``use_backend``. Model tools: ``quantize``, ``swap_fused``,
-``bops``, ``convert``, ``save``, ``load``; layers in ``lowbit.nn``, models in ``lowbit.models``.
+``bops``, ``convert``, ``save``, ``load``; layers in ``lowbit.nn``, models in ``lowbit.models``; the methods
+in ``lowbit.mixquant`` and ``lowbit.metamix``.
 """
 
+from lowbit import metamix, mixquant
 from lowbit.backends import LowbitFallbackWarning, backends, use_backend
 from lowbit.bops import bops  # noqa: I001  (after the ops: the layers need them)
 from lowbit.convert import convert
@@ -22,6 +24,8 @@ __all__ = [
     "convert",
     "fake_quant",
     "load",
+    "metamix",
+    "mixquant",
     "multi_branch_fake_quant",
     "pack",
     "packed_linear",
