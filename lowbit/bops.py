@@ -93,7 +93,7 @@ def _bits_of(module: nn.Module) -> tuple[float, float]:
 
 
 def bops(model: nn.Module, example_input: torch.Tensor) -> BopsReport:
-    """Runs ``model(example_input)`` once (no grad) and returns the per-layer cost table, per sample."""
+    """Runs ``model(example_input)`` once (eval mode, no grad) and returns the per-layer cost table, per sample."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor):
@@ -113,10 +113,13 @@ def bops(model: nn.Module, example_input: torch.Tensor) -> BopsReport:
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             hooks.append(module.register_forward_hook(record(name)))
+    was_training = model.training
+    model.eval()  # counting must not move batch-norm statistics (and a batch of one must work)
     try:
         with torch.no_grad():
             model(example_input)
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return report

@@ -34,8 +34,8 @@ class DemoConfig:
     data: str | None = None  # None: scikit-learn's digits; else an image folder (one sub-folder per class)
     image_size: int = 32  # image folders only; digits are 8x8
     device: str = "cpu"
-    epochs: int = 12  # full-precision epochs; each quantized method gets the same budget
-    qat_epochs: int = 8  # total per quantized method (MetaMix: half search, half weight training)
+    epochs: int = 15  # full-precision epochs
+    qat_epochs: int = 12  # per quantized method (MetaMix: half search, half weight training)
     target_bits: float = 3.0  # MetaMix: average activation bits at the BOPs target
     weight_bits: float = 4.0  # MixQuant: average weight bits of the plan
     batch_size: int = 64

@@ -236,3 +236,16 @@ def test_expected_bops_of_multi_branch_model_follows_alpha():
     with torch.no_grad():
         model.body[1].act_quant.alpha.copy_(torch.tensor([0.0, 10.0]))
     assert expected_bops(model) > low
+
+
+def test_bops_leaves_batch_norm_statistics_and_mode_alone():
+    from lowbit.models import create_model
+
+    model = create_model("mobilenet_v2", num_classes=10, small_input=True, width_mult=0.25, in_channels=1)
+    lowbit.quantize(model, w_bits=4, a_bits=4)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    report = lowbit.bops(model, torch.randn(1, 1, 8, 8))  # batch of one on 1x1 maps: fine in eval mode
+    assert model.training and report.total_bops > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
