@@ -181,7 +181,7 @@ class Demo:
                 for c in report.selection.layers
             ],
         }
-        report.plot_allocation(os.path.join(self.cfg.out, "bits.png"))
+        report.plot_trajectories(os.path.join(self.cfg.out, "metamix_search.png"))
         self._record("MixQuant + MetaMix", model, self.cfg.qat_epochs, seconds)
         return model
 
@@ -253,6 +253,7 @@ class Demo:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(self.metrics, f, indent=2, default=float)
         demo_report.pareto_png(self.metrics, os.path.join(out, "pareto.png"))
+        demo_report.bits_png(self.metrics, os.path.join(out, "bits.png"))
         with open(os.path.join(out, "report.md"), "w") as f:
             f.write(demo_report.markdown(self.metrics))
 

@@ -124,3 +124,27 @@ def pareto_png(metrics: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def bits_png(metrics: dict, path: str) -> None:
+    """Per-layer bit allocation: MixQuant's weight bits and MetaMix's activation bits, in network order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(metrics["mixquant"]["plan"])
+    act = {layer["name"]: layer["bits"] for layer in metrics.get("metamix", {}).get("layers", [])}
+    a_bits = [act.get(name, 8) for name in layers]  # first and last layer are not searched: 8-bit
+    index = range(len(layers))
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layers)), 3.6), dpi=120)
+    ax.bar([i - 0.2 for i in index], list(metrics["mixquant"]["plan"].values()), width=0.4, label="weight (MixQuant)")
+    ax.bar([i + 0.2 for i in index], a_bits, width=0.4, label="activation (MetaMix; first/last fixed at 8)")
+    ax.set_xlabel("conv / linear layer, network order")
+    ax.set_ylabel("bits")
+    ax.set_yticks(range(0, 9, 2))
+    ax.set_title("per-layer bit allocation")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
