@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 
 import torch
-from bench_fake_quant import _cpu_name, interleaved_median_ms
+from common import RESULTS, cpu_name, write_results
 
 import lowbit
 from lowbit.backends import select
 from lowbit.convert import convert
 from lowbit.models import create_model
+from lowbit.timing import interleaved_median_ms
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODELS = ("resnet18", "mobilenet_v2")
 
 
@@ -98,7 +96,7 @@ def main(argv=None) -> int:
     out = args.out or (None if args.quick else RESULTS)
     meta = {
         "device": "cpu",
-        "device_name": _cpu_name(),
+        "device_name": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "lowbit": lowbit.__version__,
@@ -114,13 +112,7 @@ def main(argv=None) -> int:
     text = markdown(results, meta)
     print(text)
     if out:
-        os.makedirs(out, exist_ok=True)
-        stem = os.path.join(out, "convert_cpu")
-        with open(stem + ".md", "w") as f:
-            f.write(text)
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "results_ms": results}, f, indent=2)
-        print(f"wrote {stem}.md and .json", file=sys.stderr)
+        write_results(out, "convert_cpu", text, {"meta": meta, "results_ms": results})
     return 0
 
 

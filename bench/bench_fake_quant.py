@@ -14,18 +14,14 @@ repeats, and writes nothing unless --out is given: a smoke run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 from dataclasses import dataclass
 
 import torch
+from common import RESULTS, cpu_name, write_results
 
 import lowbit
-from lowbit.timing import interleaved_median_ms, median_ms, sync  # noqa: F401  (re-exported to the other benchmarks)
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from lowbit.timing import interleaved_median_ms
 
 
 @dataclass(frozen=True)
@@ -193,7 +189,7 @@ def main(argv=None) -> int:
     impls = implementations(device)
     meta = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "lowbit": lowbit.__version__,
@@ -207,20 +203,8 @@ def main(argv=None) -> int:
     text = markdown(results, meta)
     print(text)
     if out:
-        os.makedirs(out, exist_ok=True)
-        stem = os.path.join(out, f"fake_quant_{device.type}")
-        with open(stem + ".md", "w") as f:
-            f.write(text)
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "results_ms": results}, f, indent=2)
-        print(f"wrote {stem}.md and .json", file=sys.stderr)
+        write_results(out, f"fake_quant_{device.type}", text, {"meta": meta, "results_ms": results})
     return 0
-
-
-def _cpu_name() -> str:
-    from lowbit.cli import _cpu_description
-
-    return _cpu_description()["model"] or platform.processor()
 
 
 if __name__ == "__main__":

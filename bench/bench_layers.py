@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from bench_fake_quant import RESULTS, _cpu_name, interleaved_median_ms
+from common import RESULTS, cpu_name, write_results
 from torch import nn
 
 import lowbit
 from lowbit.models import create_model
 from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQuantizer, ReferenceLSQ
+from lowbit.timing import interleaved_median_ms
 
 # ---- 1. the multi-branch layer -----------------------------------------------------------------------------
 
@@ -177,7 +176,7 @@ def main(argv=None) -> int:
     title = f"MobileNet-v2 (width {width}, 32x32, batch {step_batch}) training step: forward + backward + SGD"
     tables[title] = (training_step_rows(step_batch, width, repeats), "fp32 (no quantization)")
     meta = {
-        "device_name": _cpu_name(),
+        "device_name": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "repeats": repeats,
@@ -187,11 +186,9 @@ def main(argv=None) -> int:
     print(text)
     out = args.out or (None if args.quick else RESULTS)
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "layers_cpu.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(out, "layers_cpu.json"), "w") as f:
-            json.dump({"meta": meta, "results_ms": {t: rows for t, (rows, _) in tables.items()}}, f, indent=2)
+        write_results(
+            out, "layers_cpu", text, {"meta": meta, "results_ms": {t: rows for t, (rows, _) in tables.items()}}
+        )
     return 0
 
 

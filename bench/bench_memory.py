@@ -20,8 +20,8 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from bench_fake_quant import RESULTS, _cpu_name
 from bench_layers import ReferenceMultiBranch, _replace_quantizers, _to_reference_lsq
+from common import RESULTS, cpu_name, write_results
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -129,16 +129,12 @@ def main(argv=None) -> int:
         "batch": batch,
         "width": width,
         "torch": torch.__version__,
-        "device_name": _cpu_name(),
+        "device_name": cpu_name(),
     }
     text = markdown(rows, meta)
     print(text)
     if not args.quick:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "memory_cpu.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(RESULTS, "memory_cpu.json"), "w") as f:
-            json.dump({"meta": meta, "peak_bytes": rows}, f, indent=2)
+        write_results(RESULTS, "memory_cpu", text, {"meta": meta, "peak_bytes": rows})
     return 0
 
 

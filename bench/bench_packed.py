@@ -16,15 +16,14 @@ and writes nothing unless --out is given: a smoke run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from bench_fake_quant import RESULTS, _cpu_name, interleaved_median_ms
+from common import RESULTS, cpu_name, write_results
 
 import lowbit
+from lowbit.timing import interleaved_median_ms
 
 FULL_SHAPES = [(m, k) for k in (1024, 4096) for m in (1, 16, 256, 1024)]  # (M, K = N)
 QUICK_SHAPES = [(1, 512), (64, 512)]
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     _extension.load()
     meta = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "lowbit": lowbit.__version__,
@@ -131,13 +130,7 @@ def main(argv=None) -> int:
     text = markdown(results, meta)
     print(text)
     if out:
-        os.makedirs(out, exist_ok=True)
-        stem = os.path.join(out, f"packed_{device.type}")
-        with open(stem + ".md", "w") as f:
-            f.write(text)
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "results_ms": results}, f, indent=2)
-        print(f"wrote {stem}.md and .json", file=sys.stderr)
+        write_results(out, f"packed_{device.type}", text, {"meta": meta, "results_ms": results})
     return 0
 
 

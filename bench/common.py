@@ -1,0 +1,27 @@
+"""What every benchmark script shares: where results go, how they are written, and the machine's name."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def cpu_name() -> str:
+    from lowbit.cli import _cpu_description
+
+    return _cpu_description()["model"] or platform.processor()
+
+
+def write_results(folder: str, stem: str, markdown: str, data: dict) -> None:
+    """``folder/stem.md`` (the table a human reads, linked from the README) and ``folder/stem.json`` (the data)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, stem)
+    with open(path + ".md", "w") as f:
+        f.write(markdown)
+    with open(path + ".json", "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"wrote {path}.md and .json", file=sys.stderr)
