@@ -69,6 +69,15 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, tor
     return torch.from_numpy((train - mean) / std).float(), torch.from_numpy((test - mean) / std).float()
 
 
+def _dataset(
+    images: np.ndarray, labels: np.ndarray, classes: list[str], name: str, test_fraction: float, split_seed: int
+) -> Dataset:
+    train_idx, test_idx = _split(images, labels, test_fraction, split_seed)
+    train_x, test_x = _standardise(images[train_idx], images[test_idx])
+    train_y, test_y = torch.from_numpy(labels[train_idx]), torch.from_numpy(labels[test_idx])
+    return Dataset(train_x, train_y, test_x, test_y, classes=classes, name=name)
+
+
 def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """scikit-learn's bundled digits as (N, 1, 8, 8) images; the split is fixed by ``split_seed``."""
     from sklearn.datasets import load_digits
@@ -76,16 +85,7 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     bunch = load_digits()
     images = bunch.images.astype(np.float32)[:, None] / 16.0
     labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = _split(images, labels, test_fraction, split_seed)
-    train_x, test_x = _standardise(images[train_idx], images[test_idx])
-    return Dataset(
-        train_x,
-        torch.from_numpy(labels[train_idx]),
-        test_x,
-        torch.from_numpy(labels[test_idx]),
-        classes=[str(c) for c in range(10)],
-        name="digits",
-    )
+    return _dataset(images, labels, [str(c) for c in range(10)], "digits", test_fraction, split_seed)
 
 
 def _read_image(path: str, size: int, channels: int) -> np.ndarray:
@@ -118,17 +118,8 @@ def image_folder(
             f"({', '.join(IMAGE_EXTENSIONS)}); found {len(classes)} folders and {len(files)} images"
         )
     images = np.stack([_read_image(f, image_size, channels) for f in files])
-    labels_np = np.asarray(labels, dtype=np.int64)
-    train_idx, test_idx = _split(images, labels_np, test_fraction, split_seed)
-    train_x, test_x = _standardise(images[train_idx], images[test_idx])
-    return Dataset(
-        train_x,
-        torch.from_numpy(labels_np[train_idx]),
-        test_x,
-        torch.from_numpy(labels_np[test_idx]),
-        classes=classes,
-        name=os.path.basename(os.path.normpath(root)),
-    )
+    name = os.path.basename(os.path.normpath(root))
+    return _dataset(images, np.asarray(labels, dtype=np.int64), classes, name, test_fraction, split_seed)
 
 
 def load(data: str | None = None, image_size: int = 32, channels: int = 3) -> Dataset:
