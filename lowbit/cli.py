@@ -214,6 +214,9 @@ def _float_model(args, dataset, out: str):
         kwargs.update(small_input=True, width_mult=args.width)
     model = create_model(args.model, **kwargs).to(args.device)
     train_loader, test_loader = dataset.loaders(args.batch_size, seed=args.seed)
+    saved = os.path.join(out, "fp32.pt")
+    if not args.checkpoint and getattr(args, "resume", False) and os.path.isfile(saved):
+        args.checkpoint = saved  # a resumed run reuses the float model it trained before
     if args.checkpoint:
         if not os.path.isfile(args.checkpoint):
             raise ValueError(f"--checkpoint: no such file: {args.checkpoint}")
@@ -229,7 +232,7 @@ def _float_model(args, dataset, out: str):
             progress=not args.no_progress,
             desc="fp32",
         )
-        torch.save(model.state_dict(), os.path.join(out, "fp32.pt"))
+        torch.save(model.state_dict(), saved)
     acc = train.evaluate(model, test_loader, args.device)["acc"]
     print(f"fp32 {args.model}: top-1 {acc:.2f}%")
     return model, train_loader, test_loader
@@ -255,6 +258,10 @@ def _save_quantized(model, args) -> None:
 def cmd_mixquant(args) -> int:
     from lowbit import mixquant, train
 
+    if args.qem is not None and not args.qem >= 1:  # fail before training, not after
+        raise ValueError(f"--qem must be >= 1 (1 keeps every layer at 8 bits), got {args.qem}")
+    if args.qem is None and not 2 <= args.avg_bits <= 8:
+        raise ValueError(f"--avg-bits must be in 2..8, got {args.avg_bits}")
     dataset, model, train_loader, test_loader = _prepare(args)
     budget = {"qem": args.qem} if args.qem is not None else {"budget": mixquant.AvgBits(args.avg_bits)}
     plan = mixquant.search(model, **budget)
@@ -282,7 +289,6 @@ def cmd_mixquant(args) -> int:
 def cmd_metamix(args) -> int:
     from lowbit import metamix
 
-    dataset, model, train_loader, test_loader = _prepare(args)
     config = metamix.MetaMixConfig(
         mode=args.mode,
         a_bits=tuple(args.a_bits_choices),
@@ -298,6 +304,7 @@ def cmd_metamix(args) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
+    dataset, model, train_loader, test_loader = _prepare(args)  # after the config: bad flags fail first
     model, report = metamix.run(model, train_loader, test_loader, config)
     print(report.to_markdown())
     with open(os.path.join(args.out, "report.json"), "w") as f:
