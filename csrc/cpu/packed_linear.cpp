@@ -127,19 +127,31 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
     std::vector<int32_t> acc(static_cast<size_t>(block_m * block_n));
     std::vector<uint8_t> panel_store(amx ? 32 * kChunk * fields + 64 : 0);
     uint8_t* panel = panel_store.data() + (-reinterpret_cast<uintptr_t>(panel_store.data()) & 63);
-    // VNNI/AVX2/scalar tiles over rows [i_begin, i_end) x weight rows [j_begin, j_end) of the task
+    // VNNI/AVX2/scalar tiles over rows [i_begin, i_end) x weight rows [j_begin, j_end) of the task. The first x
+    // block of each weight group gets the rows the driver reads next as a prefetch hint: the next group of the
+    // chunk, else `after` (the first group of the next chunk or task, its byte offset relative to this chunk).
+    struct Next {
+      int64_t row;    // first weight row, or -1 for none
+      int64_t delta;  // byte offset relative to the current chunk
+    };
     auto tiles = [&](int64_t m0, int64_t n0, int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end,
-                     int64_t c0, int64_t c1) {
+                     int64_t c0, int64_t c1, Next after) {
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileN) {
         const int nr = static_cast<int>(std::min<int64_t>(kTileN, j_end - j0));
         const uint8_t* wrows[kTileN];
         for (int j = 0; j < kTileN; ++j) wrows[j] = w + (j0 + (j < nr ? j : 0)) * w_bytes;
+        const Next next = j0 + kTileN < j_end ? Next{j0 + kTileN, 0} : after;
+        const uint8_t* pfrows[kTileN];
+        if (next.row >= 0) {
+          for (int j = 0; j < kTileN; ++j) pfrows[j] = w + std::min(next.row + j, n - 1) * w_bytes + next.delta;
+        }
         for (int64_t i0 = i_begin; i0 < i_end; i0 += kTileM) {
           const int mr = static_cast<int>(std::min<int64_t>(kTileM, i_end - i0));
           const void* xrows[kTileM];
           for (int i = 0; i < kTileM; ++i) xrows[i] = p.codes.data() + (i0 + (i < mr ? i : 0)) * p.stride;
           const PackedTile t{xrows, mr, wrows, nr, c0, c1, w_bytes, container, x_u8,
-                             acc.data() + (i0 - m0) * block_n + (j0 - n0), block_n};
+                             acc.data() + (i0 - m0) * block_n + (j0 - n0), block_n,
+                             i0 == i_begin && next.row >= 0 ? pfrows : nullptr};
           k.tile(t);
         }
       }
@@ -156,10 +168,13 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
           const AmxBlock b{p.codes.data() + m0 * p.stride, p.stride, am, w + n0 * w_bytes, w_bytes, an, c0, c1,
                            container, x_u8, weight_offset, p.rowsum.data() + m0, acc.data(), block_n, panel};
           k.amx_block(b);
-          tiles(m0, n0, m0, m0 + am, n0 + an, n1, c0, c1);
-          tiles(m0, n0, m0 + am, m1, n0, n1, c0, c1);
+          tiles(m0, n0, m0, m0 + am, n0 + an, n1, c0, c1, Next{-1, 0});
+          tiles(m0, n0, m0 + am, m1, n0, n1, c0, c1, Next{-1, 0});
         } else {
-          tiles(m0, n0, m0, m1, n0, n1, c0, c1);
+          const Next after = c1 < span       ? Next{n0, c1 - c0}
+                             : task + 1 < last ? Next{((task + 1) % tasks_n) * block_n, -c0}
+                                               : Next{-1, 0};
+          tiles(m0, n0, m0, m1, n0, n1, c0, c1, after);
         }
       }
       for (int64_t i = m0; i < m1; ++i) {

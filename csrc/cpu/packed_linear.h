@@ -31,6 +31,9 @@ struct PackedTile {
   bool x_u8;           // activations span 0..255 (unsigned 8-bit): codes do not fit int8
   int32_t* acc;
   int64_t acc_stride;
+  // Optional (nullptr: none): 8 row pointers of the weight bytes the driver visits next, offset so that pf[j] + b
+  // for b in [b0, b1) covers them; tiles may prefetch them (a hint only, they never read them).
+  const uint8_t* const* pf = nullptr;
 };
 
 // AMX block (x rows and weight rows both multiples of 32, in the same prepared layout as the VNNI tiles):

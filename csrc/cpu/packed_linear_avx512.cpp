@@ -15,6 +15,7 @@
 // Every product is at most 255 * 128 in magnitude, so the int16 intermediates of vpdpbusd never overflow.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,6 +27,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
 // gcc 12 false positive inside its own _mm512_cast*/extract intrinsics (the undefined upper lanes)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace lowbit::cpu::packed_avx512 {
 
@@ -51,6 +53,12 @@ inline __m512i field(__m512i w, int f) {
     const int shift = 8 - kC * (f + 1);
     return _mm512_and_si512(shift ? _mm512_slli_epi16(w, shift) : w, top);
   }
+}
+
+// acc += u8 x s8 dot products (vpdpbusd), as an in-place asm update: gcc 12's register allocator copies (and
+// spills) accumulators around the intrinsic in loops with many of them.
+inline __attribute__((always_inline)) void dpbusd(__m512i& acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
 }
 
 // Four int32 vectors to the four sums (lane i of the result: sum of vector i).
@@ -80,7 +88,12 @@ void micro(const PackedTile& t, int i0, int j0) {
   const uint8_t* w[NR];
   for (int j = 0; j < NR; ++j) w[j] = t.w[j0 + j];
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(kSignBits<kC>));
+  const uint8_t* pf[NR];
+  for (int j = 0; j < NR; ++j) pf[j] = t.pf ? t.pf[j0 + j] : nullptr;
   for (int64_t b = t.b0; b < t.b1; b += kLanes) {
+    if (t.pf) {
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf[j] + b), _MM_HINT_T0);
+    }
     const int64_t left = t.w_bytes - b;
     const __mmask64 mask = left >= kLanes ? ~__mmask64{0} : left > 0 ? (__mmask64{1} << left) - 1 : 0;
     __m512i packed[NR];
@@ -110,8 +123,79 @@ void micro(const PackedTile& t, int i0, int j0) {
   }
 }
 
+// One x row (GEMV) against 8 weight rows, activations that fit int8, 2- or 4-bit weights. The weights are the
+// unsigned operand after the sign flip (code + 2^(kC-1) in every field), so fields are masked where they are
+// instead of shifted to the top of the byte:
+//   4-bit: field 1 = p & 0xF0 (scale 16), field 0 = p & 0x0F (scale 1);                          no shift
+//   2-bit: fields 3, 2 = p & 0xC0 (scale 64), p & 0x30 (scale 16); q = p << 4 (16-bit lanes: each byte's low
+//          nibble moves to its high nibble), fields 1, 0 = q & 0xC0 (scale 64), q & 0x30 (scale 16); one shift
+// Each row keeps two accumulators, one per scale (`hi`, `lo`); their lanes are exact multiples of the scale and
+// far below 2^31 for the driver's K chunks, so arithmetic shifts bring them back to scale 1 exactly. Fewer
+// vector ops per packed byte than `micro` (no shifts for 4-bit, one instead of three for 2-bit), and the loops
+// are unrolled early so that gcc keeps all 16 accumulators in registers. The next weight group (t.pf) is
+// prefetched one line per row and step: the GEMV streams W from memory once.
+template <int kC>
+void micro_gemv(const PackedTile& t) {
+  constexpr int kF = 8 / kC, NR = 8;
+  constexpr int kHiShift = kC == 2 ? 6 : 4, kLoShift = kC == 2 ? 4 : 0;
+  __m512i hi[NR], lo[NR];
+  _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) hi[j] = lo[j] = _mm512_setzero_si512();
+  const uint8_t* x = static_cast<const uint8_t*>(t.x[0]);
+  const uint8_t* w[NR];
+  _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) w[j] = t.w[j];
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kSignBits<kC>));
+  const __m512i mhi = _mm512_set1_epi8(static_cast<char>(kC == 2 ? 0xC0 : 0xF0));
+  const __m512i mlo = _mm512_set1_epi8(static_cast<char>(kC == 2 ? 0x30 : 0x0F));
+#define LOWBIT_GEMV_STEP(j, packed)                                                 \
+  do {                                                                              \
+    const __m512i p = _mm512_xor_si512(packed, flip);                               \
+    if constexpr (kC == 4) {                                                        \
+      dpbusd(hi[j], _mm512_and_si512(p, mhi), xv[1]);                               \
+      dpbusd(lo[j], _mm512_and_si512(p, mlo), xv[0]);                               \
+    } else {                                                                        \
+      const __m512i q = _mm512_slli_epi16(p, 4);                                    \
+      dpbusd(hi[j], _mm512_and_si512(p, mhi), xv[kF - 1]);                          \
+      dpbusd(lo[j], _mm512_and_si512(p, mlo), xv[kF - 2]);                          \
+      dpbusd(hi[j], _mm512_and_si512(q, mhi), xv[1]);                               \
+      dpbusd(lo[j], _mm512_and_si512(q, mlo), xv[0]);                               \
+    }                                                                               \
+  } while (0)
+  const int64_t b1 = t.b1, full_end = std::min(t.b1, t.w_bytes / kLanes * kLanes);
+  int64_t b = t.b0;
+  const uint8_t* const* pf = t.pf;
+  for (; b < full_end; b += kLanes) {
+    __m512i xv[kF];
+    _Pragma("GCC unroll 8") for (int f = 0; f < kF; ++f) xv[f] = _mm512_loadu_si512(x + b * kF + f * kLanes);
+    if (pf) {
+      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf[j] + b), _MM_HINT_T0);
+      }
+    }
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) LOWBIT_GEMV_STEP(j, _mm512_loadu_si512(w[j] + b));
+  }
+  for (; b < b1; b += kLanes) {  // the row's tail: bytes past w_bytes read as zero codes (x is zero there)
+    const int64_t left = t.w_bytes - b;
+    const __mmask64 mask = left > 0 ? (__mmask64{1} << left) - 1 : 0;
+    __m512i xv[kF];
+    _Pragma("GCC unroll 8") for (int f = 0; f < kF; ++f) xv[f] = _mm512_loadu_si512(x + b * kF + f * kLanes);
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) {
+      LOWBIT_GEMV_STEP(j, _mm512_maskz_loadu_epi8(mask, w[j] + b));
+    }
+  }
+#undef LOWBIT_GEMV_STEP
+  __m512i total[NR];
+  _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) {
+    total[j] = _mm512_add_epi32(_mm512_srai_epi32(hi[j], kHiShift), _mm512_srai_epi32(lo[j], kLoShift));
+  }
+  add_out(t.acc, reduce4(total[0], total[1], total[2], total[3]), t.nr < 4 ? t.nr : 4);
+  if (t.nr > 4) add_out(t.acc + 4, reduce4(total[4], total[5], total[6], total[7]), t.nr - 4);
+}
+
 template <int kC, bool kXu8>
 void tile_impl(const PackedTile& t) {
+  if constexpr (!kXu8 && kC != 8) {
+    if (t.mr == 1) return micro_gemv<kC>(t);
+  }
   switch (t.mr) {
     case 1: return micro<kC, kXu8, 1, 8>(t, 0, 0);
     case 2:
