@@ -113,7 +113,9 @@ def pareto_png(metrics: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in metrics["results"]:
-        marker = "*" if "MetaMix" in r["name"] else ("s" if r["name"] == "fp32" else "o")
+        marker = (
+            "*" if "MetaMix" in r["name"] else ("s" if r["name"] == "fp32" else "D" if "MixQuant" in r["name"] else "o")
+        )
         ax.scatter(r["bops"] / 1e6, r["acc"], marker=marker, s=120 if marker == "*" else 50, label=r["name"])
     ax.set_xscale("log")
     ax.set_xlabel("BOPs per image (millions, log scale)")

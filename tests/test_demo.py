@@ -46,7 +46,7 @@ def test_report_numbers_agree_with_metrics(demo_out):
     metrics = json.loads((demo_out / "metrics.json").read_text())
     report = (demo_out / "report.md").read_text()
     names = [r["name"] for r in metrics["results"]]
-    assert {"fp32", "uniform W4A4", "uniform W4A2", "MixQuant + MetaMix"} <= set(names)
+    assert {"fp32", "uniform W4A4", "uniform W4A2", "MixQuant W + A4", "MixQuant + MetaMix"} <= set(names)
     for r in metrics["results"]:
         row = re.search(rf"^\| {re.escape(r['name'])} \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
         assert row is not None, r["name"]
