@@ -48,6 +48,7 @@ gpu-check:
 	LOWBIT_CUDA=1 $(PYTHON) -m pip install --no-deps --no-build-isolation -e .
 	LOWBIT_TEST_DEVICE=cuda LOWBIT_REQUIRE_BACKENDS=reference,triton,cuda $(PYTHON) -m pytest -q tests
 	$(PYTHON) bench/bench_fake_quant.py --device cuda
+	$(PYTHON) bench/bench_packed_gpu.py
 
 lint: setup
 	$(VENV)/bin/ruff check lowbit kernels tests bench setup.py

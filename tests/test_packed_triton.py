@@ -12,9 +12,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 import lowbit
-from tests.conftest import DEVICE
 
 pytestmark = pytest.mark.skipif("triton" not in lowbit.backends(), reason="triton backend unavailable")
 
