@@ -14,8 +14,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cpu/dispatch.h"
@@ -27,12 +29,14 @@ namespace {
 constexpr int64_t kGemvRows = 16;  // M at or below this: one task row block (GEMV)
 constexpr int64_t kBlockM = 64;    // x rows per task (GEMM)
 constexpr int64_t kBlockN = 64;    // weight rows per task
-constexpr int64_t kAmxBlock = 128; // x rows and weight rows per task with AMX
+constexpr int64_t kAmxCols = 128;  // weight rows per task with AMX (at most)
+constexpr int64_t kAmxPanelBytes = 512 << 10;  // staged AMX panel per task (at most, unless 32 rows need more)
 constexpr int64_t kChunk = 2048;   // packed weight bytes per K chunk (a multiple of every ISA's lanes)
 constexpr int kTileM = 4, kTileN = 8;
 
 struct Prepared {
-  std::vector<uint8_t> codes;  // M rows of `stride` bytes
+  std::unique_ptr<uint8_t[]> store;  // M rows of `stride` bytes (+ 64 for alignment)
+  uint8_t* codes = nullptr;          // 64-byte aligned
   int64_t stride = 0;
   std::vector<int32_t> rowsum;
   std::vector<uint8_t> nan;
@@ -80,8 +84,12 @@ template <class T>
 Prepared prepare(const T* x, int64_t m, int64_t k_len, int64_t steps, int fields, const PackedLinearKernels& k,
                  float step, float lo, float hi) {
   Prepared p;
-  p.stride = steps * k.lanes * fields * k.elem_bytes;
-  p.codes.assign(static_cast<size_t>(m * p.stride), 0);
+  const int64_t row_bytes = steps * k.lanes * fields * k.elem_bytes;
+  // GEMM: one extra cache line per row, so that the 16 rows of a tile load do not share a few L1 sets
+  p.stride = row_bytes + (m > kGemvRows ? 64 : 0);
+  // not zero-filled: every row is written whole (codes and zero padding up to row_bytes) below
+  p.store.reset(new uint8_t[static_cast<size_t>(m * p.stride + 64)]);
+  p.codes = p.store.get() + (-reinterpret_cast<uintptr_t>(p.store.get()) & 63);
   p.rowsum.assign(m, 0);
   p.nan.assign(m, 0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k_len));
@@ -89,13 +97,15 @@ Prepared prepare(const T* x, int64_t m, int64_t k_len, int64_t steps, int fields
     std::vector<float> q(k_len);
     for (int64_t row = b; row < e; ++row) {
       quantize_row(k, x + row * k_len, q.data(), k_len, step);
-      uint8_t* out = p.codes.data() + row * p.stride;
+      uint8_t* out = p.codes + row * p.stride;
       if (k.prepare_row && k.elem_bytes == 1) {
-        p.nan[row] = k.prepare_row(q.data(), k_len, fields, lo, hi, out, p.stride, &p.rowsum[row]);
+        p.nan[row] = k.prepare_row(q.data(), k_len, fields, lo, hi, out, row_bytes, &p.rowsum[row]);
       } else if (k.elem_bytes == 2) {
+        std::memset(out, 0, static_cast<size_t>(row_bytes));
         scatter_row(q.data(), k_len, fields, k.lanes, lo, hi, reinterpret_cast<int16_t*>(out), &p.rowsum[row],
                     &p.nan[row]);
       } else {
+        std::memset(out, 0, static_cast<size_t>(row_bytes));
         scatter_row(q.data(), k_len, fields, k.lanes, lo, hi, out, &p.rowsum[row], &p.nan[row]);
       }
     }
@@ -116,82 +126,135 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
                              static_cast<float>(qmax));
   const int32_t weight_offset = (k.offset_weights && !x_u8) ? (1 << (container - 1)) : 0;
 
-  const bool amx = k.amx_block != nullptr && m > kGemvRows;
-  const int64_t block_m = m <= kGemvRows ? m : amx ? kAmxBlock : kBlockM;
-  const int64_t block_n = amx ? kAmxBlock : kBlockN;
-  const int64_t tasks_m = (m + block_m - 1) / block_m, tasks_n = (n + block_n - 1) / block_n;
   const int64_t span = steps * k.lanes;  // packed bytes walked per row (whole steps)
   const uint8_t* w = packed_w.const_data_ptr<uint8_t>();
   T* out = mutable_data<T>(y);
-  at::parallel_for(0, tasks_m * tasks_n, 1, [&](int64_t first, int64_t last) {
-    std::vector<int32_t> acc(static_cast<size_t>(block_m * block_n));
-    std::vector<uint8_t> panel_store(amx ? 32 * kChunk * fields + 64 : 0);
-    uint8_t* panel = panel_store.data() + (-reinterpret_cast<uintptr_t>(panel_store.data()) & 63);
-    // VNNI/AVX2/scalar tiles over rows [i_begin, i_end) x weight rows [j_begin, j_end) of the task. The first x
-    // block of each weight group gets the rows the driver reads next as a prefetch hint: the next group of the
-    // chunk, else `after` (the first group of the next chunk or task, its byte offset relative to this chunk).
-    struct Next {
-      int64_t row;    // first weight row, or -1 for none
-      int64_t delta;  // byte offset relative to the current chunk
-    };
-    auto tiles = [&](int64_t m0, int64_t n0, int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end,
-                     int64_t c0, int64_t c1, Next after) {
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileN) {
-        const int nr = static_cast<int>(std::min<int64_t>(kTileN, j_end - j0));
-        const uint8_t* wrows[kTileN];
-        for (int j = 0; j < kTileN; ++j) wrows[j] = w + (j0 + (j < nr ? j : 0)) * w_bytes;
-        const Next next = j0 + kTileN < j_end ? Next{j0 + kTileN, 0} : after;
-        const uint8_t* pfrows[kTileN];
-        if (next.row >= 0) {
-          for (int j = 0; j < kTileN; ++j) pfrows[j] = w + std::min(next.row + j, n - 1) * w_bytes + next.delta;
+
+  // VNNI/AVX2/scalar tiles over rows [i_begin, i_end) x weight rows [j_begin, j_end), packed bytes [c0, c1), into
+  // acc (row i_begin - row0, column j_begin - col0 at acc + (i - row0) * acc_stride + j - col0). The first x block
+  // of each weight group gets the rows the driver reads next as a prefetch hint: the next group of the chunk,
+  // else `after` (the first group of the next chunk or task, its byte offset relative to this chunk).
+  struct Next {
+    int64_t row;    // first weight row, or -1 for none
+    int64_t delta;  // byte offset relative to the current chunk
+  };
+  auto tiles = [&](int32_t* acc, int64_t acc_stride, int64_t row0, int64_t col0, int64_t i_begin, int64_t i_end,
+                   int64_t j_begin, int64_t j_end, int64_t c0, int64_t c1, Next after) {
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileN) {
+      const int nr = static_cast<int>(std::min<int64_t>(kTileN, j_end - j0));
+      const uint8_t* wrows[kTileN];
+      for (int j = 0; j < kTileN; ++j) wrows[j] = w + (j0 + (j < nr ? j : 0)) * w_bytes;
+      const Next next = j0 + kTileN < j_end ? Next{j0 + kTileN, 0} : after;
+      const uint8_t* pfrows[kTileN];
+      if (next.row >= 0) {
+        for (int j = 0; j < kTileN; ++j) pfrows[j] = w + std::min(next.row + j, n - 1) * w_bytes + next.delta;
+      }
+      for (int64_t i0 = i_begin; i0 < i_end; i0 += kTileM) {
+        const int mr = static_cast<int>(std::min<int64_t>(kTileM, i_end - i0));
+        const void* xrows[kTileM];
+        for (int i = 0; i < kTileM; ++i) xrows[i] = p.codes + (i0 + (i < mr ? i : 0)) * p.stride;
+        const PackedTile t{xrows, mr, wrows, nr, c0, c1, w_bytes, container, x_u8,
+                           acc + (i0 - row0) * acc_stride + (j0 - col0), acc_stride,
+                           i0 == i_begin && next.row >= 0 ? pfrows : nullptr};
+        k.tile(t);
+      }
+    }
+  };
+  // y rows [i_begin, i_end), columns [n0, n1) from acc (row i_begin, column n0 at acc); `row_f32` is scratch of
+  // n1 - n0 floats for 16-bit outputs.
+  auto epilogue = [&](const int32_t* acc, int64_t acc_stride, int64_t i_begin, int64_t i_end, int64_t n0,
+                      int64_t n1, float* row_f32) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      T* yrow = out + i * n;
+      if (p.nan[i]) {
+        for (int64_t j = n0; j < n1; ++j) yrow[j] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const uint32_t correction = static_cast<uint32_t>(weight_offset) * static_cast<uint32_t>(p.rowsum[i]);
+      const int32_t* arow = acc + (i - i_begin) * acc_stride;
+      if (k.epilogue) {
+        if constexpr (std::is_same_v<T, float>) {
+          k.epilogue(arow, n1 - n0, correction, scale + n0, bias ? bias + n0 : nullptr, yrow + n0);
+        } else {
+          k.epilogue(arow, n1 - n0, correction, scale + n0, bias ? bias + n0 : nullptr, row_f32);
+          for (int64_t j = n0; j < n1; ++j) yrow[j] = static_cast<T>(row_f32[j - n0]);
         }
-        for (int64_t i0 = i_begin; i0 < i_end; i0 += kTileM) {
-          const int mr = static_cast<int>(std::min<int64_t>(kTileM, i_end - i0));
-          const void* xrows[kTileM];
-          for (int i = 0; i < kTileM; ++i) xrows[i] = p.codes.data() + (i0 + (i < mr ? i : 0)) * p.stride;
-          const PackedTile t{xrows, mr, wrows, nr, c0, c1, w_bytes, container, x_u8,
-                             acc.data() + (i0 - m0) * block_n + (j0 - n0), block_n,
-                             i0 == i_begin && next.row >= 0 ? pfrows : nullptr};
-          k.tile(t);
+        continue;
+      }
+      for (int64_t j = n0; j < n1; ++j) {
+        const int32_t a = static_cast<int32_t>(static_cast<uint32_t>(arow[j - n0]) - correction);
+        float v = static_cast<float>(a) * scale[j];
+        if (bias) v = v + bias[j];
+        yrow[j] = static_cast<T>(v);
+      }
+    }
+  };
+
+  if (k.amx_block != nullptr && m > kGemvRows) {
+    // AMX: a task is up to kAmxCols weight rows (the staged panel, at most kAmxPanelBytes) by a range of 32-row
+    // x blocks (all of M unless there are fewer column tasks than threads). The panel is staged once per task
+    // and reused by every x block; each block of 32 x rows runs its whole K in tile registers, then the
+    // epilogue writes its 32 rows of y. Columns (n % 32) and rows (m % 32) outside whole 32 x 32 blocks run the
+    // VNNI tiles.
+    const int64_t panel_row = span * fields;  // panel bytes per weight row
+    const int64_t block_n =
+        std::clamp<int64_t>(kAmxPanelBytes / std::max<int64_t>(1, panel_row) / 32 * 32, 32, kAmxCols);
+    const int64_t tasks_n = (n + block_n - 1) / block_n;
+    const int64_t m_blocks = (m + 31) / 32;
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t tasks_m = std::min(m_blocks, (threads + tasks_n - 1) / tasks_n);
+    at::parallel_for(0, tasks_m * tasks_n, 1, [&](int64_t first, int64_t last) {
+      std::vector<int32_t> acc(static_cast<size_t>(32 * block_n));
+      std::vector<float> row_f32(static_cast<size_t>(block_n));
+      std::unique_ptr<uint8_t[]> panel_store(new uint8_t[static_cast<size_t>(block_n * panel_row + 64)]);
+      uint8_t* panel = panel_store.get() + (-reinterpret_cast<uintptr_t>(panel_store.get()) & 63);
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t tn = task % tasks_n, tm = task / tasks_n;
+        const int64_t n0 = tn * block_n, n1 = std::min(n, n0 + block_n);
+        const int64_t an = (n1 - n0) / 32 * 32;
+        const int64_t r0 = m_blocks * tm / tasks_m * 32, r1 = std::min(m, m_blocks * (tm + 1) / tasks_m * 32);
+        if (an > 0) k.amx_panel(AmxPanel{w + n0 * w_bytes, w_bytes, an, span, container, panel});
+        for (int64_t i0 = r0; i0 < r1; i0 += 32) {
+          const int64_t i1 = std::min(r1, i0 + 32);
+          const bool whole = i1 - i0 == 32 && an > 0;
+          if (whole) {
+            k.amx_block(AmxBlock{p.codes + i0 * p.stride, p.stride, 32, panel, an, span, container, x_u8,
+                                 weight_offset, p.rowsum.data() + i0, acc.data(), block_n});
+          }
+          const int64_t j_begin = whole ? n0 + an : n0;
+          if (j_begin < n1) {
+            for (int64_t i = 0; i < i1 - i0; ++i) {
+              std::fill(acc.begin() + i * block_n + (j_begin - n0), acc.begin() + i * block_n + (n1 - n0), 0);
+            }
+            for (int64_t c0 = 0; c0 < span; c0 += kChunk) {
+              tiles(acc.data(), block_n, i0, n0, i0, i1, j_begin, n1, c0, std::min(span, c0 + kChunk), Next{-1, 0});
+            }
+          }
+          epilogue(acc.data(), block_n, i0, i1, n0, n1, row_f32.data());
         }
       }
-    };
+    });
+    return;
+  }
+
+  const int64_t block_m = m <= kGemvRows ? m : kBlockM;
+  const int64_t block_n = kBlockN;
+  const int64_t tasks_m = (m + block_m - 1) / block_m, tasks_n = (n + block_n - 1) / block_n;
+  at::parallel_for(0, tasks_m * tasks_n, 1, [&](int64_t first, int64_t last) {
+    std::vector<int32_t> acc(static_cast<size_t>(block_m * block_n));
+    std::vector<float> row_f32(static_cast<size_t>(block_n));
     for (int64_t task = first; task < last; ++task) {
       const int64_t m0 = (task / tasks_n) * block_m, m1 = std::min(m, m0 + block_m);
       const int64_t n0 = (task % tasks_n) * block_n, n1 = std::min(n, n0 + block_n);
       std::fill(acc.begin(), acc.end(), 0);
-      // AMX takes the whole 32 x 32 blocks, the tiles the rest
-      const int64_t am = amx ? (m1 - m0) / 32 * 32 : 0, an = amx ? (n1 - n0) / 32 * 32 : 0;
       for (int64_t c0 = 0; c0 < span; c0 += kChunk) {
         const int64_t c1 = std::min(span, c0 + kChunk);
-        if (am > 0 && an > 0) {
-          const AmxBlock b{p.codes.data() + m0 * p.stride, p.stride, am, w + n0 * w_bytes, w_bytes, an, c0, c1,
-                           container, x_u8, weight_offset, p.rowsum.data() + m0, acc.data(), block_n, panel};
-          k.amx_block(b);
-          tiles(m0, n0, m0, m0 + am, n0 + an, n1, c0, c1, Next{-1, 0});
-          tiles(m0, n0, m0 + am, m1, n0, n1, c0, c1, Next{-1, 0});
-        } else {
-          const Next after = c1 < span       ? Next{n0, c1 - c0}
-                             : task + 1 < last ? Next{((task + 1) % tasks_n) * block_n, -c0}
-                                               : Next{-1, 0};
-          tiles(m0, n0, m0, m1, n0, n1, c0, c1, after);
-        }
+        const Next after = c1 < span       ? Next{n0, c1 - c0}
+                           : task + 1 < last ? Next{((task + 1) % tasks_n) * block_n, -c0}
+                                             : Next{-1, 0};
+        tiles(acc.data(), block_n, m0, n0, m0, m1, n0, n1, c0, c1, after);
       }
-      for (int64_t i = m0; i < m1; ++i) {
-        T* yrow = out + i * n;
-        if (p.nan[i]) {
-          for (int64_t j = n0; j < n1; ++j) yrow[j] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
-          continue;
-        }
-        const uint32_t correction = static_cast<uint32_t>(weight_offset) * static_cast<uint32_t>(p.rowsum[i]);
-        const int32_t* arow = acc.data() + (i - m0) * block_n;
-        for (int64_t j = n0; j < n1; ++j) {
-          const int32_t a = static_cast<int32_t>(static_cast<uint32_t>(arow[j - n0]) - correction);
-          float v = static_cast<float>(a) * scale[j];
-          if (bias) v = v + bias[j];
-          yrow[j] = static_cast<T>(v);
-        }
-      }
+      epilogue(acc.data(), block_n, m0, m1, n0, n1, row_f32.data());
     }
   });
 }

@@ -36,22 +36,34 @@ struct PackedTile {
   const uint8_t* const* pf = nullptr;
 };
 
-// AMX block (x rows and weight rows both multiples of 32, in the same prepared layout as the VNNI tiles):
-// acc[i * acc_stride + j] += sum over packed bytes [b0, b1) of x_i . (w_j + weight_offset), like PackedTile.
-// `panel` is scratch of at least 32 * (b1 - b0) * 8 / container_bits bytes.
+// AMX GEMM path (packed_linear.cpp's AMX tasks): a task stages its weight columns once into the AMX B-tile
+// layout over the whole K span (`amx_panel`), then runs blocks of 32 x rows against the staged columns with the
+// sums kept in tile registers over all of K (`amx_block`).
+//
+// amx_panel: `cols` (a multiple of 32) canonical weight rows from w, packed bytes [0, span) (span a multiple of
+// lanes; bytes past w_bytes read as zero codes) into `panel` (64-byte aligned, cols * span * 8 / container_bits
+// bytes).
+struct AmxPanel {
+  const uint8_t* w;
+  int64_t w_bytes, cols, span;
+  int container_bits;
+  uint8_t* panel;
+};
+
+// amx_block: for i < rows and j < cols (both multiples of 32), with the prepared x rows and the panel above,
+//   acc[i * acc_stride + j] = sum over packed bytes [0, span) of x_i . w_j + weight_offset * rowsum[i]
+// (int32 wrap-around; assigns, the PackedTile convention without the +=).
 struct AmxBlock {
   const uint8_t* x;  // first x row
   int64_t x_stride, rows;
-  const uint8_t* w;  // first weight row
-  int64_t w_bytes, cols;
-  int64_t b0, b1;
+  const uint8_t* panel;
+  int64_t cols, span;
   int container_bits;
   bool x_u8;
   int32_t weight_offset;
   const int32_t* rowsum;  // of the block's x rows
   int32_t* acc;
   int64_t acc_stride;
-  uint8_t* panel;
 };
 
 struct PackedLinearKernels {
@@ -61,7 +73,8 @@ struct PackedLinearKernels {
   // unsigned by signed bytes); the driver subtracts 2^(container-1) * rowsum(x).
   bool offset_weights;
   void (*tile)(const PackedTile& t);
-  // Optional (nullptr when absent): AMX int8 tiles for blocks of the GEMM path.
+  // Optional (nullptr when absent, both or neither): AMX int8 tiles for the GEMM path.
+  void (*amx_panel)(const AmxPanel& p);
   void (*amx_block)(const AmxBlock& b);
   // q[i] = round-half-even(float32(x[i]) / step) for i < n, IEEE division, no clamp (NaN stays NaN).
   void (*quantize_f32)(const float* x, float* q, int64_t n, float step);
@@ -72,6 +85,10 @@ struct PackedLinearKernels {
   // Returns true when the row holds a NaN.
   bool (*prepare_row)(const float* q, int64_t n, int fields, float lo, float hi, uint8_t* out, int64_t out_len,
                       int32_t* rowsum);
+  // Optional (nullptr: the driver's scalar loop): out[j] = float32(int32(acc[j] - correction)) * scale[j]
+  // (+ bias[j] when bias is not nullptr) for j < n, float32 multiply then add (never fused), as the scalar loop.
+  void (*epilogue)(const int32_t* acc, int64_t n, uint32_t correction, const float* scale, const float* bias,
+                   float* out);
 };
 
 namespace packed_avx512 {
@@ -91,7 +108,7 @@ inline PackedLinearKernels packed_linear_kernels(Isa isa) {
     case Isa::kAvx512: {
       if (!cpu_has_avx512_vnni()) return packed_avx2::kernels();
       PackedLinearKernels k = packed_avx512::kernels();
-      if (!cpu_has_amx_int8()) k.amx_block = nullptr;
+      if (!cpu_has_amx_int8()) k.amx_panel = nullptr, k.amx_block = nullptr;
       return k;
     }
     case Isa::kAvx2: return packed_avx2::kernels();

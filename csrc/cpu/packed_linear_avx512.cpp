@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu/packed_linear.h"
@@ -270,78 +271,119 @@ inline void transpose16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// Panel of 32 weight rows over packed bytes [b0, b1): tile (g, u) at panel + (g * substeps + u) * 1024, where
-// u = step * kF + field indexes 64 codes of the prepared x layout.
+// Panel of `cols` weight rows over packed bytes [0, span): 32-row group c, 16-row half g, 64 codes u (u = step *
+// kF + field, the prepared x layout) at panel + ((c * 2 + g) * substeps + u) * 1024.
 template <int kC>
-void build_panel(const AmxBlock& a, const uint8_t* w, uint8_t* panel) {
+void build_panel(const AmxPanel& a) {
   constexpr int kF = 8 / kC;
-  const int64_t substeps = (a.b1 - a.b0) / kLanes * kF;
-  for (int g = 0; g < 2; ++g) {
-    for (int64_t b = a.b0; b < a.b1; b += kLanes) {
-      const int64_t left = a.w_bytes - b;
-      const __mmask64 mask = left >= kLanes ? ~__mmask64{0} : left > 0 ? (__mmask64{1} << left) - 1 : 0;
-      __m512i packed[16];
-      for (int r = 0; r < 16; ++r) packed[r] = _mm512_maskz_loadu_epi8(mask, w + (g * 16 + r) * a.w_bytes + b);
-      for (int f = 0; f < kF; ++f) {
-        __m512i rows[16];
-        for (int r = 0; r < 16; ++r) rows[r] = field<kC>(packed[r], f);
-        transpose16(rows);
-        uint8_t* out = panel + (g * substeps + (b - a.b0) / kLanes * kF + f) * 1024;
-        for (int r = 0; r < 16; ++r) _mm512_store_si512(out + r * 64, rows[r]);
+  const int64_t substeps = a.span / kLanes * kF;
+  for (int64_t c = 0; c < a.cols / 32; ++c) {
+    for (int g = 0; g < 2; ++g) {
+      const uint8_t* w = a.w + (c * 32 + g * 16) * a.w_bytes;
+      uint8_t* half = a.panel + (c * 2 + g) * substeps * 1024;
+      for (int64_t b = 0; b < a.span; b += kLanes) {
+        const int64_t left = a.w_bytes - b;
+        const __mmask64 mask = left >= kLanes ? ~__mmask64{0} : left > 0 ? (__mmask64{1} << left) - 1 : 0;
+        __m512i packed[16];
+        for (int r = 0; r < 16; ++r) packed[r] = _mm512_maskz_loadu_epi8(mask, w + r * a.w_bytes + b);
+        for (int f = 0; f < kF; ++f) {
+          __m512i rows[16];
+          for (int r = 0; r < 16; ++r) rows[r] = field<kC>(packed[r], f);
+          transpose16(rows);
+          uint8_t* out = half + (b / kLanes * kF + f) * 1024;
+          for (int r = 0; r < 16; ++r) _mm512_store_si512(out + r * 64, rows[r]);
+        }
       }
     }
   }
 }
 
+void amx_panel(const AmxPanel& a) {
+  switch (a.container_bits) {
+    case 2: return build_panel<2>(a);
+    case 4: return build_panel<4>(a);
+    default: return build_panel<8>(a);
+  }
+}
+
+// 32 x rows by 32 weight rows per block (four int32 C tiles, 2 x 2), all of K in the tiles; per 64 codes two A
+// tiles (x rows) and two B tiles (the panel), four tile dot products.
 template <int kC, bool kXu8>
 void amx_block_impl(const AmxBlock& a) {
   constexpr int kF = 8 / kC, kShift = 8 - kC;
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  const int64_t substeps = (a.b1 - a.b0) / kLanes * kF;
-  alignas(64) int32_t c[4][16][16];
-  for (int64_t n0 = 0; n0 < a.cols; n0 += 32) {
-    build_panel<kC>(a, a.w + n0 * a.w_bytes, a.panel);
-    compiler_barrier();
-    for (int64_t m0 = 0; m0 < a.rows; m0 += 32) {
-      const uint8_t* x0 = a.x + m0 * a.x_stride + a.b0 * kF;
-      const uint8_t* x1 = x0 + 16 * a.x_stride;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t u = 0; u < substeps; ++u) {
-        _tile_loadd(4, x0 + u * 64, a.x_stride);
-        _tile_loadd(5, x1 + u * 64, a.x_stride);
-        _tile_loadd(6, a.panel + u * 1024, 64);
-        _tile_loadd(7, a.panel + (substeps + u) * 1024, 64);
-        if constexpr (kXu8) {
-          _tile_dpbusd(0, 4, 6);
-          _tile_dpbusd(1, 4, 7);
-          _tile_dpbusd(2, 5, 6);
-          _tile_dpbusd(3, 5, 7);
-        } else {
-          _tile_dpbssd(0, 4, 6);
-          _tile_dpbssd(1, 4, 7);
-          _tile_dpbssd(2, 5, 6);
-          _tile_dpbssd(3, 5, 7);
+  const int64_t substeps = a.span / kLanes * kF;
+  const int64_t cstride = a.acc_stride * 4;
+  // 2- and 4-bit fields are scaled by 2^kShift: tiles sum at most kChunkSub substeps (2048 packed bytes, like the
+  // VNNI tiles' K chunks) before the shift back, so that no lane wraps; 8-bit sums wrap exactly as int32.
+  constexpr int64_t kChunkSub = kShift == 0 ? std::numeric_limits<int64_t>::max() : 2048 / kLanes * kF;
+  const bool chunked = substeps > kChunkSub;
+  alignas(64) int32_t part[32][32];
+  for (int64_t m0 = 0; m0 < a.rows; m0 += 32) {
+    const uint8_t* x0 = a.x + m0 * a.x_stride;
+    const uint8_t* x1 = x0 + 16 * a.x_stride;
+    for (int64_t n0 = 0; n0 < a.cols; n0 += 32) {
+      const uint8_t* p0 = a.panel + (n0 / 16) * substeps * 1024;
+      const uint8_t* p1 = p0 + substeps * 1024;
+      int32_t* c = a.acc + m0 * a.acc_stride + n0;
+      for (int64_t u0 = 0; u0 < substeps; u0 += kChunkSub) {
+        const int64_t u1 = std::min(substeps, u0 + kChunkSub);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t u = u0; u < u1; ++u) {
+          _tile_loadd(4, x0 + u * 64, a.x_stride);
+          _tile_loadd(6, p0 + u * 1024, 64);
+          _tile_loadd(7, p1 + u * 1024, 64);
+          _tile_loadd(5, x1 + u * 64, a.x_stride);
+          if constexpr (kXu8) {
+            _tile_dpbusd(0, 4, 6);
+            _tile_dpbusd(1, 4, 7);
+            _tile_dpbusd(2, 5, 6);
+            _tile_dpbusd(3, 5, 7);
+          } else {
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          }
+        }
+        if (!chunked) {
+          _tile_stored(0, c, cstride);
+          _tile_stored(1, c + 16, cstride);
+          _tile_stored(2, c + 16 * a.acc_stride, cstride);
+          _tile_stored(3, c + 16 * a.acc_stride + 16, cstride);
+          continue;
+        }
+        // scaled sums of one chunk, shifted back before they are added (exact, see the file's comment)
+        _tile_stored(0, &part[0][0], 128);
+        _tile_stored(1, &part[0][16], 128);
+        _tile_stored(2, &part[16][0], 128);
+        _tile_stored(3, &part[16][16], 128);
+        compiler_barrier();
+        for (int i = 0; i < 32; ++i) {
+          for (int j = 0; j < 32; j += 16) {
+            const __m512i sum = _mm512_srai_epi32(_mm512_load_si512(&part[i][j]), kShift);
+            int32_t* out = c + i * a.acc_stride + j;
+            _mm512_storeu_si512(out, u0 == 0 ? sum : _mm512_add_epi32(_mm512_loadu_si512(out), sum));
+          }
         }
       }
-      _tile_stored(0, &c[0][0][0], 64);
-      _tile_stored(1, &c[1][0][0], 64);
-      _tile_stored(2, &c[2][0][0], 64);
-      _tile_stored(3, &c[3][0][0], 64);
-      compiler_barrier();
-      for (int t = 0; t < 4; ++t) {
-        const int64_t row0 = m0 + (t >> 1) * 16, col0 = n0 + (t & 1) * 16;
-        for (int i = 0; i < 16; ++i) {
-          // the VNNI tiles' convention: sums include weight_offset * rowsum(x), counted once (first K chunk)
-          const uint32_t offset_sum = a.b0 == 0 ? static_cast<uint32_t>(a.weight_offset) * static_cast<uint32_t>(a.rowsum[row0 + i]) : 0;
-          const __m512i offset = _mm512_set1_epi32(static_cast<int32_t>(offset_sum));
-          int32_t* out = a.acc + (row0 + i) * a.acc_stride + col0;
-          const __m512i sum = _mm512_srai_epi32(_mm512_load_si512(&c[t][i][0]), kShift);
-          _mm512_storeu_si512(out, _mm512_add_epi32(_mm512_loadu_si512(out), _mm512_add_epi32(sum, offset)));
+    }
+    compiler_barrier();
+    if ((kShift != 0 && !chunked) || a.weight_offset != 0) {
+      const int shift = chunked ? 0 : kShift;
+      // the VNNI tiles' convention: sums include weight_offset * rowsum(x)
+      for (int64_t i = m0; i < m0 + 32; ++i) {
+        const uint32_t offset_sum = static_cast<uint32_t>(a.weight_offset) * static_cast<uint32_t>(a.rowsum[i]);
+        const __m512i offset = _mm512_set1_epi32(static_cast<int32_t>(offset_sum));
+        int32_t* out = a.acc + i * a.acc_stride;
+        for (int64_t j = 0; j < a.cols; j += 16) {
+          const __m512i sum = _mm512_srai_epi32(_mm512_loadu_si512(out + j), shift);
+          _mm512_storeu_si512(out + j, _mm512_add_epi32(sum, offset));
         }
       }
     }
@@ -354,6 +396,22 @@ void amx_block(const AmxBlock& a) {
     case 2: return a.x_u8 ? amx_block_impl<2, true>(a) : amx_block_impl<2, false>(a);
     case 4: return a.x_u8 ? amx_block_impl<4, true>(a) : amx_block_impl<4, false>(a);
     default: return a.x_u8 ? amx_block_impl<8, true>(a) : amx_block_impl<8, false>(a);
+  }
+}
+
+// ---- epilogue ----------------------------------------------------------------------------------------------
+// float32(int32(acc - correction)) * scale (+ bias): cvtdq2ps, then a separate multiply and add (the build has
+// -ffp-contract=off, and the intrinsics are not fused), lane for lane the scalar loop's operations.
+void epilogue(const int32_t* acc, int64_t n, uint32_t correction, const float* scale, const float* bias,
+              float* out) {
+  const __m512i corr = _mm512_set1_epi32(static_cast<int32_t>(correction));
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t left = n - j;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    const __m512i a = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, acc + j), corr);
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_maskz_loadu_ps(m, scale + j));
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + j));
+    _mm512_mask_storeu_ps(out + j, m, v);
   }
 }
 
@@ -408,7 +466,8 @@ bool prepare_row(const float* q, int64_t n, int fields, float lo, float hi, uint
 }  // namespace
 
 PackedLinearKernels kernels() {
-  return {kLanes, 1, true, &tile, &amx_block, &quantize_f32, &quantize_f16, &quantize_bf16, &prepare_row};
+  return {kLanes, 1, true, &tile, &amx_panel, &amx_block, &quantize_f32, &quantize_f16, &quantize_bf16, &prepare_row,
+          &epilogue};
 }
 
 }  // namespace lowbit::cpu::packed_avx512

@@ -50,7 +50,7 @@ void tile(const PackedTile& t) {
 }  // namespace
 
 PackedLinearKernels kernels() {
-  return {1, 2, false, &tile, nullptr, &quantize_f32, &quantize_f16, &quantize_bf16, nullptr};
+  return {1, 2, false, &tile, nullptr, nullptr, &quantize_f32, &quantize_f16, &quantize_bf16, nullptr, nullptr};
 }
 
 }  // namespace lowbit::cpu::packed_scalar
