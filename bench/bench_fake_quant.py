@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from common import RESULTS, cpu_name, write_results
+from common import RESULTS, cpu_name, speedup, write_results
 
 import lowbit
 from lowbit.timing import interleaved_median_ms
@@ -142,10 +142,6 @@ def time_case(case: Case, impls: dict, device, repeats: int) -> dict:
 # ---- report ------------------------------------------------------------------------------------------------
 
 
-def _speedup(baseline: float | None, ms: float) -> str:
-    return f"{baseline / ms:.1f}x" if baseline else "n/a"
-
-
 def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"# Fused LSQ fake-quant, forward + backward ({meta['device']})",
@@ -168,7 +164,7 @@ def markdown(results: dict, meta: dict) -> str:
                 lines.append(f"| {name} | n/a | | | |")
                 continue
             lines.append(
-                f"| {name} | {ms:.2f} | {_speedup(learnable, ms)} | {_speedup(composition, ms)} | {ms / floor:.2f} |"
+                f"| {name} | {ms:.2f} | {speedup(learnable, ms)} | {speedup(composition, ms)} | {ms / floor:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, cpu_name, write_results
+from common import RESULTS, cpu_name, speedup, write_results
 
 import lowbit
 from lowbit.timing import interleaved_median_ms
@@ -62,10 +62,6 @@ def candidates(m: int, k: int, device: torch.device) -> dict:
     return fns
 
 
-def _ratio(baseline: float | None, ms: float) -> str:
-    return f"{baseline / ms:.2f}x" if baseline else "n/a"
-
-
 def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"# Packed linear (lowbit.packed_linear), K = N ({meta['device']})",
@@ -86,7 +82,7 @@ def markdown(results: dict, meta: dict) -> str:
             "|---|---:|---:|---:|",
         ]
         for name, ms in row.items():
-            lines.append(f"| {name} | {ms:.3f} | {_ratio(fp32, ms)} | {_ratio(int_mm, ms)} |")
+            lines.append(f"| {name} | {ms:.3f} | {speedup(fp32, ms, 2)} | {speedup(int_mm, ms, 2)} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -25,3 +25,8 @@ def write_results(folder: str, stem: str, markdown: str, data: dict) -> None:
     with open(path + ".json", "w") as f:
         json.dump(data, f, indent=2)
     print(f"wrote {path}.md and .json", file=sys.stderr)
+
+
+def speedup(baseline: float | None, ms: float, digits: int = 1) -> str:
+    """``baseline / ms`` as "3.2x" (above 1: faster than the baseline), or "n/a" when the baseline did not run."""
+    return f"{baseline / ms:.{digits}f}x" if baseline else "n/a"

@@ -97,7 +97,7 @@ def _activations(m, k, x_bits, x_signed, gen, dtype=torch.float32):
     return x.to(dtype), torch.tensor([step])
 
 
-def _run(x, qw, w_scale, w_bits, x_step, x_bits, x_signed, bias=None):
+def run_packed_linear(x, qw, w_scale, w_bits, x_step, x_bits, x_signed, bias=None):
     packed = lowbit.pack(qw, w_bits)
     return lowbit.packed_linear(
         x.to(DEVICE),
@@ -111,7 +111,7 @@ def _run(x, qw, w_scale, w_bits, x_step, x_bits, x_signed, bias=None):
     )
 
 
-def _check_exact(y, x, qw, w_scale, x_step, x_bits, x_signed, bias=None):
+def check_packed_linear_exact(y, x, qw, w_scale, x_step, x_bits, x_signed, bias=None):
     want = np_packed_linear(x, qw.numpy(), w_scale, x_step.item(), x_bits, x_signed, bias)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], qw.shape[0])
     torch.testing.assert_close(y.cpu(), want.to(x.dtype), rtol=0, atol=0, equal_nan=True)
@@ -174,8 +174,8 @@ def test_packed_linear_matches_reference(backend, w_bits, x_range, shape):
     qw, w_scale = _weights(n, k, w_bits, gen)
     x, x_step = _activations(m, k, x_bits, x_signed, gen)
     bias = torch.randn(n, generator=gen) if (w_bits + m) % 2 else None
-    y = _run(x, qw, w_scale, w_bits, x_step, x_bits, x_signed, bias)
-    _check_exact(y, x, qw, w_scale, x_step, x_bits, x_signed, bias)
+    y = run_packed_linear(x, qw, w_scale, w_bits, x_step, x_bits, x_signed, bias)
+    check_packed_linear_exact(y, x, qw, w_scale, x_step, x_bits, x_signed, bias)
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
@@ -187,8 +187,8 @@ def test_packed_linear_dtypes(backend, w_bits, dtype, with_bias):
     qw, w_scale = _weights(n, k, w_bits, gen)
     x, x_step = _activations(m, k, 8, True, gen, dtype)
     bias = torch.randn(n, generator=gen) if with_bias else None
-    y = _run(x, qw, w_scale, w_bits, x_step, 8, True, bias)
-    _check_exact(y, x, qw, w_scale, x_step, 8, True, bias)
+    y = run_packed_linear(x, qw, w_scale, w_bits, x_step, 8, True, bias)
+    check_packed_linear_exact(y, x, qw, w_scale, x_step, 8, True, bias)
 
 
 @pytest.mark.parametrize("x_signed", [False, True], ids=["unsigned", "signed"])
@@ -213,8 +213,8 @@ def test_ties_clamp_edges_inf_and_nan_rows(backend, x_signed):
     for w_bits in (2, 4, 8):
         qw, w_scale = _weights(9, k, w_bits, gen)
         bias = torch.randn(9, generator=gen)
-        y = _run(x, qw, w_scale, w_bits, torch.tensor([step]), x_bits, x_signed, bias)
-        _check_exact(y, x, qw, w_scale, torch.tensor([step]), x_bits, x_signed, bias)
+        y = run_packed_linear(x, qw, w_scale, w_bits, torch.tensor([step]), x_bits, x_signed, bias)
+        check_packed_linear_exact(y, x, qw, w_scale, torch.tensor([step]), x_bits, x_signed, bias)
         assert torch.isnan(y[[1, 6]]).all() and not torch.isnan(y[[0, 2, 3, 4, 5]]).any()
 
 
@@ -227,8 +227,8 @@ def test_extreme_codes(backend):
         qw[1] = 127
         qw[2, ::2] = 127
         w_scale = torch.tensor([1.0, 0.5, 0.25])
-        y = _run(x, qw, w_scale, 8, torch.tensor([1.0]), x_bits, x_signed)
-        _check_exact(y, x, qw, w_scale, torch.tensor([1.0]), x_bits, x_signed)
+        y = run_packed_linear(x, qw, w_scale, 8, torch.tensor([1.0]), x_bits, x_signed)
+        check_packed_linear_exact(y, x, qw, w_scale, torch.tensor([1.0]), x_bits, x_signed)
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 7), (3, 0, 7), (3, 5, 0), (0, 0, 0)], ids=["M0", "N0", "K0", "all0"])
@@ -238,9 +238,9 @@ def test_empty(backend, shape):
     qw, w_scale = _weights(n, k, 4, gen)
     x, x_step = _activations(m, k, 8, True, gen)
     bias = torch.randn(n, generator=gen)
-    y = _run(x, qw, w_scale, 4, x_step, 8, True, bias)
-    _check_exact(y, x, qw, w_scale, x_step, 8, True, bias)  # K = 0: y is the bias
-    y3 = _run(x.reshape(1, m, k), qw, w_scale, 4, x_step, 8, True)
+    y = run_packed_linear(x, qw, w_scale, 4, x_step, 8, True, bias)
+    check_packed_linear_exact(y, x, qw, w_scale, x_step, 8, True, bias)  # K = 0: y is the bias
+    y3 = run_packed_linear(x.reshape(1, m, k), qw, w_scale, 4, x_step, 8, True)
     assert y3.shape == (1, m, n)
 
 
@@ -250,10 +250,14 @@ def test_noncontiguous_and_batched_x(backend):
     x, x_step = _activations(33, 10, 8, False, gen)
     xt = x.t()  # (10, 33) view, not contiguous
     assert not xt.is_contiguous()
-    _check_exact(_run(xt, qw, w_scale, 4, x_step, 8, False), xt, qw, w_scale, x_step, 8, False)
+    check_packed_linear_exact(
+        run_packed_linear(xt, qw, w_scale, 4, x_step, 8, False), xt, qw, w_scale, x_step, 8, False
+    )
     xb, _ = _activations(2 * 3, 66, 8, False, gen)
     xs = xb.reshape(2, 3, 66)[..., ::2]  # (2, 3, 33) strided
-    _check_exact(_run(xs, qw, w_scale, 4, x_step, 8, False), xs, qw, w_scale, x_step, 8, False)
+    check_packed_linear_exact(
+        run_packed_linear(xs, qw, w_scale, 4, x_step, 8, False), xs, qw, w_scale, x_step, 8, False
+    )
 
 
 def test_result_independent_of_thread_count():
@@ -263,9 +267,9 @@ def test_result_independent_of_thread_count():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _run(x, qw, w_scale, 4, x_step, 8, True)
+        one = run_packed_linear(x, qw, w_scale, 4, x_step, 8, True)
         torch.set_num_threads(max(2, before))
-        many = _run(x, qw, w_scale, 4, x_step, 8, True)
+        many = run_packed_linear(x, qw, w_scale, 4, x_step, 8, True)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(one, many, rtol=0, atol=0)
@@ -279,7 +283,7 @@ def test_matches_fake_quant_linear_within_spec(backend, w_bits):
     qw, w_scale = _weights(n, k, w_bits, gen)
     x, x_step = _activations(m, k, 8, True, gen)
     bias = torch.randn(n, generator=gen)
-    y = _run(x, qw, w_scale, w_bits, x_step, 8, True, bias).cpu()
+    y = run_packed_linear(x, qw, w_scale, w_bits, x_step, 8, True, bias).cpu()
     with lowbit.use_backend("reference"):
         fq = lowbit.fake_quant(x, x_step, 8, signed=True)
     dq = qw.float() * w_scale[:, None]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fake_quant import check_fake_quant
 from test_multi_branch import check_multi_branch
-from test_packed_ops import np_pack, np_packed_linear
+from test_packed_ops import check_packed_linear_exact, np_pack, run_packed_linear
 
 import lowbit
 from lowbit import quant_range
@@ -116,15 +116,5 @@ def test_packed_linear_property(backend, data):
         x.view(-1)[torch.randint(0, x.numel(), (3,), generator=gen)] = torch.tensor([math.inf, -math.inf, math.nan])
     x = x.to(dtype)
     bias = torch.randn(n, generator=gen) if data.draw(st.booleans()) else None
-    y = lowbit.packed_linear(
-        x.to(DEVICE),
-        lowbit.pack(qw, w_bits).to(DEVICE),
-        w_scale.to(DEVICE),
-        w_bits,
-        x_step.to(DEVICE),
-        x_bits,
-        x_signed=x_signed,
-        bias=None if bias is None else bias.to(DEVICE),
-    )
-    want = np_packed_linear(x, qw.numpy(), w_scale, x_step.item(), x_bits, x_signed, bias)
-    torch.testing.assert_close(y.cpu(), want.to(dtype), rtol=0, atol=0, equal_nan=True)
+    y = run_packed_linear(x, qw, w_scale, w_bits, x_step, x_bits, x_signed, bias)
+    check_packed_linear_exact(y, x, qw, w_scale, x_step, x_bits, x_signed, bias)
