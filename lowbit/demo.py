@@ -197,7 +197,7 @@ class Demo:
 
     def deploy(self, qat_model: nn.Module) -> dict:
         qat_model.eval()
-        packed = lowbit.convert(copy.deepcopy(qat_model))
+        packed = lowbit.convert(qat_model)  # converts a copy; qat_model stays as it is
         path = os.path.join(self.cfg.out, "model.safetensors")
         lowbit.save(packed, path)
         reloaded = lowbit.load(path).to(self.device)
