@@ -34,28 +34,6 @@ MODELS = {
 }
 
 
-def _packed_linear_backend() -> str | None:
-    """None when the default backend runs packed_linear, else "reference" (the CPU kernel may not be built yet)."""
-    w = lowbit.pack(torch.zeros(1, 2, dtype=torch.int8), 4)
-    try:
-        lowbit.packed_linear(torch.ones(1, 2), w, torch.ones(1), 4, torch.ones(1), 8)
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return "reference"
-    return None
-
-
-_BACKEND = _packed_linear_backend()
-
-
-@pytest.fixture(autouse=True)
-def packed_backend():
-    if _BACKEND is None:
-        yield
-    else:
-        with lowbit.use_backend(_BACKEND):
-            yield
-
-
 def _close(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
     """SPEC section 4: float32 rounding, relative to the output's scale (a sum of K products can cancel)."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
