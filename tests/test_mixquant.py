@@ -62,8 +62,11 @@ def test_budget_is_respected_near_optimal_and_never_worse_than_uniform(seed, avg
     plan = mq.search(table, budget=mq.AvgBits(avg))
     total_params = sum(table.params.values())
     assert plan.avg_bits <= avg + 1e-9 and plan.model_bytes <= avg * total_params / 8 + 1e-6
+    # The DP is exact up to one budget cell (1/20,000 of the spare bits) per layer; at these sizes that never
+    # changes the choice (measured: equal to the brute force in 120 of 120 cases), so only float rounding is left.
     optimum = _brute_force(table, avg * total_params)
-    assert optimum - 1e-9 <= plan.total_qe <= optimum + plan.gap_bound + 1e-9
+    assert plan.total_qe == pytest.approx(optimum, rel=1e-9)
+    assert plan.gap_bound >= plan.total_qe - optimum - 1e-12  # the certificate is a true upper bound of the gap
     for b in table.bits:
         if b <= avg:
             uniform = sum(table.params[n] * table.error(n, b) for n in table.layers)
@@ -154,7 +157,9 @@ def test_every_quantizer_applies_a_plan_to_every_packaged_model(name):
         plan = mq.search(model, budget=mq.AvgBits(3))
         out = mq.apply_plan(model, plan, quantizer)
         assert isinstance(out, nn.Module)
-        assert 0 <= evaluate(out, loader)["acc"] <= 100
+        with torch.no_grad():
+            agree = float((out(x).argmax(1) == y).float().mean() * 100)
+        assert evaluate(out, loader)["acc"] == pytest.approx(agree)  # the quantized model evaluates as it predicts
         layers = mq.table.quantizable_layers(out)
         for layer_name, bits in plan.items():
             w = (
@@ -163,6 +168,43 @@ def test_every_quantizer_applies_a_plan_to_every_packaged_model(name):
                 else layers[layer_name].weight
             )
             assert max(torch.unique(row).numel() for row in w.detach().flatten(1)) <= 2**bits
+
+
+@pytest.fixture(scope="module")
+def trained_digits_mlp():
+    """An MLP trained on the bundled digits: 5 epochs reach 96.1-96.4% test top-1 (seeds 0-2, measured)."""
+    from lowbit import data
+    from lowbit.train import evaluate, fit, set_seed
+
+    digits = data.digits()
+    train, test = digits.loaders(batch_size=64, seed=0)
+    set_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    fit(model, train, None, epochs=5, lr=0.1, progress=False)
+    return model, digits, train, test, evaluate(model, test)["acc"]
+
+
+@pytest.mark.parametrize("quantizer", ["MinMaxPTQ", "LSQFineTune", "BRECQ"])
+def test_plan_at_2p5_bits_keeps_accuracy_on_digits(trained_digits_mlp, quantizer):
+    """A 2.5-bit plan applied by each quantizer stays within 6 points of float and far above chance (10%).
+
+    Measured on seeds 0-2: float 96.1-96.4%, the 2.5-bit plans 92.5-95.5%; a broken plan, quantizer or bit
+    assignment (e.g. all layers at 2 bits with a wrong step) falls well below the floor.
+    """
+    from lowbit.train import evaluate
+
+    model, digits, train, test, float_acc = trained_digits_mlp
+    assert float_acc >= 93.0
+    make = {
+        "MinMaxPTQ": lambda: mq.MinMaxPTQ(),
+        "LSQFineTune": lambda: mq.LSQFineTune(train, epochs=1, lr=0.01),
+        "BRECQ": lambda: mq.BRECQ(digits.train_x[:128], samples=128, iters=50),
+    }[quantizer]
+    copied = copy.deepcopy(model)
+    plan = mq.search(copied, budget=mq.AvgBits(2.5))
+    assert plan.avg_bits <= 2.5 and min(plan.values()) == 2
+    acc = evaluate(mq.apply_plan(copied, plan, make()), test)["acc"]
+    assert acc >= max(float_acc - 6.0, 85.0), f"{quantizer}: {acc:.1f}% vs float {float_acc:.1f}%"
 
 
 def test_reconstruction_units_cover_every_layer_once():
