@@ -1,4 +1,8 @@
 """``lowbit.save`` / ``lowbit.load``: a converted model in one safetensors file (format in docs/serialization.md).
+``save_model`` / ``load_model`` do the same for float and fake-quant models, ``state_bytes`` / ``read_state`` for
+training checkpoints (nested dicts of tensors and plain values). No file lowbit reads runs code: every format is
+safetensors plus JSON metadata; a pickle file is read only through ``torch_load``, with ``weights_only=True``
+unless the caller opts in with ``allow_pickle=True``.
 
 The file holds every state-dict tensor (packed weight codes in the canonical layout of SPEC section 4, steps,
 biases, BN statistics, ...) and, in the safetensors metadata, the format name and version, how to rebuild the
@@ -17,16 +21,30 @@ import os
 import tempfile
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from lowbit.models import ARCH_ATTR, create_model
-from lowbit.nn.layers import QConv2d, QLinear
+from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
 from lowbit.nn.packed import _PackedBase, from_config
 
 FORMAT = "lowbit.packed"
 VERSION = 1
 REQUIRED_METADATA = ("format", "format_version", "arch", "layers", "checksum")
+MODEL_FORMAT = "lowbit.model"  # float and fake-quant models (the input of lowbit.convert)
+MODEL_VERSION = 1
+REQUIRED_MODEL_METADATA = ("format", "format_version", "arch", "layers", "extra_state", "checksum")
+CHECKPOINT_FORMAT = "lowbit.checkpoint"  # training state: nested dicts/lists of tensors and plain values
+CHECKPOINT_VERSION = 1
+REQUIRED_CHECKPOINT_METADATA = ("format", "format_version", "state", "checksum")
+PICKLE = "pickle"  # what file_format calls a torch.save / pickle file
+# What to tell someone who hands one format to a reader of another.
+_READERS = {
+    FORMAT: "a converted (packed) model: lowbit.load reads it",
+    MODEL_FORMAT: "a float or fake-quant model: lowbit.load_model reads it, lowbit.convert packs it",
+    CHECKPOINT_FORMAT: "a training checkpoint, not a model",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,19 +236,23 @@ def _header(data: bytes, path: str) -> dict:
     return header
 
 
-def _checked_metadata(header: dict, path: str) -> dict[str, str]:
+def _checked_metadata(
+    header: dict, path: str, fmt: str = FORMAT, version: int = VERSION, required=REQUIRED_METADATA
+) -> dict[str, str]:
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict):
-        raise ValueError(f"{path!r} has no lowbit metadata: it was not written by lowbit.save")
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path!r} has format {metadata.get('format')!r} in its metadata, expected {FORMAT!r}")
+        raise ValueError(f"{path!r} has no lowbit metadata: it was not written by lowbit")
+    if metadata.get("format") != fmt:
+        found = metadata.get("format")
+        hint = f" ({_READERS[found]})" if found in _READERS else ""
+        raise ValueError(f"{path!r} has format {found!r} in its metadata, expected {fmt!r}{hint}")
     if "format_version" not in metadata:
         raise ValueError(f"{path!r}: the metadata lacks 'format_version'")
-    if metadata["format_version"] != str(VERSION):
+    if metadata["format_version"] != str(version):
         raise ValueError(
-            f"{path!r} has format version {metadata['format_version']!r}; this lowbit reads version {VERSION} only"
+            f"{path!r} has format version {metadata['format_version']!r}; this lowbit reads version {version} only"
         )
-    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    missing = [key for key in required if key not in metadata]
     if missing:
         raise ValueError(f"{path!r}: the metadata lacks {missing}")
     return metadata
@@ -267,8 +289,10 @@ def _skeleton(arch, model, path: str, model_class: str) -> nn.Module:
         )
     if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs"), dict):
         raise ValueError(f"{path!r}: metadata 'arch' must hold a model name and kwargs, got {arch!r}")
-    skeleton = create_model(arch["name"], **arch["kwargs"])
-    return skeleton
+    try:
+        return create_model(arch["name"], **arch["kwargs"])
+    except (TypeError, ValueError) as exc:  # unknown name or kwargs the constructor rejects
+        raise ValueError(f"{path!r}: metadata 'arch' {arch['name']!r} cannot be built ({exc})") from exc
 
 
 def _install_layers(skeleton: nn.Module, layers, path: str) -> nn.Module:
@@ -289,22 +313,50 @@ def _install_layers(skeleton: nn.Module, layers, path: str) -> nn.Module:
     return skeleton
 
 
-def _load_state(skeleton: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Strict: the same keys, dtypes and shapes as the skeleton's state dict (load_state_dict alone would cast)."""
+def _load_state(skeleton: nn.Module, tensors: dict[str, torch.Tensor], path: str, extra: dict | None = None) -> None:
+    """Strict: the same keys, dtypes and shapes as the skeleton's state dict (load_state_dict alone would cast).
+    ``extra`` holds the non-tensor entries (modules' ``get_extra_state``), which must sit where the model has them."""
+    given = {**tensors, **(extra or {})}
     expected = skeleton.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{path!r} does not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
     for name, value in expected.items():
-        got = tensors[name]
-        if not isinstance(value, torch.Tensor) or got.dtype != value.dtype or got.shape != value.shape:
-            what = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{path!r}: tensor {name!r} is {got.dtype} {tuple(got.shape)}, the model expects {what}")
-    skeleton.load_state_dict(tensors, strict=True)
+        got = given[name]
+        if not isinstance(value, torch.Tensor) and not isinstance(got, torch.Tensor):
+            continue  # extra state, checked by the module that reads it
+        if not isinstance(value, torch.Tensor) or not isinstance(got, torch.Tensor):
+            raise ValueError(f"{path!r}: entry {name!r} is a {type(got).__name__}, the model expects a "
+                             f"{type(value).__name__}")  # fmt: skip
+        if got.dtype != value.dtype or got.shape != value.shape:
+            raise ValueError(
+                f"{path!r}: tensor {name!r} is {got.dtype} {tuple(got.shape)}, the model expects "
+                f"{value.dtype} {tuple(value.shape)}"
+            )
+    try:
+        skeleton.load_state_dict(given, strict=True)
+    except (TypeError, ValueError, KeyError) as exc:  # a module's set_extra_state rejecting what it was given
+        raise ValueError(f"{path!r}: the model rejects the file's module state ({exc})") from exc
+
+
+def _read(path, fmt: str, version: int, required) -> tuple[dict[str, str], dict[str, torch.Tensor], str]:
+    """Metadata and tensors of a lowbit safetensors file of format ``fmt``, every check done, checksum last."""
+    path = _check_path(path, must_exist=True)
+    with open(path, "rb") as f:
+        data = f.read()
+    metadata = _checked_metadata(_header(data, path), path, fmt, version, required)
+    tensors = _tensors(data, path)
+    found = checksum(tensors, metadata)
+    if found != metadata["checksum"]:
+        raise ValueError(
+            f"{path!r} failed its checksum: the file is corrupted or was modified after lowbit wrote it "
+            f"(recorded {metadata['checksum'][:20]}..., computed {found[:20]}...)"
+        )
+    return metadata, tensors, path
 
 
 def load(path, *, model: nn.Module | Callable[[], nn.Module] | None = None, device=None) -> nn.Module:
@@ -321,17 +373,7 @@ def load(path, *, model: nn.Module | Callable[[], nn.Module] | None = None, devi
     has no lowbit metadata, another format version, or does not fit ``model``; ``FileNotFoundError`` for a
     missing file.
     """
-    path = _check_path(path, must_exist=True)
-    with open(path, "rb") as f:
-        data = f.read()
-    metadata = _checked_metadata(_header(data, path), path)
-    tensors = _tensors(data, path)
-    found = checksum(tensors, metadata)
-    if found != metadata["checksum"]:
-        raise ValueError(
-            f"{path!r} failed its checksum: the file is corrupted or was modified after lowbit.save "
-            f"(recorded {metadata['checksum'][:20]}..., computed {found[:20]}...)"
-        )
+    metadata, tensors, path = _read(path, FORMAT, VERSION, REQUIRED_METADATA)
     arch = _json_field(metadata, "arch", path)
     skeleton = _skeleton(arch, model, path, metadata.get("model_class", "model"))
     skeleton = _install_layers(skeleton, _json_field(metadata, "layers", path), path)
@@ -342,3 +384,362 @@ def load(path, *, model: nn.Module | Callable[[], nn.Module] | None = None, devi
     if arch is not None and model is None:
         setattr(skeleton, ARCH_ATTR, {"name": arch["name"], "kwargs": arch["kwargs"]})
     return skeleton.to(device or "cpu").eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float and fake-quant models: format lowbit.model
+# ---------------------------------------------------------------------------------------------------------------
+
+FAKE_QUANT_LAYERS = {cls.__name__: cls for cls in (QConv2d, QLinear, MultiBranchQConv2d, MultiBranchQLinear)}
+
+
+def fake_quant_config(layer: nn.Module) -> dict:
+    """JSON-able constructor arguments of a ``QConv2d`` / ``QLinear`` / multi-branch layer, plus ``type``. The
+    quantizers' own state (bits, signedness, whether initialised) is their extra state, saved with the tensors."""
+    config: dict = {"type": type(layer).__name__, "w_bits": layer.w_bits, "bias": layer.bias is not None}
+    if isinstance(layer, nn.Conv2d):
+        config.update(
+            in_channels=layer.in_channels,
+            out_channels=layer.out_channels,
+            kernel_size=list(layer.kernel_size),
+            stride=list(layer.stride),
+            padding=layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+            dilation=list(layer.dilation),
+            groups=layer.groups,
+            padding_mode=layer.padding_mode,
+        )
+    else:
+        config.update(in_features=layer.in_features, out_features=layer.out_features)
+    if isinstance(layer, (MultiBranchQConv2d, MultiBranchQLinear)):
+        config["a_bits_choices"] = list(layer.candidate_bits)
+    else:
+        config["a_bits"] = layer.a_bits
+    return config
+
+
+def fake_quant_from_config(config) -> nn.Module:
+    """An untrained fake-quant layer built from ``fake_quant_config(layer)``; ValueError on a bad config."""
+    if not isinstance(config, dict) or config.get("type") not in FAKE_QUANT_LAYERS:
+        found = config.get("type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"config must name a fake-quant layer type ({', '.join(FAKE_QUANT_LAYERS)}), got {found!r}")
+    cls = FAKE_QUANT_LAYERS[config["type"]]
+    try:
+        return cls(**{k: v for k, v in config.items() if k != "type"})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config does not describe a {cls.__name__}: {exc}") from exc
+
+
+def _install_fake_quant(skeleton: nn.Module, layers, path: str) -> nn.Module:
+    """Puts an untrained fake-quant layer, built from its recorded config, at every recorded name."""
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path!r}: metadata 'layers' must map layer names to configs, got {type(layers).__name__}")
+    for name, config in layers.items():
+        try:
+            layer = fake_quant_from_config(config)
+        except ValueError as exc:
+            raise ValueError(f"{path!r}: layer {name!r}: {exc}") from exc
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
+            getattr(parent, child)
+        except AttributeError as exc:
+            raise ValueError(f"{path!r} has a fake-quant layer {name!r} that the model does not have") from exc
+        setattr(parent, child, layer)
+    return skeleton
+
+
+def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict as detached contiguous CPU tensors, and its other entries (modules' extra state)."""
+    tensors, extra = {}, {}
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        else:
+            extra[name] = value
+    return tensors, extra
+
+
+def _first_difference(model: nn.Module, rebuilt: nn.Module) -> str | None:
+    mine = {n: type(m) for n, m in model.named_modules()}
+    theirs = {n: type(m) for n, m in rebuilt.named_modules()}
+    for name in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(name), theirs.get(name)
+        if a is not b:
+            what = lambda t: t.__name__ if t is not None else "absent"  # noqa: E731
+            return f"module {name or '(root)'!r} is {what(a)} in the model, {what(b)} when rebuilt"
+    return None
+
+
+def _check_rebuilds(model: nn.Module, arch: dict, layers: dict, tensors: dict, extra: dict) -> None:
+    """``save_model`` refuses what ``load_model`` could not rebuild: the recorded architecture plus the recorded
+    fake-quant layers must give the model's module tree and a state dict that takes the model's tensors."""
+    where = f"model (recorded architecture {arch['name']!r})"
+    try:
+        rebuilt = _install_fake_quant(_skeleton(arch, None, where, ""), layers, where)
+    except ValueError as exc:
+        raise ValueError(f"model cannot be rebuilt from what would be saved: {exc}") from exc
+    difference = _first_difference(model, rebuilt)
+    if difference is None:
+        try:
+            stored = json.loads(json.dumps(_encode(extra, "extra_state", {})))  # what load_model will get back
+            _load_state(rebuilt, tensors, where, _decode(stored, {}, where))
+        except ValueError as exc:
+            difference = str(exc)
+    if difference is not None:
+        raise ValueError(
+            f"model cannot be rebuilt from its recorded architecture and layers ({difference}): save only models "
+            f"built by lowbit.models.create_model and changed by lowbit.quantize / the methods, or delete "
+            f"model.{ARCH_ATTR} and pass model= to lowbit.load_model"
+        )
+
+
+def save_model(model: nn.Module, path) -> None:
+    """Writes a float or fake-quant model (the input of ``lowbit.convert``) to ``path``: safetensors, format
+    ``lowbit.model`` version 1, atomically, with a checksum. No pickle: the file holds tensors, and JSON for the
+    architecture, each fake-quant layer's configuration and the quantizers' state.
+
+    Args:
+        model: an ``nn.Module`` whose layers are those of its architecture, some replaced by ``QConv2d`` /
+            ``QLinear`` / ``MultiBranchQConv2d`` / ``MultiBranchQLinear`` (what ``lowbit.quantize``, MixQuant and
+            MetaMix produce). A model built by ``lowbit.models.create_model`` records how to rebuild it, and
+            ``save_model`` checks that it does; any other model needs ``model=`` at load. Converted (packed)
+            models go to ``lowbit.save``.
+        path: the file to write (its folder must exist).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    path = _check_path(path, must_exist=False)
+    packed = [n or "(root)" for n, m in model.named_modules() if isinstance(m, _PackedBase)]
+    if packed:
+        raise ValueError(f"model has packed layers ({', '.join(packed[:5])}): save converted models with lowbit.save")
+    tensors, extra = _split_state(model)
+    layers = {n: fake_quant_config(m) for n, m in model.named_modules() if type(m).__name__ in FAKE_QUANT_LAYERS}
+    arch = _arch(model)
+    if arch is not None:
+        _check_rebuilds(model, arch, layers, tensors, extra)
+    import lowbit
+
+    cls = type(model)
+    metadata = {
+        "format": MODEL_FORMAT,
+        "format_version": str(MODEL_VERSION),
+        "lowbit_version": lowbit.__version__,
+        "model_class": f"{cls.__module__}.{cls.__qualname__}",
+        "arch": json.dumps(arch),
+        "layers": json.dumps(layers),
+        "extra_state": json.dumps(_encode(extra, "model's extra state", {})),
+    }
+    metadata["checksum"] = checksum(tensors, metadata)
+    _write_atomically(path, _serialize(tensors, metadata))
+
+
+def _same_arch(skeleton: nn.Module, arch, path: str) -> None:
+    """A ``model=`` built by create_model must be the architecture the file records."""
+    mine = getattr(skeleton, ARCH_ATTR, None)
+    if arch is None or mine is None:
+        return
+    recorded = {"name": arch.get("name"), "kwargs": arch.get("kwargs")}
+    if json.loads(json.dumps(mine)) != recorded:
+        raise ValueError(
+            f"{path!r} holds a {recorded['name']} {recorded['kwargs']}, but model is a {mine['name']} {mine['kwargs']}"
+        )
+
+
+def _check_quantizers(model: nn.Module, path: str) -> None:
+    """What a module's extra state set must be a valid quantizer: bits in 2..8, a flag for signedness."""
+    from lowbit import _checks
+    from lowbit.nn.quantizers import LSQQuantizer, MultiBranchQuantizer
+
+    for name, m in model.named_modules():
+        try:
+            if isinstance(m, LSQQuantizer):
+                _checks.bits("bits", m.bits)
+            elif isinstance(m, MultiBranchQuantizer):
+                _checks.bit_list("bits", m.bits)
+            if isinstance(m, (LSQQuantizer, MultiBranchQuantizer)) and m.signed not in (True, False, None):
+                raise ValueError(f"signed must be True, False or None, got {m.signed!r}")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path!r}: quantizer {name!r} has an invalid state ({exc})") from exc
+
+
+def load_model(path, *, model: nn.Module | Callable[[], nn.Module] | None = None, device=None) -> nn.Module:
+    """Reads a model written by ``save_model``; it comes back in eval mode (call ``.train()`` to train on).
+
+    Args:
+        path: the file.
+        model: the architecture to fill, for models not built by ``lowbit.models.create_model`` (an instance,
+            filled in place, or a callable returning one); fake-quant layers are put at the recorded names. A
+            ``model`` built by ``create_model`` must be the architecture the file records.
+        device: where to put the model (default: CPU).
+
+    Raises ``ValueError`` saying what is wrong when the file is not a ``lowbit.model`` file, is truncated or
+    corrupted, records an architecture or layers that cannot be built, or does not fit ``model``.
+    """
+    metadata, tensors, path = _read(path, MODEL_FORMAT, MODEL_VERSION, REQUIRED_MODEL_METADATA)
+    arch = _json_field(metadata, "arch", path)
+    skeleton = _skeleton(arch, model, path, metadata.get("model_class", "model"))
+    if model is not None:
+        _same_arch(skeleton, arch, path)
+    skeleton = _install_fake_quant(skeleton, _json_field(metadata, "layers", path), path)
+    extra = _decode(_json_field(metadata, "extra_state", path), {}, path)
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path!r}: metadata 'extra_state' must be a JSON object, got {type(extra).__name__}")
+    _load_state(skeleton, tensors, path, extra)
+    _check_quantizers(skeleton, path)
+    if arch is not None and model is None:
+        setattr(skeleton, ARCH_ATTR, {"name": arch["name"], "kwargs": arch["kwargs"]})
+    return skeleton.to(device or "cpu").eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training state (checkpoints): format lowbit.checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+# Nested values become JSON; tensors become safetensors entries named by their place in the tree and appear in the
+# JSON as {"$tensor": name}. JSON has no tuples and only string keys, so tuples are {"$tuple": [...]} and a dict
+# with other keys (an optimizer's state is keyed by parameter index) is {"$dict": [[key, value], ...]}.
+
+
+def _encode(value, where: str, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, torch.Tensor):
+        name = where if where not in tensors else f"{where}#{len(tensors)}"
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        return {"$tensor": name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float)):
+        return value.item()  # a NumPy scalar: stored as the Python number of the same value
+    if isinstance(value, tuple):
+        return {"$tuple": [_encode(v, f"{where}/{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{where}/{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: _encode(v, f"{where}/{k}", tensors) for k, v in value.items()}
+        return {"$dict": [[_encode(k, where, {}), _encode(v, f"{where}/{k}", tensors)] for k, v in value.items()]}
+    raise TypeError(
+        f"state entry {where} is a {type(value).__name__}: lowbit stores tensors, numbers, strings, None, lists, "
+        "tuples and dicts only (no pickle)"
+    )
+
+
+def _decode(node, tensors: dict[str, torch.Tensor], path: str):
+    if isinstance(node, list):
+        return [_decode(v, tensors, path) for v in node]
+    if not isinstance(node, dict):
+        return node
+    marked = [k for k in node if k.startswith("$")]
+    if not marked:
+        return {k: _decode(v, tensors, path) for k, v in node.items()}
+    kind = marked[0]
+    if len(node) != 1 or kind not in ("$tensor", "$tuple", "$dict"):
+        raise ValueError(f"{path!r} is corrupted: unknown entry {sorted(node)} in its state")
+    if kind == "$tensor":
+        if node[kind] not in tensors:
+            raise ValueError(f"{path!r} is corrupted: its state refers to a tensor {node[kind]!r} it does not hold")
+        return tensors[node[kind]]
+    if kind == "$tuple":
+        return tuple(_decode(v, tensors, path) for v in node[kind])
+    try:
+        return {_hashable(_decode(k, tensors, path)): _decode(v, tensors, path) for k, v in node[kind]}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path!r} is corrupted: a '$dict' entry is not a list of [key, value] pairs") from exc
+
+
+def _hashable(key):
+    hash(key)  # TypeError for a list or dict key: the file was not written by state_bytes
+    return key
+
+
+def state_bytes(state: dict) -> bytes:
+    """A training state (nested dicts / lists / tuples of tensors, numbers, strings, None) as the bytes of a
+    ``lowbit.checkpoint`` file; ``read_state`` gives it back with every value and tensor (dtype, shape, bits)
+    equal and tensors on the CPU. TypeError names any other value (no pickle)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    import lowbit
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, "state", tensors)
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": str(CHECKPOINT_VERSION),
+        "lowbit_version": lowbit.__version__,
+        "state": json.dumps(tree),
+    }
+    metadata["checksum"] = checksum(tensors, metadata)
+    return _serialize(tensors, metadata)
+
+
+def read_state(path) -> dict:
+    """The state written by ``state_bytes`` to ``path``, checked as every lowbit file (format, version, checksum)."""
+    metadata, tensors, path = _read(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, REQUIRED_CHECKPOINT_METADATA)
+    state = _decode(_json_field(metadata, "state", path), tensors, path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} is corrupted: its state is a {type(state).__name__}, not a dict")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a file is, and pickle files only on request
+# ---------------------------------------------------------------------------------------------------------------
+
+_EXPECTED = "expected a file written by lowbit (safetensors with lowbit metadata)"
+
+
+def file_format(path) -> str:
+    """``lowbit.packed``, ``lowbit.model``, ``lowbit.checkpoint`` or ``pickle`` (a ``torch.save`` / pickle file),
+    from the file's first bytes and header alone (nothing is loaded); ValueError naming the file for anything
+    else."""
+    path = _check_path(path, must_exist=True)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if 0 < length <= size - 8 and f.read(1) == b"{":  # a safetensors header
+            f.seek(8)
+            header = _header(head + f.read(length), path)
+        elif head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+            return PICKLE  # torch.save's zip archive, or a bare pickle (protocol 2..5)
+        elif len(head) < 8:
+            raise ValueError(f"{path!r} is not a lowbit file: {size} bytes, {_EXPECTED}")
+        else:
+            raise ValueError(f"{path!r} is not a lowbit file (or is truncated): it starts with {head!r}; {_EXPECTED}")
+    found = header.get("__metadata__", {}).get("format") if isinstance(header.get("__metadata__"), dict) else None
+    if found not in _READERS:
+        raise ValueError(f"{path!r} is a safetensors file without lowbit metadata (format {found!r}); {_EXPECTED}")
+    return found
+
+
+def torch_load(path, *, allow_pickle: bool = False, map_location="cpu"):
+    """``torch.load`` for files from older lowbit versions (or your own ``torch.save``), safely by default.
+
+    Tries ``weights_only=True`` (tensors, dicts, lists and numbers only: nothing runs). A file that needs more
+    (a whole pickled model, NumPy RNG tuples) is refused with ValueError unless ``allow_pickle=True``, which
+    unpickles it fully: that runs whatever code the file contains, so pass it only for files you trust (ones you
+    wrote yourself). Any failure to read is a one-line ValueError naming the file.
+    """
+    import pickle
+
+    if not isinstance(allow_pickle, bool):
+        raise TypeError(f"allow_pickle must be a bool, got {type(allow_pickle).__name__}")
+    path = _check_path(path, must_exist=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # holds more than tensors: only with the caller's consent
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for files that are not what they claim
+        raise ValueError(f"{path!r} is not a readable PyTorch file ({_first_line(exc)})") from exc
+    if not allow_pickle:
+        raise ValueError(
+            f"{path!r} is a pickle file with Python objects, not only tensors; unpickling it can run any code it "
+            "contains: pass allow_pickle=True (lowbit commands: --allow-pickle) only if you trust it"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # a damaged or foreign pickle fails in any way unpickling can
+        raise ValueError(f"{path!r} cannot be unpickled ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
