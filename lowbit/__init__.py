@@ -2,7 +2,8 @@
 
 Public ops (SPEC section 5): ``fake_quant``, ``multi_branch_fake_quant``, ``pack``, ``unpack``,
 ``packed_linear``; backend control: ``backends``, ``use_backend``. Model tools: ``quantize``, ``swap_fused``,
-``bops``, ``convert``, ``save``, ``load``; layers in ``lowbit.nn``, models in ``lowbit.models``; the methods
+``bops``, ``convert``, ``save``, ``load`` (converted models), ``save_model``, ``load_model`` (float and
+fake-quant models); layers in ``lowbit.nn``, models in ``lowbit.models``; the methods
 in ``lowbit.mixquant`` and ``lowbit.metamix``.
 """
 
@@ -13,7 +14,7 @@ from lowbit.convert import convert
 from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
 from lowbit.packed import pack, packed_linear, unpack
 from lowbit.quantize import quantize, swap_fused
-from lowbit.serialization import load, save
+from lowbit.serialization import load, load_model, save, save_model
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "convert",
     "fake_quant",
     "load",
+    "load_model",
     "metamix",
     "mixquant",
     "multi_branch_fake_quant",
@@ -33,6 +35,7 @@ __all__ = [
     "quant_range",
     "quantize",
     "save",
+    "save_model",
     "swap_fused",
     "use_backend",
     "__version__",
