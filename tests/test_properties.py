@@ -1,13 +1,16 @@
 """Property tests (hypothesis): random shapes, strides, dtypes, steps from 1e-8 to 1e4, offsets, bits and branch
 counts, with inf and NaN in x, for every backend against the independent reference; pack/unpack and packed_linear
 against the NumPy statement of tests/test_packed_ops.py. Derandomized (fixed seed),
-so a failure reproduces; each property runs at least 200 examples per backend."""
+so a failure reproduces. ``max_examples`` is only a ceiling in hypothesis (it stops early when its search space
+runs dry or too many draws are rejected), so each property counts the examples that ran to the end and fails
+unless at least 200 did, per op and backend."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 import torch
 from conftest import DEVICE
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +32,14 @@ SETTINGS = settings(
 )
 
 
+@pytest.fixture
+def examples(request):
+    """A counter the property bumps at the end of each example; fewer than EXAMPLES valid ones fail the test."""
+    count = [0]
+    yield count
+    assert count[0] >= EXAMPLES, f"{request.node.name} ran {count[0]} valid examples, the docs promise {EXAMPLES}"
+
+
 @st.composite
 def tensors(draw, max_dims=4, max_side=9):
     """A float tensor (maybe a strided view) with specials, plus its generator seed."""
@@ -47,7 +58,7 @@ def tensors(draw, max_dims=4, max_side=9):
 
 @given(data=st.data(), xs=tensors())
 @SETTINGS
-def test_fake_quant_property(backend, data, xs):
+def test_fake_quant_property(examples, backend, data, xs):
     x, seed = xs
     bits = data.draw(st.integers(2, 8))
     signed = data.draw(st.booleans())
@@ -65,11 +76,12 @@ def test_fake_quant_property(backend, data, xs):
         )
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, x.dtype)
     check_fake_quant(x, step, bits, signed, offset=offset, axis=axis, grad=grad)
+    examples[0] += 1
 
 
 @given(data=st.data(), xs=tensors())
 @SETTINGS
-def test_multi_branch_property(backend, data, xs):
+def test_multi_branch_property(examples, backend, data, xs):
     x, seed = xs
     bits = data.draw(st.lists(st.integers(2, 8), min_size=1, max_size=7, unique=True))
     signed = data.draw(st.booleans())
@@ -77,6 +89,7 @@ def test_multi_branch_property(backend, data, xs):
     probs = torch.tensor(data.draw(st.lists(st.floats(0, 1), min_size=len(bits), max_size=len(bits))), device=DEVICE)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, x.dtype)
     check_multi_branch(x, steps, probs, bits, signed, grad)
+    examples[0] += 1
 
 
 # ---- packed storage and the packed GEMM --------------------------------------------------------------------
@@ -84,7 +97,7 @@ def test_multi_branch_property(backend, data, xs):
 
 @given(data=st.data())
 @SETTINGS
-def test_pack_unpack_property(data):
+def test_pack_unpack_property(examples, data):
     bits = data.draw(st.integers(2, 8))
     signed = data.draw(st.booleans())
     shape = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=3))
@@ -95,11 +108,12 @@ def test_pack_unpack_property(data):
     np.testing.assert_array_equal(packed.cpu().numpy(), np_pack(codes.numpy(), bits))
     back = lowbit.unpack(packed, bits, shape[-1], signed=signed)
     assert torch.equal(back.cpu(), codes)
+    examples[0] += 1
 
 
 @given(data=st.data())
 @SETTINGS
-def test_packed_linear_property(backend, data):
+def test_packed_linear_property(examples, backend, data):
     """Random M, N, K (0 included), widths, activation ranges, dtypes, steps 1e-8..1e4, inf/NaN, strided x:
     every backend equals the independent NumPy statement bit for bit."""
     m, n, k = data.draw(st.integers(0, 9)), data.draw(st.integers(0, 9)), data.draw(st.integers(0, 70))
@@ -118,3 +132,4 @@ def test_packed_linear_property(backend, data):
     bias = torch.randn(n, generator=gen) if data.draw(st.booleans()) else None
     y = run_packed_linear(x, qw, w_scale, w_bits, x_step, x_bits, x_signed, bias)
     check_packed_linear_exact(y, x, qw, w_scale, x_step, x_bits, x_signed, bias)
+    examples[0] += 1
