@@ -13,7 +13,7 @@ from lowbit.bops import bops  # noqa: I001  (after the ops: the layers need them
 from lowbit.convert import convert
 from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
 from lowbit.packed import pack, packed_linear, unpack
-from lowbit.quantize import quantize, swap_fused
+from lowbit.quantize import quantize, register_fake_quant, swap_fused
 from lowbit.serialization import load, load_model, save, save_model
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "unpack",
     "quant_range",
     "quantize",
+    "register_fake_quant",
     "save",
     "save_model",
     "swap_fused",

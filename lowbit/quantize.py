@@ -1,19 +1,17 @@
-"""Model surgery: ``quantize`` turns convs and linears into lowbit layers; ``swap_fused`` replaces the slow
-fake-quant modules a model already has by fused ones, keeping their parameters and numerics."""
+"""Model surgery: ``quantize`` turns convs and linears into lowbit layers. ``swap_fused`` (in ``lowbit.swap``,
+re-exported here) replaces the slow fake-quant modules a model already has by fused ones."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from lowbit import _checks
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
-from lowbit.nn.quantizers import LSQQuantizer
-from lowbit.nn.reference_lsq import ReferenceLSQ
-from lowbit.ops import fake_quant
+from lowbit.swap import FusedFakeQuantize, FusedLSQ, SwapReport, register_fake_quant, swap_fused
+
+__all__ = ["FusedFakeQuantize", "FusedLSQ", "SwapReport", "quantize", "register_fake_quant", "swap_fused"]
 
 FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
 QUANT_LAYERS = (QConv2d, QLinear)
@@ -88,121 +86,3 @@ def _quantized(layer: nn.Module, w_bits: int, a_bits: int, branches: list[int] |
     return (MultiBranchQConv2d if conv else MultiBranchQLinear).from_float(
         layer, w_bits=w_bits, a_bits_choices=branches
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# swap_fused
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SwapReport:
-    swapped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, old type, new type)
-    kept: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, why it was not swapped)
-
-    def __str__(self) -> str:
-        lines = [f"swapped {len(self.swapped)} module(s) for fused lowbit ones"]
-        lines += [f"  {name}: {old} -> {new}" for name, old, new in self.swapped]
-        if self.kept:
-            lines.append(f"kept {len(self.kept)} module(s):")
-            lines += [f"  {name}: {kind} ({why})" for name, kind, why in self.kept]
-        return "\n".join(lines)
-
-
-def _bits_for_range(qmin: int, qmax: int) -> tuple[int, bool] | None:
-    """(bits, signed) whose SPEC range is exactly [qmin, qmax], or None."""
-    for b in range(2, 9):
-        if (qmin, qmax) == (0, 2**b - 1):
-            return b, False
-        if (qmin, qmax) == (-(2 ** (b - 1)), 2 ** (b - 1) - 1):
-            return b, True
-    return None
-
-
-class FusedFakeQuantize(nn.Module):
-    """A torch.ao ``FakeQuantize`` / ``_LearnableFakeQuantize`` running on ``lowbit.fake_quant``.
-
-    It keeps the original module's observer, scale and zero point (learnable ones stay parameters) and its
-    enable flags. The affine zero point becomes the LSQ+ offset ``-zero_point * scale``: the forward values are
-    torch's (up to the rounding of ``x * (1/scale)`` against ``x / scale`` at exact ties); gradients follow LSQ
-    (SPEC section 1), which differ from torch's learnable op where ``v`` is within half a step outside the range.
-    """
-
-    def __init__(self, original: nn.Module, bits: int, signed: bool):
-        super().__init__()
-        self.original = original
-        self.bits, self.signed = bits, signed
-        qscheme = original.activation_post_process.qscheme
-        per_channel = qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
-        self.axis = original.ch_axis if per_channel else None
-        self.learnable = hasattr(original, "learning_enabled")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fq = self.original
-        if not self.learnable and fq.observer_enabled[0] == 1:
-            fq.activation_post_process(x.detach())
-            scale, zero_point = fq.calculate_qparams()
-            fq.scale.resize_(scale.shape).copy_(scale)
-            fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
-        elif self.learnable and fq.static_enabled[0] == 1:
-            fq.activation_post_process(x.detach())
-            scale, zero_point = fq.activation_post_process.calculate_qparams()
-            with torch.no_grad():
-                fq.scale.data.copy_(scale.to(fq.scale.device).float())
-                fq.zero_point.data.copy_(zero_point.to(fq.zero_point.device).float())
-        if fq.fake_quant_enabled[0] != 1:
-            return x
-        scale = fq.scale.abs().clamp_min(getattr(fq, "eps", torch.tensor(1e-12)).item()) if self.learnable else fq.scale
-        offset = -fq.zero_point.float().round() * scale
-        grad_factor = getattr(fq, "grad_factor", None) if self.learnable else None
-        return fake_quant(
-            x, scale.float(), self.bits, signed=self.signed, offset=offset, axis=self.axis, grad_scale=grad_factor
-        )
-
-
-def _ao_fake_quant_types() -> tuple[type, ...]:
-    from torch.ao.quantization import FakeQuantize
-    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
-
-    return FakeQuantize, _LearnableFakeQuantize
-
-
-def _replacement(module: nn.Module) -> tuple[nn.Module | None, str]:
-    if isinstance(module, ReferenceLSQ):
-        fused = LSQQuantizer(
-            module.bits,
-            signed=module.signed,
-            channels=None if module.axis is None else module.step.numel(),
-            axis=module.axis or 0,
-        )
-        with torch.no_grad():
-            fused.step.copy_(module.step)
-        fused.initialized = True
-        return fused.to(module.step.device), ""
-    if isinstance(module, _ao_fake_quant_types()):
-        mapped = _bits_for_range(module.quant_min, module.quant_max)
-        if mapped is None:
-            return None, f"range [{module.quant_min}, {module.quant_max}] is no 2..8-bit signed/unsigned range"
-        return FusedFakeQuantize(module, *mapped), ""
-    return None, ""
-
-
-def swap_fused(model: nn.Module) -> SwapReport:
-    """Replaces, in place, the slow fake-quant modules of ``model`` by fused lowbit ones and reports them.
-
-    Recognised: ``lowbit.nn.ReferenceLSQ`` (and LSQ modules of that round-pass/grad-scale form converted to it),
-    ``torch.ao.quantization.FakeQuantize`` and ``_LearnableFakeQuantize``, per-tensor and per-channel.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    report = SwapReport()
-    for name, module in list(model.named_modules()):
-        if not name or isinstance(module, FusedFakeQuantize):
-            continue
-        fused, why = _replacement(module)
-        if fused is not None:
-            _set_submodule(model, name, fused)
-            report.swapped.append((name, type(module).__name__, type(fused).__name__))
-        elif why:
-            report.kept.append((name, type(module).__name__, why))
-    return report
