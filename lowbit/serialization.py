@@ -743,3 +743,8 @@ def torch_load(path, *, allow_pickle: bool = False, map_location="cpu"):
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def describe(fmt: str) -> str:
+    """What a ``file_format`` result is, for messages."""
+    return _READERS.get(fmt, "a pickle (torch.save) file")
