@@ -1,11 +1,16 @@
 """Fused LSQ fake-quant, forward + backward, against the PyTorch ops people use today. Side by side, one run.
 
 Implementations timed on the same tensors, round-robin (one call of each per round), median of the rounds:
-  composition LSQ   the round-pass / grad-scale form most LSQ repositories use (about 10 elementwise ops)
-  torch learnable   torch._fake_quantize_learnable_per_{tensor,channel}_affine (torch.ao's LSQ op)
-  lowbit <backend>  every available lowbit backend; the C++ CPU backend once per instruction set
-  memory floor      2.5 x the time of x.clone(): forward + backward must make five passes over N elements
-                    (read x, write y; read x and g, write dx), a clone makes two
+  composition LSQ          the round-pass / grad-scale form most LSQ repositories use (about 10 elementwise ops),
+                           eager and under torch.compile (Inductor)
+  torch learnable          torch._fake_quantize_learnable_per_{tensor,channel}_affine (torch.ao's LSQ op)
+  torchao LearnableFakeQuantize / IntxFakeQuantizer, Brevitas QuantIdentity (learned scale): peers, when the
+                           [peers] extra is installed ("n/a" with the reason otherwise)
+  lowbit <backend>         every available lowbit backend; the C++ CPU backend once per instruction set
+  lowbit compiled          lowbit.fake_quant under torch.compile (Inductor inlines its decomposition)
+  memory floor             the bytes forward + backward must move (read x, write y; read x and g, write dx:
+                           5 x N elements) divided by the copy bandwidth measured in the same run (a copy of
+                           x into a preallocated buffer: no allocation or page faults in the timed call)
 
 Writes bench/results/fake_quant_<device>.{md,json} (README links them). `--quick` runs small shapes, few
 repeats, and writes nothing unless --out is given: a smoke run.
@@ -18,7 +23,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from common import RESULTS, cpu_name, speedup, write_results
+from common import RESULTS, cpu_name, is_lowbit, speedup, write_results
 
 import lowbit
 from lowbit.timing import interleaved_median_ms
@@ -69,6 +74,101 @@ def torch_learnable(x, step, case: Case):
     return torch._fake_quantize_learnable_per_tensor_affine(x, step, zero, qn, qp, g)
 
 
+def compiled(fn):
+    """``fn`` under torch.compile (Inductor), one compiled graph per case (shapes and bits are constants)."""
+    graphs = {}
+
+    def run(x, step, case: Case):
+        if case.name not in graphs:
+            graphs[case.name] = torch.compile(lambda x, step: fn(x, step, case), fullgraph=True)
+        return graphs[case.name](x, step)
+
+    return run
+
+
+def lowbit_compiled(x, step, case: Case):
+    return lowbit.fake_quant(x, step, case.bits, signed=case.signed)
+
+
+def stateful(make):
+    """A peer module built (and its scale initialised) on the first call of each case, then reused."""
+    modules = {}
+
+    def run(x, step, case: Case):
+        if case.name not in modules:
+            modules[case.name] = make(x.detach(), step.detach(), case)
+        return modules[case.name](x)
+
+    return run
+
+
+def torchao_learnable(x, step, case: Case):
+    from torchao.quantization.pt2e import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+    from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
+
+    qn, qp = lowbit.quant_range(case.bits, case.signed)
+    if case.per_channel:
+        observer, kwargs = MovingAveragePerChannelMinMaxObserver, dict(qscheme=torch.per_channel_symmetric, ch_axis=0)
+    else:
+        observer, kwargs = MovingAverageMinMaxObserver, dict(qscheme=torch.per_tensor_symmetric)
+    dtype = torch.qint8 if case.signed else torch.quint8
+    fq = LearnableFakeQuantize(observer, quant_min=qn, quant_max=qp, use_grad_scaling=True, dtype=dtype, **kwargs)
+    fq.to(x.device)(x.float())
+    fq.enable_range_learning()
+    return fq
+
+
+def torchao_intx(x, step, case: Case):
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer, initialize_fake_quantizers
+
+    if not case.per_channel or case.bits != 4 or not case.signed:
+        raise NotImplementedError("IntxFakeQuantizer learns per-channel/per-group scales only (no per-tensor)")
+    config = IntxFakeQuantizeConfig(
+        torch.int4, granularity="per_channel", is_symmetric=True, is_dynamic=False, range_learning=True
+    )
+    fq = IntxFakeQuantizer(config)
+    initialize_fake_quantizers(fq, (x,))
+    return fq
+
+
+def brevitas_identity(x, step, case: Case):
+    from brevitas.nn import QuantIdentity
+    from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+
+    if case.per_channel:
+        raise NotImplementedError("benchmarked for per-tensor activations only")
+    quant = Int8ActPerTensorFloat if case.signed else Uint8ActPerTensorFloat
+    threshold = float(step.max()) * lowbit.quant_range(case.bits, case.signed)[1]  # Brevitas learns scale * Qp
+    q = QuantIdentity(
+        act_quant=quant,
+        bit_width=case.bits,
+        scaling_impl_type="parameter",
+        scaling_init=threshold,
+        return_quant_tensor=False,
+    )
+    return q.to(x.device).train()
+
+
+PEERS = {
+    "torchao LearnableFakeQuantize": ("torchao", torchao_learnable),
+    "torchao IntxFakeQuantizer": ("torchao", torchao_intx),
+    "Brevitas QuantIdentity": ("brevitas", brevitas_identity),
+}
+
+
+def peer_implementations() -> tuple[dict, dict]:
+    """(name -> impl) of the installed peers, and (name -> why not) of the others."""
+    import importlib.util
+
+    impls, missing = {}, {}
+    for name, (package, make) in PEERS.items():
+        if importlib.util.find_spec(package) is None:
+            missing[name] = f"{package} not installed (pip install -e .[peers])"
+        else:
+            impls[name] = stateful(make)
+    return impls, missing
+
+
 def lowbit_op(backend: str):
     def run(x, step, case: Case):
         with lowbit.use_backend(backend):
@@ -78,7 +178,12 @@ def lowbit_op(backend: str):
 
 
 def implementations(device: torch.device) -> dict:
-    impls = {"composition LSQ": composition_lsq, "torch learnable": torch_learnable}
+    impls = {
+        "composition LSQ": composition_lsq,
+        "composition LSQ compiled": compiled(composition_lsq),
+        "torch learnable": torch_learnable,
+    }
+    impls.update(peer_implementations()[0])
     for name in lowbit.backends():
         if name == "reference" or device.type not in _devices(name):
             continue
@@ -89,6 +194,7 @@ def implementations(device: torch.device) -> dict:
                 impls[f"lowbit cpu ({isa})"] = _with_isa(isa, lowbit_op("cpu"))
         else:
             impls[f"lowbit {name}"] = lowbit_op(name)
+    impls["lowbit compiled"] = compiled(lowbit_compiled)
     return impls
 
 
@@ -113,7 +219,7 @@ def _with_isa(isa: str, fn):
 # ---- timing ------------------------------------------------------------------------------------------------
 
 
-def time_case(case: Case, impls: dict, device, repeats: int) -> dict:
+def time_case(case: Case, impls: dict, missing: dict, device, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case.shape, generator=gen).to(device, case.dtype).requires_grad_(True)
     channels = case.shape[0] if case.per_channel else 1
@@ -127,16 +233,24 @@ def time_case(case: Case, impls: dict, device, repeats: int) -> dict:
 
         return run
 
-    runnable = {"memory floor": lambda: x.detach().clone()}
+    copy_dst = torch.empty_like(x)
+    runnable = {"copy x (bandwidth)": lambda: copy_dst.copy_(x.detach())}
+    why_not = dict(missing)
     for name, impl in impls.items():
         try:
             fwd_bwd(impl)()
             runnable[name] = fwd_bwd(impl)
-        except (RuntimeError, NotImplementedError) as exc:  # e.g. torch's learnable op has no bf16 kernel
-            print(f"  {name}: n/a ({str(exc).splitlines()[0][:100]})", file=sys.stderr)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:  # e.g. no bf16 kernel
+            if is_lowbit(name):
+                raise
+            why_not[name] = str(exc).splitlines()[0][:100]
+            print(f"  {name}: n/a ({why_not[name]})", file=sys.stderr)
     row = interleaved_median_ms(runnable, device, repeats)
-    row["memory floor"] *= 2.5
-    return {name: row.get(name) for name in ["memory floor", *impls]}
+    element_bytes = x.element_size() * x.numel()
+    bandwidth = 2 * element_bytes / (row.pop("copy x (bandwidth)") / 1e3)  # bytes per second: read + write
+    row["memory floor"] = 5 * element_bytes / bandwidth * 1e3
+    times = {name: row.get(name) for name in ["memory floor", *impls, *missing]}
+    return {"ms": times, "n/a": why_not, "copy_GBps": bandwidth / 1e9}
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -146,26 +260,30 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"# Fused LSQ fake-quant, forward + backward ({meta['device']})",
         "",
-        f"`{meta['command']}` on {meta['device_name']}, {meta['threads']} threads, torch {meta['torch']}, "
-        f"lowbit {meta['lowbit']}. Median of {meta['repeats']} repeats, milliseconds; every row of a table "
-        "was measured in the same run on the same tensors.",
+        f"`{meta['command']}` on {meta['device_name']} ({meta['isa']}), {meta['threads']} threads, torch "
+        f"{meta['torch']}, lowbit {meta['lowbit']}, {meta['note']}. Median of {meta['repeats']} round-robin repeats, "
+        "milliseconds; every row of a table was measured in the same run on the same tensors. Memory floor: "
+        "5 x N elements moved / measured copy bandwidth.",
         "",
     ]
-    for case, row in results.items():
-        learnable, composition, floor = row.get("torch learnable"), row.get("composition LSQ"), row["memory floor"]
+    for case, result in results.items():
+        row, why_not = result["ms"], result["n/a"]
+        baselines = {k: row.get(k) for k in ("torch learnable", "composition LSQ", "composition LSQ compiled")}
         lines += [
             f"## {case}",
             "",
-            "| implementation | ms | speed-up vs torch learnable | speed-up vs composition LSQ | x memory floor |",
-            "|---|---:|---:|---:|---:|",
+            f"Copy bandwidth {result['copy_GBps']:.1f} GB/s.",
+            "",
+            "| implementation | ms | vs torch learnable | vs composition LSQ | vs composition LSQ compiled "
+            "| x memory floor |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for name, ms in row.items():
             if ms is None:
-                lines.append(f"| {name} | n/a | | | |")
+                lines.append(f"| {name} | n/a ({why_not.get(name, 'did not run')}) | | | | |")
                 continue
-            lines.append(
-                f"| {name} | {ms:.2f} | {speedup(learnable, ms)} | {speedup(composition, ms)} | {ms / floor:.2f} |"
-            )
+            ratios = " | ".join(speedup(b, ms, 2) for b in baselines.values())
+            lines.append(f"| {name} | {ms:.2f} | {ratios} | {ms / row['memory floor']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -176,6 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats, no files unless --out")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     parser.add_argument("--out", default=None, help="folder for the .md and .json results")
+    parser.add_argument("--note", default="shared machine, other jobs running", help="load state for the report")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -183,23 +302,27 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 15)
     out = args.out or (None if args.quick else RESULTS)
     impls = implementations(device)
+    missing = peer_implementations()[1]
+    isa = torch.ops.lowbit_C.cpu_isa() if "cpu" in lowbit.backends() else "no C++ backend"
     meta = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "isa": f"lowbit C++ default {isa}, Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "lowbit": lowbit.__version__,
         "repeats": repeats,
+        "note": args.note,
         "command": "python bench/bench_fake_quant.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
     }
     results = {}
     for case in cases:
         print(f"{case.name} ...", file=sys.stderr)
-        results[case.name] = time_case(case, impls, device, repeats)
+        results[case.name] = time_case(case, impls, missing, device, repeats)
     text = markdown(results, meta)
     print(text)
     if out:
-        write_results(out, f"fake_quant_{device.type}", text, {"meta": meta, "results_ms": results})
+        write_results(out, f"fake_quant_{device.type}", text, {"meta": meta, "results": results})
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Each op is defined once here: a public Python function that checks its arguments (SPEC section 6), a custom op
 ``lowbit::<name>`` whose implementation picks a backend per call (``lowbit.backends.select``), a fake kernel for
-tracing, and autograd wiring whose backward is a custom op of its own. ``torch.compile`` sees the custom ops as
-opaque nodes, so the backend choice and the value checks happen at run time, never at trace time.
+tracing, and autograd wiring whose backward is a custom op of its own. Dynamo records the custom ops as single
+nodes; Inductor then replaces them by their aten decompositions (``lowbit.decompositions``, same numerics) and
+fuses those with the neighbouring ops, while other compile backends run the nodes (backend chosen at run time).
 
 The ops are declared with ``torch.library.Library`` (schema string + per-device Python kernels) rather than the
 ``torch.library.custom_op`` decorator: same registrations (fake, autograd), about half the per-call overhead,
@@ -18,6 +19,7 @@ import torch
 
 from lowbit import _checks
 from lowbit.backends import select
+from lowbit.decompositions import register_inductor_decompositions
 
 Tensor = torch.Tensor
 
@@ -38,8 +40,19 @@ def _define(schema: str, impl, fake):
     _LIB.define(schema)
     for key in ("CPU", "CUDA"):
         _LIB.impl(name, impl, key)
-    torch.library.register_fake(f"lowbit::{name}", fake, lib=_LIB)
+    torch.library.register_fake(f"lowbit::{name}", _tracing(fake), lib=_LIB)
     return name
+
+
+def _tracing(fake):
+    """The fake kernel, which runs whenever a graph holding the op is traced: it also hands Inductor the op's
+    aten decomposition (lowbit.decompositions), so a compiled graph fuses the op with its neighbours."""
+
+    def run(*args):
+        register_inductor_decompositions()
+        return fake(*args)
+
+    return run
 
 
 def _values_checked_by(backend) -> bool:

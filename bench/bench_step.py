@@ -1,0 +1,178 @@
+"""Training steps, eager and ``torch.compile``d: fp32 vs composition LSQ vs lowbit, side by side in one run.
+
+A step is forward + backward + SGD (momentum 0.9) on one fixed batch. Models: MobileNet-v2 and ResNet-18
+(lowbit.models, 32x32 input, 10 classes), W4A4 (first and last layer 8-bit, as lowbit.quantize does):
+  fp32               the float model
+  composition LSQ    the same quantized model with ReferenceLSQ modules (round-pass / grad-scale, plain PyTorch)
+  lowbit             lowbit.quantize's modules (fused ops in eager mode, their decompositions under Inductor)
+  MetaMix 3-branch   W4 + 3-branch (2/4/8-bit) activations, lowbit fused (MobileNet-v2 only)
+Each in eager mode and under ``torch.compile`` (Inductor, default mode; the model is compiled, the optimizer step
+runs eagerly). Compile time = the first compiled step's wall time minus a median eager step, with Inductor's
+caches in a fresh folder so nothing is reused between models. Steps are timed round-robin, median of the rounds.
+
+Writes bench/results/step_cpu.{md,json}; ``--quick`` runs batch 4 at 2 repeats and writes nothing unless --out.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# A fresh Inductor cache for this process: compile times are cold, and no earlier run's kernels are reused.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit_bench_inductor_"))
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import RESULTS, cpu_name, write_results  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit.models import create_model  # noqa: E402
+from lowbit.nn import LSQQuantizer, ReferenceLSQ  # noqa: E402
+from lowbit.timing import interleaved_median_ms  # noqa: E402
+
+MODELS = {"MobileNet-v2": "mobilenet_v2", "ResNet-18": "resnet18"}
+
+
+def to_composition(model: nn.Module) -> nn.Module:
+    """A deep copy of a lowbit.quantize'd model with every LSQQuantizer replaced by its ReferenceLSQ twin."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LSQQuantizer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, ReferenceLSQ.from_lsq(module))
+    return model
+
+
+def variants(arch: str, x: torch.Tensor, metamix: bool) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    fp32 = create_model(arch, num_classes=10, small_input=True)
+    lowbit_model = lowbit.quantize(copy.deepcopy(fp32), w_bits=4, a_bits=4)
+    with torch.no_grad():
+        lowbit_model(x)  # LSQ step initialisation from the first batch (eager; it reads the data)
+    models = {"fp32": fp32, "composition LSQ": to_composition(lowbit_model), "lowbit": lowbit_model}
+    if metamix:
+        mb = lowbit.quantize(copy.deepcopy(fp32), w_bits=4, multi_branch=(2, 4, 8))
+        with torch.no_grad():
+            mb(x)
+        models["MetaMix 3-branch"] = mb
+    return models
+
+
+def make_step(model: nn.Module, x, y):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def model_rows(title: str, arch: str, batch: int, repeats: int, metamix: bool) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    steps, compile_s = {}, {}
+    for name, model in variants(arch, x, metamix).items():
+        steps[f"{name} eager"] = make_step(model, x, y)
+        compiled = make_step(torch.compile(copy.deepcopy(model)), x, y)
+        print(f"  {title}: compiling {name} ...", file=sys.stderr)
+        start = time.perf_counter()
+        compiled()
+        compile_s[name] = time.perf_counter() - start
+        steps[f"{name} compiled"] = compiled
+    rows = interleaved_median_ms(steps, "cpu", repeats, warmup=1)  # every step already ran once
+    for name in compile_s:  # the first call ran the step too: take one eager step's time off
+        compile_s[name] -= rows[f"{name} eager"] / 1e3
+    return rows, compile_s
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def ratio_checks(rows: dict, compile_s: dict) -> list[tuple[str, float, float]]:
+    """(target, measured ratio, limit) for each target of issue 16 this table can answer."""
+    checks = [
+        ("lowbit compiled / composition LSQ compiled", rows["lowbit compiled"] / rows["composition LSQ compiled"], 0.9),
+        ("lowbit compiled / fp32 compiled", rows["lowbit compiled"] / rows["fp32 compiled"], 1.05),
+        ("lowbit eager / fp32 eager", rows["lowbit eager"] / rows["fp32 eager"], 1.1),
+        ("compile time lowbit / fp32", compile_s["lowbit"] / compile_s["fp32"], 1.2),
+    ]
+    if "MetaMix 3-branch eager" in rows:
+        checks += [
+            ("MetaMix eager / fp32 eager", rows["MetaMix 3-branch eager"] / rows["fp32 eager"], 1.25),
+            ("MetaMix compiled / fp32 compiled", rows["MetaMix 3-branch compiled"] / rows["fp32 compiled"], 1.25),
+            ("compile time MetaMix / fp32", compile_s["MetaMix 3-branch"] / compile_s["fp32"], 1.2),
+        ]
+    return checks
+
+
+def markdown(tables: dict, meta: dict) -> str:
+    lines = [
+        "# Training steps, eager and torch.compile (cpu)",
+        "",
+        f"`{meta['command']}` on {meta['device_name']} ({meta['isa']}), {meta['threads']} threads, torch "
+        f"{meta['torch']}, {meta['note']}. Median of {meta['repeats']} round-robin repeats, milliseconds per step "
+        "(forward + backward + SGD); every row of a table measured in the same run. Compile time: first compiled "
+        "step minus one eager step, cold Inductor cache.",
+        "",
+    ]
+    for title, table in tables.items():
+        rows, compile_s = table["step_ms"], table["compile_s"]
+        lines += [f"## {title}", "", "| step | ms | x fp32 eager | x fp32 compiled |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {name} | {ms:.1f} | {ms / rows['fp32 eager']:.2f} | {ms / rows['fp32 compiled']:.2f} |"
+            for name, ms in rows.items()
+        ]
+        lines += ["", "| compile time | s | x fp32 |", "|---|---:|---:|"]
+        lines += [f"| {name} | {s:.1f} | {s / compile_s['fp32']:.2f} |" for name, s in compile_s.items()]
+        lines += ["", "| target (issue 16) | ratio | limit | |", "|---|---:|---:|---|"]
+        for target, ratio, limit in table["targets"]:
+            lines.append(f"| {target} | {ratio:.2f} | <= {limit} | {'met' if ratio <= limit else 'missed'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 4, 2 repeats, MobileNet-v2 only")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--note", default="shared machine, other jobs running", help="load state for the report")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 3)
+    batch = 4 if args.quick else 32
+    models = {"MobileNet-v2": "mobilenet_v2"} if args.quick else MODELS
+    out = args.out or (None if args.quick else RESULTS)
+    meta = {
+        "device_name": cpu_name(),
+        "isa": f"lowbit C++ {torch.ops.lowbit_C.cpu_isa()}, Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "note": args.note,
+        "command": "python bench/bench_step.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+    }
+    tables = {}
+    for label, arch in models.items():
+        title = f"{label} (32x32, batch {batch}), W4A4"
+        print(f"{title} ...", file=sys.stderr)
+        rows, compile_s = model_rows(title, arch, batch, repeats, metamix=label == "MobileNet-v2")
+        tables[title] = {"step_ms": rows, "compile_s": compile_s, "targets": ratio_checks(rows, compile_s)}
+        text = markdown(tables, meta)
+        print(text)
+        if out:  # after every model: a long run that is cut short keeps what it measured
+            write_results(out, "step_cpu", text, {"meta": meta, "tables": tables})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The lowbit ops as plain aten ops, for ``torch.compile`` with Inductor (see docs/compile.md).
+
+In eager mode the ops run the fused kernels of a backend. Under ``torch.compile(backend="inductor")`` an opaque
+custom op is a wall: Inductor cannot fuse the batch-norm, ReLU or residual add before it, nor the ReLU/BN
+backward after its backward, so every quantizer costs extra passes over memory and layout copies. The functions
+here restate each op (forward and backward) in aten ops with the fused kernels' exact arithmetic, and
+``register_inductor_decompositions`` puts them in Inductor's decomposition table, so Inductor inlines them and
+fuses them with their neighbours. Other compile backends (``aot_eager``, ``torch.export``) keep the custom ops.
+
+Numerics (SPEC sections 1 and 2) are those of the C++ kernels, operation by operation:
+``v = (x - beta) / s`` (true division; beta = 0 without offset), ``q = clamp(round(v), Qn, Qp)`` (half to even),
+``y = q * s + beta`` (two roundings; Inductor's C++ backend compiles with ``-ffp-contract=off``), multi-branch
+terms ``p_i * Q_i`` summed in branch order. So the compiled forward equals the eager one bit for bit. The
+step/offset/prob gradients are the same formulas, each product rounded to float32 and summed in float64 (the
+reduction order differs from the kernels', which SPEC leaves free).
+
+Value checks: the step (> 0, finite), offset and probs (finite) are checked inside the compiled graph with
+``torch._assert_async`` on those small tensors: on CPU a failure raises ``RuntimeError`` from the compiled
+kernel (eager mode raises ``ValueError``); on CUDA it is a device-side assert, with no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _range(bits: int, signed: bool) -> tuple[int, int]:
+    from lowbit.ops import quant_range
+
+    return quant_range(bits, signed)
+
+
+def _channel_shape(x: Tensor, channels: int, axis: int) -> list[int]:
+    """The shape that broadcasts a (C,) parameter along ``axis`` of x (all ones for a per-tensor parameter)."""
+    shape = [1] * x.dim()
+    if channels > 1:
+        shape[axis] = channels
+    return shape
+
+
+def _assert_valid(step: Tensor, name: str, positive: bool) -> None:
+    ok = torch.isfinite(step) & (step > 0) if positive else torch.isfinite(step)
+    what = "positive and finite" if positive else "finite"
+    torch._assert_async(ok.all(), f"lowbit: {name} must be {what}")
+
+
+def _reduced_dims(x: Tensor, channels: int, axis: int) -> list[int]:
+    return [d for d in range(x.dim()) if channels == 1 or d != axis]
+
+
+def _channel_sum(t: Tensor, x: Tensor, channels: int, axis: int) -> Tensor:
+    """Sum of the float32 terms ``t`` per channel, accumulated in float64, as a (C,) float64 tensor."""
+    dims = _reduced_dims(x, channels, axis)
+    total = t.sum(dim=dims, dtype=torch.float64) if dims else t.double()
+    return total.reshape(channels)
+
+
+def fake_quant(x: Tensor, step: Tensor, offset: Tensor | None, bits: int, signed: bool, axis: int, grad_scale):
+    """``lowbit::fake_quant`` (SPEC section 1) in aten ops."""
+    qmin, qmax = _range(bits, signed)
+    _assert_valid(step, "step", positive=True)
+    shape = _channel_shape(x, step.numel(), axis)
+    s = step.reshape(shape)
+    beta = offset.reshape(shape) if offset is not None else 0.0
+    if offset is not None:
+        _assert_valid(offset, "offset", positive=False)
+    v = (x.float() - beta) / s
+    return (torch.clamp(torch.round(v), qmin, qmax) * s + beta).to(x.dtype)
+
+
+def fake_quant_backward(grad, x, step, offset, bits: int, signed: bool, axis: int, grad_scale: float):
+    """``lowbit::fake_quant_backward``: (dL/dx, dL/ds, dL/dbeta) of SPEC section 1 in aten ops."""
+    qmin, qmax = _range(bits, signed)
+    channels = step.numel()
+    shape = _channel_shape(x, channels, axis)
+    s = step.reshape(shape)
+    beta = offset.reshape(shape) if offset is not None else 0.0
+    g = grad.float()
+    v = (x.float() - beta) / s
+    inside = (v >= qmin) & (v <= qmax)
+    beyond = torch.where(v < qmin, float(qmin), float(qmax))
+    dq_ds = torch.where(inside, torch.round(v) - v, beyond)
+    dx = torch.where(inside, g, 0.0).to(x.dtype)
+    dstep = (_channel_sum(g * dq_ds, x, channels, axis) * grad_scale).to(step.dtype)
+    doffset = (_channel_sum(torch.where(inside, 0.0, g), x, channels, axis) * grad_scale).to(step.dtype)
+    return dx, dstep, doffset
+
+
+def _branch(xf: Tensor, step: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """(v, q) of one branch: the C++ kernels divide ``x - 0`` by the step."""
+    v = (xf - 0.0) / step
+    return v, torch.clamp(torch.round(v), qmin, qmax)
+
+
+def multi_branch_fake_quant(x: Tensor, steps: Tensor, probs: Tensor, bits: list[int], signed: bool, grad_scale):
+    """``lowbit::multi_branch_fake_quant`` (SPEC section 2) in aten ops: ``sum_i p_i * Q_i`` in branch order."""
+    _assert_valid(steps, "steps", positive=True)
+    _assert_valid(probs, "probs", positive=False)
+    xf = x.float()
+    y = None
+    for i, b in enumerate(bits):
+        qmin, qmax = _range(b, signed)
+        term = probs[i] * (_branch(xf, steps[i], qmin, qmax)[1] * steps[i] + 0.0)
+        y = term if y is None else y + term
+    return y.to(x.dtype)
+
+
+def multi_branch_fake_quant_backward(grad, x, steps, probs, bits: list[int], signed: bool, grad_scale: list[float]):
+    """``lowbit::multi_branch_fake_quant_backward``: (dL/dx, dL/ds_i, dL/dp_i) of SPEC section 2 in aten ops."""
+    xf, g = x.float(), grad.float()
+    coef = torch.zeros((), dtype=torch.float32, device=x.device)
+    dsteps, dprobs = [], []
+    for i, b in enumerate(bits):
+        qmin, qmax = _range(b, signed)
+        s, p = steps[i], probs[i]
+        v, q = _branch(xf, s, qmin, qmax)
+        inside = (v >= qmin) & (v <= qmax)
+        dq_ds = torch.where(inside, torch.round(v) - v, torch.where(v < qmin, float(qmin), float(qmax)))
+        coef = coef + torch.where(inside, p, 0.0)
+        dsteps.append(_total(g * dq_ds) * p.double() * grad_scale[i])
+        dprobs.append(_total(g * (q * s)))
+    dx = (g * coef).to(x.dtype)
+    return dx, torch.stack(dsteps).to(steps.dtype), torch.stack(dprobs).to(probs.dtype)
+
+
+def _total(t: Tensor) -> Tensor:
+    return t.sum(dtype=torch.float64)
+
+
+_registered = False
+
+
+def register_inductor_decompositions() -> None:
+    """Puts the four functions above into Inductor's decomposition table (once per process).
+
+    Called from the ops' fake kernels, i.e. when a graph holding a lowbit op is first traced, so that importing
+    lowbit does not import Inductor. The table is read when Inductor compiles a graph, after that tracing.
+    """
+    global _registered
+    if _registered:
+        return
+    from torch._inductor import decomposition as inductor_decomp
+
+    ops = torch.ops.lowbit
+    table = {
+        ops.fake_quant.default: fake_quant,
+        ops.fake_quant_backward.default: fake_quant_backward,
+        ops.multi_branch_fake_quant.default: multi_branch_fake_quant,
+        ops.multi_branch_fake_quant_backward.default: multi_branch_fake_quant_backward,
+    }
+    inductor_decomp.decompositions.update(table)
+    # select_decomp_table() serves a cached copy of the table; drop it so the next compile sees the new entries.
+    inductor_decomp.fast_random_decomps.cache_clear()
+    _registered = True
