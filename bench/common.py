@@ -27,6 +27,12 @@ def write_results(folder: str, stem: str, markdown: str, data: dict) -> None:
     print(f"wrote {path}.md and .json", file=sys.stderr)
 
 
+def is_lowbit(name: str) -> bool:
+    """A row timing lowbit's own implementation. Its failure is a bug: it propagates and the benchmark exits
+    non-zero. Only PyTorch's ops and the peers (absent or unable to run a case) may read "n/a" with the reason."""
+    return name.startswith("lowbit")
+
+
 def speedup(baseline: float | None, ms: float, digits: int = 1) -> str:
     """``baseline / ms`` as "3.2x" (above 1: faster than the baseline), or "n/a" when the baseline did not run."""
     return f"{baseline / ms:.{digits}f}x" if baseline else "n/a"
