@@ -6,15 +6,18 @@ The ids of this table and of ``test_bad_input.py``'s are listed in docs/reliabil
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import re
+import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 import lowbit
-from lowbit import data, demo, metamix, mixquant
+from lowbit import data, demo, metamix, mixquant, serialization
+from lowbit.metamix import checkpoint
 from lowbit.models import create_model
 from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQuantizer, PackedLinear, QConv2d, QLinear
 
@@ -41,6 +44,34 @@ def calibrated_qat() -> nn.Module:
 
 def save_to(path):
     return lambda: lowbit.save(lowbit.convert(calibrated_qat()), path)
+
+
+_FILES = tempfile.TemporaryDirectory(prefix="lowbit-bad-input-")  # removed when the test process ends
+
+
+def small_cnn_file() -> str:
+    path = os.path.join(_FILES.name, "small_cnn.safetensors")
+    lowbit.save_model(create_model("small_cnn", num_classes=10, in_channels=1), path)
+    return path
+
+
+def pickled_model() -> str:
+    path = os.path.join(_FILES.name, "model.pt")
+    torch.save(tiny_cnn(), path)
+    return path
+
+
+def pickled_checkpoint_dir() -> str:
+    folder = tempfile.mkdtemp(dir=_FILES.name)
+    with open(os.path.join(folder, checkpoint.LEGACY_CHECKPOINT), "wb") as f:
+        f.write(b"\x80\x04 a pickled checkpoint")
+    return folder
+
+
+def reshaped_model() -> nn.Module:
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    model.classifier = nn.Sequential(nn.Linear(model.classifier.in_features, 10))  # not what the arch builds
+    return model
 
 
 def mm_config(**kwargs):
@@ -92,6 +123,34 @@ CASES = [
     ("save-path-is-folder", save_to("/tmp"), ValueError, "path"),
     ("load-path-is-folder", lambda: lowbit.load("/tmp"), ValueError, "path"),
     ("load-path-int", lambda: lowbit.load(3), TypeError, "path"),
+    ("save-model-file-not-module", lambda: lowbit.save_model("model", "/tmp/x.safetensors"), TypeError, "model"),
+    (
+        "save-model-packed",
+        lambda: lowbit.save_model(lowbit.convert(calibrated_qat()), "/tmp/x.safetensors"),
+        ValueError,
+        "model",
+    ),
+    ("save-model-not-rebuildable", lambda: lowbit.save_model(reshaped_model(), "/tmp/x.sft"), ValueError, "model"),
+    ("save-model-path-is-folder", lambda: lowbit.save_model(tiny_cnn(), "/tmp"), ValueError, "path"),
+    ("load-model-path-int", lambda: lowbit.load_model(3), TypeError, "path"),
+    ("load-model-path-missing", lambda: lowbit.load_model("/no/such.safetensors"), FileNotFoundError, "path"),
+    (
+        "load-model-other-architecture",
+        lambda: lowbit.load_model(small_cnn_file(), model=create_model("resnet18")),
+        ValueError,
+        "model",
+    ),
+    ("torch-load-pickle-refused", lambda: serialization.torch_load(pickled_model()), ValueError, "allow_pickle"),
+    (
+        "torch-load-allow-pickle-str",
+        lambda: serialization.torch_load(pickled_model(), allow_pickle="yes"),
+        TypeError,
+        "allow_pickle",
+    ),
+    ("state-not-a-dict", lambda: serialization.state_bytes([1]), TypeError, "state"),
+    ("state-value-not-storable", lambda: serialization.state_bytes({"f": print}), TypeError, "state"),
+    ("checkpoint-pickled-load", lambda: checkpoint.load(pickled_checkpoint_dir()), ValueError, "allow_pickle"),
+    ("checkpoint-pickled-migrate", lambda: checkpoint.migrate(pickled_checkpoint_dir()), ValueError, "allow_pickle"),
     # MixQuant
     ("mq-qem-below-one", lambda: mixquant.search(tiny_cnn(), qem=0.5), ValueError, "qem"),
     ("mq-bits-empty", lambda: mixquant.search(tiny_cnn(), qem=4, bits=[]), ValueError, "bits"),
@@ -123,11 +182,12 @@ def test_bad_input_is_rejected_naming_the_argument(call, exc, argument):
 
 
 def test_docs_list_every_case():
-    """docs/reliability.md documents the bad-input table: every case id of both test files is listed there."""
+    """docs/reliability.md documents the bad-input tables: every case id of the op, API and CLI tables is listed."""
     from test_bad_input import CASES as OP_CASES
     from test_bad_input import VALUE_CASES
+    from test_cli import CLI_CASES
 
     docs = (pathlib.Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
     listed = set(re.findall(r"`([a-z0-9-]+)`", docs))
-    missing = [c[0] for c in [*OP_CASES, *VALUE_CASES, *CASES] if c[0] not in listed]
+    missing = [c[0] for c in [*OP_CASES, *VALUE_CASES, *CASES, *CLI_CASES] if c[0] not in listed]
     assert not missing, f"docs/reliability.md does not list: {missing}"
