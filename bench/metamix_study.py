@@ -1,13 +1,23 @@
-"""MetaMix study on the embedded digits: MetaMix vs joint (EdMIPS-style) search vs uniform LSQ, at W4 with the
-packaged small-input MobileNet-v2 and a budget of average activation bits 3.0 and 2.5.
+"""MetaMix study against the uniform activation frontier (SPEC section 9), on digits and mnist5k.
 
-Per seed, one float model is trained once and shared by every method and target. Each method then gets the same
-epochs (search + weight training) from it; uniform LSQ runs at the widest candidate width whose BOPs do not exceed
-the target (2 bits for both targets with candidates {2, 4, 8}) and, since that width is the same for both targets,
-once per seed. Writes ``bench/results/metamix_digits.{md,json}`` and PNG figures next to them.
+Per data set and seed, one float model is trained and shared. Every method then gets the same epochs (search +
+weight training) at W4 (first and last layer 8-bit):
 
-    python bench/metamix_study.py            # the full study (about 20 minutes on one CPU core)
-    python bench/metamix_study.py --quick    # a smoke run (under a minute)
+* uniform LSQ at every activation width 2..8: the frontier, points (BOPs, top-1);
+* MetaMix and joint (EdMIPS-style) search at two targets: the BOPs of uniform A3, and halfway between A2 and A3;
+* MetaMix variants, one switch each (``--variants``): float search weights, candidate sets with 3 bits, the
+  paper's argmax selection (no repair/fill), no held-out search split.
+
+A mixed run's score is its gap to the uniform frontier interpolated at its own BOPs (``lowbit.frontier``); the
+tables give mean ± std over seeds and paired differences on the same seeds. The model is a small 6-layer CNN (5
+searched layers; MobileNet-v2 does not fit 5 seeds x 2 data sets x ~20 runs on a shared 2-core CPU); mnist5k is
+pooled to 14x14. Writes ``bench/results/metamix_<data>.{md,json}`` and ``metamix_<data>_frontier.png``; the JSON is
+rewritten after every seed, so a partial run still leaves its numbers.
+
+    python bench/metamix_study.py --data digits          # 5 seeds (about 15 min of one free core)
+    python bench/metamix_study.py --data mnist5k
+    python bench/metamix_study.py --data digits --report-only   # tables and plot from the saved JSON
+    python bench/metamix_study.py --quick                # a smoke run (under a minute), temporary folder
 """
 
 from __future__ import annotations
@@ -18,62 +28,96 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 
 import torch
+from torch import nn
 
 import lowbit
 import lowbit.data
+from lowbit.frontier import gap, mean_std, paired
 from lowbit.metamix import MetaMix, MetaMixConfig
-from lowbit.models import create_model
 from lowbit.train import evaluate, fit, set_seed
 
-METHODS = ("metamix", "joint", "uniform")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TARGETS = {"A3": 3.0, "A2.5": 2.5}  # average activation bits of the searched layers: BOPs of uniform A3 / halfway
+VARIANTS = {
+    "float-weights": dict(search_weights="float"),
+    "bits{2,3,4,8}": dict(a_bits=(2, 3, 4, 8)),
+    "bits{2..8}": dict(a_bits=(2, 3, 4, 5, 6, 7, 8)),
+    "argmax-only": dict(repair=False, fill="none"),
+    "no-split": dict(search_split=0.0),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 target, 1 epoch per phase")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--targets", type=float, nargs="+", default=[3.0, 2.5], help="average activation bits")
-    p.add_argument("--width", type=float, default=0.5, help="MobileNet-v2 width multiplier")
-    p.add_argument("--fp-epochs", type=int, default=10)
-    p.add_argument("--search-epochs", type=int, default=6)
-    p.add_argument("--finetune-epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data", choices=("digits", "mnist5k"), default="digits")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch per phase, 3 widths")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--width", type=int, default=16, help="channels of the first convs (then 2x, 4x)")
+    p.add_argument("--fp-epochs", type=int, default=None, help="default: digits 10, mnist5k 4")
+    p.add_argument("--search-epochs", type=int, default=None, help="default: digits 4, mnist5k 2")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default: digits 4, mnist5k 2")
+    p.add_argument("--batch-size", type=int, default=None, help="default: digits 64, mnist5k 128")
     p.add_argument("--lr", type=float, default=0.01, help="weights and steps, search and weight phases")
     p.add_argument("--alpha-lr", type=float, default=0.05)
     p.add_argument("--lam", type=float, default=10.0)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
+    p.add_argument("--base", default="{}", help="JSON MetaMixConfig fields for the MetaMix runs (tuning)")
+    p.add_argument("--tag", default="", help="suffix of the results files (tuning runs)")
     p.add_argument("--out", default=None, help="default bench/results (--quick: a temporary folder)")
+    p.add_argument("--report-only", action="store_true", help="rewrite md and plot from the saved JSON")
     args = p.parse_args(argv)
+    small = args.data == "digits"
+    for name, d, m in (
+        ("fp_epochs", 10, 4),
+        ("search_epochs", 4, 2),
+        ("finetune_epochs", 4, 2),
+        ("batch_size", 64, 128),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, d if small else m)
     if args.out is None:
-        results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        args.out = tempfile.mkdtemp(prefix="metamix-quick-") if args.quick else results
+        args.out = tempfile.mkdtemp(prefix="metamix-quick-") if args.quick else RESULTS
+    args.widths = list(range(2, 9))
     if args.quick:
-        args.seeds, args.targets = args.seeds[:1], args.targets[:1]
+        args.seeds, args.widths, args.variants = args.seeds[:1], [2, 3, 8], args.variants[:1]
         args.fp_epochs, args.search_epochs, args.finetune_epochs = 1, 1, 1
+    args.base = json.loads(args.base)
     return args
 
 
-def pretrained(args, data, seed: int) -> tuple[torch.nn.Module, dict]:
-    """The shared float starting point of one seed."""
+def study_cnn(width: int, classes: int = 10) -> nn.Module:
+    """conv(1->w) conv(w->w) pool conv(w->2w) conv(2w->2w) pool conv(2w->4w) gap linear: 5 searched layers."""
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    w = width
+    layers = [*block(1, w), *block(w, w), nn.MaxPool2d(2), *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2)]
+    layers += [*block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4 * w, classes)]
+    return nn.Sequential(*layers)
+
+
+def load_data(name: str):
+    return lowbit.data.digits() if name == "digits" else lowbit.data.mnist5k(image_size=14)
+
+
+def pretrained(args, data, seed: int) -> tuple[nn.Module, dict]:
     set_seed(seed)
-    model = create_model("mobilenet_v2", num_classes=10, in_channels=1, small_input=True, width_mult=args.width)
+    model = study_cnn(args.width, data.num_classes)
     train, test = data.loaders(args.batch_size, seed)
     start = time.perf_counter()
-    fit(model, train, test, args.fp_epochs, lr=0.05, progress=False, desc="fp")
-    seconds = time.perf_counter() - start
-    return model, {"seed": seed, "fp_acc": evaluate(model, test)["acc"], "fp_seconds": seconds}
+    fit(model, train, None, args.fp_epochs, lr=0.05, progress=False, desc="fp")
+    return model, {"seed": seed, "fp_acc": evaluate(model, test)["acc"], "fp_seconds": time.perf_counter() - start}
 
 
-def run_method(args, data, fp_model, seed: int, mode: str, target: float):
+def run_one(args, data, fp_model, seed: int, **fields) -> dict:
     train, test = data.loaders(args.batch_size, seed)
-    cfg = MetaMixConfig(
-        mode=mode,
-        target_bits=target,
+    base = dict(
         fp_epochs=0,
         search_epochs=args.search_epochs,
         finetune_epochs=args.finetune_epochs,
@@ -82,162 +126,252 @@ def run_method(args, data, fp_model, seed: int, mode: str, target: float):
         lam=args.lam,
         seed=seed,
         progress=False,
+        eval_each_epoch=False,
     )
-    return MetaMix(copy.deepcopy(fp_model), train, test, cfg).fit()[1]
-
-
-def row(report, seed: int, target: float) -> dict:
+    cfg = MetaMixConfig(**{**base, **fields})
+    start = time.perf_counter()
+    report = MetaMix(copy.deepcopy(fp_model), train, test, cfg).fit()[1]
     return {
-        "seed": seed,
-        "target_bits": target,
-        "mode": report.mode,
         "top1": report.accuracy,
-        "top1_after_search": report.summary.get("search_test_acc"),
         "top1_after_selection": report.summary.get("selected_test_acc"),
         "bops": report.bops,
         "target_bops": report.target_bops,
-        "bops_ratio": report.bops_ratio,
-        "argmax_ratio": report.selection.argmax_bops / report.target_bops,
+        "argmax_ratio": report.selection.argmax_bops / report.target_bops if report.target_bops else None,
         "avg_bits": report.avg_bits,
-        "model_avg_a_bits": report.model_avg_a_bits,
-        "phase_seconds": report.phase_seconds,
         "bits": report.bits,
+        "seconds": time.perf_counter() - start,
     }
 
 
-def study(args) -> dict:
-    data = lowbit.data.digits()
-    runs, fps, reports = [], [], {}
-    for seed in args.seeds:
-        fp_model, fp = pretrained(args, data, seed)
-        fps.append(fp)
-        print(f"seed {seed}: float top-1 {fp['fp_acc']:.2f}% ({fp['fp_seconds']:.0f} s)", flush=True)
-        uniform_by_width = {}
-        for target in args.targets:
-            for mode in METHODS:
-                if mode == "uniform":
-                    width = MetaMix(fp_model, *data.loaders(args.batch_size, seed), _uniform_cfg(target)).uniform_bits
-                    if width not in uniform_by_width:
-                        uniform_by_width[width] = run_method(args, data, fp_model, seed, mode, target)
-                    report = _retarget(uniform_by_width[width], target, fp_model, data, args)
-                else:
-                    report = run_method(args, data, fp_model, seed, mode, target)
-                runs.append(row(report, seed, target))
-                reports[(seed, target, mode)] = report
-                r = runs[-1]
-                print(
-                    f"  target {target} {mode:8s} top-1 {r['top1']:.2f}%  BOPs/target {r['bops_ratio']:.4f} "
-                    f"(argmax {r['argmax_ratio']:.3f})  avg bits {r['avg_bits']:.3f}  "
-                    + " ".join(f"{k} {v:.0f}s" for k, v in r["phase_seconds"].items()),
-                    flush=True,
-                )
-    figures = plots(args, reports)
-    return {"runs": runs, "fp": fps, "figures": figures}
-
-
-def _uniform_cfg(target: float) -> MetaMixConfig:
-    return MetaMixConfig(mode="uniform", target_bits=target, progress=False)
-
-
-def _retarget(report, target: float, fp_model, data, args):
-    """The uniform run reported against another target (same width, so the same run)."""
-    rep = copy.copy(report)
-    rep.target_bops = MetaMix(fp_model, *data.loaders(args.batch_size, 0), _uniform_cfg(target)).target
-    return rep
-
-
-def plots(args, reports) -> list[str]:
-    seed, names = args.seeds[0], []
-    for target in args.targets:
-        for mode in ("metamix", "joint"):
-            report = reports[(seed, target, mode)]
-            stem = f"metamix_digits_{mode}_{str(target).replace('.', 'p')}"
-            title = f"{mode}, target {target} avg bits, seed {seed}"
-            names.append(os.path.basename(report.plot_allocation(os.path.join(args.out, f"{stem}_bits.png"), title)))
-            names.append(
-                os.path.basename(report.plot_trajectories(os.path.join(args.out, f"{stem}_search.png"), title))
+def one_seed(args, data, seed: int) -> dict:
+    fp_model, record = pretrained(args, data, seed)
+    print(f"seed {seed}: float top-1 {record['fp_acc']:.2f}% ({record['fp_seconds']:.0f} s)", flush=True)
+    record["uniform"] = {}
+    for b in args.widths:
+        r = run_one(args, data, fp_model, seed, mode="uniform", a_bits=(b,), uniform_bits=b)
+        record["uniform"][str(b)] = r
+        print(f"  uniform A{b}: {r['top1']:.2f}% ({r['seconds']:.0f} s)", flush=True)
+    record["mixed"] = []
+    runs = [("metamix", {}), ("joint", {"mode": "joint"})] + [(v, VARIANTS[v]) for v in args.variants]
+    for label, fields in runs:
+        for tname, bits in TARGETS.items():
+            fields = {"mode": "metamix", **args.base, **fields} if label != "joint" else fields
+            r = run_one(args, data, fp_model, seed, target_bits=bits, **fields)
+            r.update(method=label, target=tname, gap=frontier_gap(record, r))
+            record["mixed"].append(r)
+            print(
+                f"  {label:14s} {tname:5s}: {r['top1']:.2f}% BOPs/target {r['bops'] / r['target_bops']:.3f} "
+                f"gap {r['gap']:+.2f} ({r['seconds']:.0f} s)",
+                flush=True,
             )
-    return names
+    return record
 
 
-def mean_std(values) -> tuple[float, float]:
-    values = list(values)
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def frontier_points(record: dict) -> list[tuple[float, float]]:
+    return [(r["bops"], r["top1"]) for r in record["uniform"].values()]
 
 
-def markdown(args, result, command: str, seconds: float) -> str:
-    runs = result["runs"]
-    fp_mean, fp_std = mean_std(f["fp_acc"] for f in result["fp"])
+def frontier_gap(record: dict, run: dict) -> float:
+    return gap(frontier_points(record), run["bops"], run["top1"])
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def pick(seeds, method, target):
+    return [next(r for r in s["mixed"] if r["method"] == method and r["target"] == target) for s in seeds]
+
+
+def fmt(values, digits=2) -> str:
+    m, s = mean_std(list(values))
+    return f"{m:+.{digits}f} ± {s:.{digits}f}" if digits else f"{m:.0f} ± {s:.0f}"
+
+
+def pm(values) -> str:
+    m, s = mean_std(list(values))
+    return f"{m:.2f} ± {s:.2f}"
+
+
+def methods_of(seeds) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in seeds[0]["mixed"]))
+
+
+def markdown(result: dict) -> str:
+    args, seeds = result["args"], result["seeds"]
+    n = len(seeds)
+    a2 = mean_std([s["uniform"]["2"]["bops"] for s in seeds])[0]
     lines = [
-        "# MetaMix on digits: MobileNet-v2 (small input), W4, mixed-precision activations",
+        f"# MetaMix on {args['data']}: gap to the uniform activation frontier (W4)",
         "",
-        f"Produced by `{command}` in {seconds / 60:.1f} min on {platform.machine()} CPU "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s), lowbit {lowbit.__version__}).",
+        f"Produced by `{result['command']}` in {result['seconds'] / 60:.1f} min on {result['machine']} "
+        f"(torch {torch.__version__}, 1 thread; shared machine, other jobs running).",
         "",
-        f"Setup: MobileNet-v2 width {args.width}, small-input stem, scikit-learn digits (8x8, 1,437 train / 360 "
-        f"test). Weights 4-bit LSQ per channel, first and last layer 8-bit weights and activations. Candidate "
-        f"activation bits {{2, 4, 8}}. Per seed one float model is trained for {args.fp_epochs} epochs and shared "
-        f"(float top-1 {fp_mean:.2f} ± {fp_std:.2f}%). Every method then gets {args.search_epochs} search + "
-        f"{args.finetune_epochs} weight-training epochs (SGD lr {args.lr}, cosine; alpha Adam lr {args.alpha_lr}, "
-        f"lambda {args.lam}). Uniform LSQ runs at the widest candidate width whose BOPs do not exceed the target: "
-        f"2 bits for both targets (3 bits is not a candidate), so one uniform run per seed serves both rows. "
-        f"Target BOPs = BOPs with every searched layer at the target bits. Seeds {args.seeds}; mean ± std.",
+        f"Setup: {setup_text(args)} Seeds {[s['seed'] for s in seeds]} ({n}); mean ± std over seeds.",
         "",
-        "| target avg bits | method | top-1 (%) | BOPs / target (mean, max) | argmax BOPs / target | avg bits "
-        "| search s | select s | weight training s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "## Uniform frontier (LSQ, W4, activations at one width)",
+        "",
+        "| activation bits | BOPs (M) | top-1 (%) |",
+        "|---:|---:|---:|",
     ]
-    for target in args.targets:
-        for mode in METHODS:
-            rs = [r for r in runs if r["target_bits"] == target and r["mode"] == mode]
-            acc, std = mean_std(r["top1"] for r in rs)
-            ratio = [r["bops_ratio"] for r in rs]
-            secs = {k: statistics.fmean(r["phase_seconds"][k] for r in rs) for k in ("search", "select", "finetune")}
-            lines.append(
-                f"| {target} | {mode} | {acc:.2f} ± {std:.2f} | {statistics.fmean(ratio):.4f}, {max(ratio):.4f} | "
-                f"{statistics.fmean(r['argmax_ratio'] for r in rs):.3f} | "
-                f"{statistics.fmean(r['avg_bits'] for r in rs):.3f} | {secs['search']:.1f} | {secs['select']:.2f} | "
-                f"{secs['finetune']:.1f} |"
-            )
-    fp_secs = statistics.fmean(f["fp_seconds"] for f in result["fp"])
+    for b in args["widths"]:
+        rs = [s["uniform"][str(b)] for s in seeds]
+        lines.append(f"| {b} | {rs[0]['bops'] / 1e6:.3f} | {pm(r['top1'] for r in rs)} |")
+    fp = pm(s["fp_acc"] for s in seeds)
     lines += [
         "",
-        f"Float pre-training (shared, once per seed): {fp_secs:.1f} s per seed. Times are wall-clock seconds per run "
-        "(mean over seeds; the search time includes the per-epoch test evaluation). A MetaMix search epoch runs "
-        "two forward/backward passes per batch (bit-meta and bit-search), the joint search one.",
+        f"Float model (shared starting point): {fp}%. Uniform A2 costs {a2 / 1e6:.3f} M BOPs per image.",
         "",
-        "Per seed (top-1 after the search with the soft mixture / after selection, before weight training / final):",
+        "## Mixed precision against the frontier",
         "",
-        "| seed | target | method | after search | after selection | final | BOPs / target |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "Gap = top-1 minus the frontier interpolated linearly at the run's own BOPs (points; + above, - under).",
+        "",
+        "| method | target | top-1 (%) | BOPs / target | avg act. bits | gap to frontier | gap > 0 (seeds) "
+        "| paired vs MetaMix |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in runs:
-        lines.append(
-            f"| {r['seed']} | {r['target_bits']} | {r['mode']} | {_pct(r['top1_after_search'])} | "
-            f"{_pct(r['top1_after_selection'])} | {r['top1']:.2f} | {r['bops_ratio']:.4f} |"
+    for method in methods_of(seeds):
+        for target in TARGETS:
+            rs, ref = pick(seeds, method, target), pick(seeds, "metamix", target)
+            wins = sum(r["gap"] > 0 for r in rs)
+            vs = "-" if method == "metamix" else fmt(paired([r["top1"] for r in rs], [r["top1"] for r in ref]))
+            lines.append(
+                f"| {method} | {target} | {pm(r['top1'] for r in rs)} | "
+                f"{mean_std([r['bops'] / r['target_bops'] for r in rs])[0]:.3f} | "
+                f"{mean_std([r['avg_bits'] for r in rs])[0]:.2f} | {fmt(r['gap'] for r in rs)} | {wins}/{n} | {vs} |"
+            )
+    lines += ["", *findings(seeds), "", f"![frontier]({result['figure']})", "", *per_seed(seeds)]
+    return "\n".join(lines) + "\n"
+
+
+def setup_text(args: dict) -> str:
+    size = "8x8, 1,437 train / 360 test" if args["data"] == "digits" else "pooled to 14x14, 4,000 train / 1,000 test"
+    return (
+        f"{args['data']} ({size}); a 6-layer CNN (width {args['width']}, 5 searched layers; the first conv and the "
+        f"classifier at 8 bits), float-trained {args['fp_epochs']} epochs per seed and shared. Every run: "
+        f"{args['search_epochs']} search + {args['finetune_epochs']} weight-training epochs, batch "
+        f"{args['batch_size']}, SGD lr {args['lr']} cosine; alpha Adam lr {args['alpha_lr']}, lambda {args['lam']}. "
+        "Uniform runs the same two phases at one width. MetaMix defaults: candidates {2, 4, 8}, quantized (W4) "
+        "search weights, a 25% held-out search split, argmax + repair + fill; extra MetaMix fields "
+        f"{args['base'] or 'none'}. Targets: A3 = the BOPs of uniform A3, A2.5 = halfway between uniform A2 and A3."
+    )
+
+
+def findings(seeds) -> list[str]:
+    """Sentences built from the numbers: which targets are met, by how much."""
+    out = ["## Targets (mean over seeds)", ""]
+    for target in TARGETS:
+        g = mean_std([r["gap"] for r in pick(seeds, "metamix", target)])
+        ok = "met" if g[0] >= 1.0 else "missed"
+        out.append(
+            f"- MetaMix at least 1 point above the frontier at {target}: **{ok}** (gap {g[0]:+.2f} ± {g[1]:.2f})."
         )
-    lines += ["", "Figures (seed 0): " + ", ".join(f"[{f}]({f})" for f in result["figures"]), ""]
-    return "\n".join(lines)
+        d = paired(
+            [r["top1"] for r in pick(seeds, "metamix", target)], [r["top1"] for r in pick(seeds, "joint", target)]
+        )
+        ok = "met" if d[0] >= 0 else "missed"
+        out.append(f"- MetaMix >= joint at {target}: **{ok}** (paired top-1 difference {d[0]:+.2f} ± {d[1]:.2f}).")
+    best = {
+        t: max(methods_of(seeds), key=lambda m, t=t: mean_std([r["gap"] for r in pick(seeds, m, t)])[0])
+        for t in TARGETS
+    }
+    out.append("- Best mean gap per target: " + ", ".join(f"{t}: {m}" for t, m in best.items()) + ".")
+    return out
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def per_seed(seeds) -> list[str]:
+    lines = [
+        "## Per seed",
+        "",
+        "| seed | method | target | top-1 | after selection | BOPs / target | gap |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for s in seeds:
+        for r in s["mixed"]:
+            after = r["top1_after_selection"]
+            lines.append(
+                f"| {s['seed']} | {r['method']} | {r['target']} | {r['top1']:.2f} | "
+                f"{'-' if after is None else f'{after:.2f}'} | {r['bops'] / r['target_bops']:.3f} | {r['gap']:+.2f} |"
+            )
+    return lines
+
+
+def plot(result: dict, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    seeds, args = result["seeds"], result["args"]
+    fig = Figure(figsize=(6.5, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    xs = [mean_std([s["uniform"][str(b)]["bops"] / 1e6 for s in seeds])[0] for b in args["widths"]]
+    ys = [mean_std([s["uniform"][str(b)]["top1"] for s in seeds]) for b in args["widths"]]
+    ax.errorbar(
+        xs, [m for m, _ in ys], yerr=[e for _, e in ys], fmt="s-", color="grey", capsize=3, label="uniform A2..A8"
+    )
+    for b, x, (y, _) in zip(args["widths"], xs, ys, strict=True):
+        ax.annotate(f"A{b}", (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    markers = dict(zip(methods_of(seeds), "*oDv^<>p", strict=False))
+    for method in methods_of(seeds):
+        for i, target in enumerate(TARGETS):
+            rs = pick(seeds, method, target)
+            y = mean_std([r["top1"] for r in rs])
+            ax.errorbar(
+                mean_std([r["bops"] / 1e6 for r in rs])[0],
+                y[0],
+                yerr=y[1],
+                fmt=markers[method],
+                ms=11 if method == "metamix" else 6,
+                capsize=2,
+                color=f"C{methods_of(seeds).index(method)}",
+                label=method if i == 0 else None,
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("BOPs per image (millions, log)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{args['data']}: mixed activations vs the uniform frontier ({len(seeds)} seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def machine() -> str:
+    try:
+        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} logical CPU(s)"
+
+
+def write(args, result: dict) -> None:
+    stem = f"metamix_{args.data}{args.tag}" + ("_quick" if args.quick else "")
+    result["figure"] = f"{stem}_frontier.png"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if result["seeds"]:
+        plot(result, os.path.join(args.out, result["figure"]))
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
+            f.write(markdown(result))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
+    if args.report_only:
+        stem = f"metamix_{args.data}{args.tag}"
+        with open(os.path.join(args.out, f"{stem}.json")) as f:
+            write(args, json.load(f))
+        return
     command = "python bench/metamix_study.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    data = load_data(args.data)
+    result = {"command": command.strip(), "machine": machine(), "args": vars(args), "seeds": []}
     start = time.perf_counter()
-    result = study(args)
-    seconds = time.perf_counter() - start
-    stem = "metamix_digits_quick" if args.quick else "metamix_digits"
-    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-        json.dump({"command": command, "args": vars(args), "seconds": seconds, **result}, f, indent=2)
-    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
-        f.write(markdown(args, result, command.strip(), seconds))
-    print(f"wrote {stem}.md/.json in {args.out} ({seconds / 60:.1f} min)")
+    for seed in args.seeds:
+        result["seeds"].append(one_seed(args, data, seed))
+        result["seconds"] = time.perf_counter() - start
+        write(args, result)
+    print(f"done in {result['seconds'] / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

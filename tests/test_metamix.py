@@ -345,9 +345,10 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, data):
     out, ref_out = str(tmp_path / "killed"), str(tmp_path / "reference")
     os.makedirs(out), os.makedirs(ref_out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    # reads per epoch: fp 192, search 2 * 192 (bit-meta + bit-search batches); read 192 + 384 + 300 falls in
-    # search epoch 2, after two completed epochs
-    proc = subprocess.Popen([sys.executable, script, data_path, out, str(192 + 384 + 300)], env=env)
+    # reads per epoch: fp 192; search 144 bit-meta (the 75% not held out, 5 batches) + 128 bit-search (5 batches
+    # cycling over the 48 held-out: 32, 16, 32, 16, 32); read 192 + 272 + 150 falls in search epoch 2, after two
+    # completed epochs
+    proc = subprocess.Popen([sys.executable, script, data_path, out, str(192 + 272 + 150)], env=env)
     deadline = time.time() + 60
     while not os.path.exists(os.path.join(out, "in-epoch")):
         assert proc.poll() is None and time.time() < deadline, "child ended or hung before the kill point"
@@ -441,6 +442,10 @@ def test_ddp_two_ranks_agree(tmp_path, data):
         (dict(alpha_lr=0.0), ValueError, "alpha_lr"),
         (dict(optimizer="rmsprop"), ValueError, "optimizer"),
         (dict(fill="maybe"), ValueError, "fill"),
+        (dict(repair="yes"), TypeError, "repair"),
+        (dict(search_weights="fp32"), ValueError, "search_weights"),
+        (dict(search_split=1.0), ValueError, "search_split"),
+        (dict(search_split=-0.1), ValueError, "search_split"),
         (dict(resume=True), ValueError, "checkpoint_dir"),
     ],
 )
@@ -471,3 +476,67 @@ def test_per_layer_weight_plan(data):
     assert model.get_submodule("features.1.0").w_bits == 2 and model.get_submodule("features.3.0").w_bits == 8
     assert {x.name: x.w_bits for x in report.selection.layers} == plan
     assert copy.deepcopy(report.bops) <= report.target_bops
+
+
+def test_argmax_only_is_the_papers_rule_and_may_exceed_the_target():
+    cost, cands = hand_cost(), {n: [2, 4, 8] for n in "abc"}
+    alphas = {"a": [0.0, 0.0, 1.0], "b": [0.0, 0.5, 1.0], "c": [0.0, 0.0, 1.0]}
+    argmax = {"a": 8, "b": 8, "c": 8}
+    target = cost.bops({"a": 4, "b": 4, "c": 4})
+    paper = select(cost, alphas, cands, target, fill="none", repair=False)
+    assert paper.bits == argmax and paper.bops == paper.argmax_bops > target and not paper.repaired
+    assert select(cost, alphas, cands, target, fill="both", repair=False).bits == argmax  # nothing fits a raise
+    assert select(cost, alphas, cands, target, fill="none").bops <= target  # the extension repairs
+
+
+def test_held_out_search_split_is_disjoint_fixed_and_used(data):
+    train, test = loaders(data)
+    trainer = MetaMix(tiny_net(), train, test, config(search_split=0.25))
+    held = set(trainer.search_loader.dataset.indices)
+    rest = set(trainer.meta_loader.dataset.indices)
+    assert not held & rest and len(held | rest) == 192 and len(held) == 48
+    again = MetaMix(tiny_net(), *loaders(data), config(search_split=0.25))
+    assert set(again.search_loader.dataset.indices) == held  # fixed by the seed
+    whole = MetaMix(tiny_net(), *loaders(data), config(search_split=0.0))
+    assert whole.meta_loader is None and len(whole.search_loader.dataset) == 192
+    seen, meta = [], trainer.meta_loader
+
+    class Counting:  # the search phase's bit-meta batches come from the 144 samples not held out
+        def __iter__(self):
+            for x, y in meta:
+                seen.append(len(y))
+                yield x, y
+
+    trainer.meta_loader = Counting()
+    trainer.fit()
+    assert sum(seen) == 144 * trainer.cfg.search_epochs
+
+
+def test_float_search_weights_quantize_from_the_weight_phase_on(data):
+    from lowbit.metamix.trainer import FloatWeights
+    from lowbit.nn.quantizers import LSQQuantizer
+
+    train, test = loaders(data)
+    trainer = MetaMix(tiny_net(), train, test, config(search_weights="float", fp_epochs=0))
+    assert trainer.fit(stop_after=1) is None  # inside the search
+    quantizers = [m.weight_quant for m in trainer.inner.modules() if hasattr(m, "weight_quant")]
+    assert quantizers and all(isinstance(q, FloatWeights) for q in quantizers)
+    layer = trainer.inner.get_submodule("features.1.0")
+    assert torch.equal(layer.weight_quant(layer.weight), layer.weight)  # the search sees float weights
+    assert trainer.cost.layers[0].w_bits == 4  # BOPs still counted at the weights' final width
+    model, report = MetaMix(tiny_net(), *loaders(data), config(search_weights="float", fp_epochs=0)).fit()
+    quantizers = [m.weight_quant for m in model.modules() if hasattr(m, "weight_quant")]
+    assert quantizers and all(isinstance(q, LSQQuantizer) and q.initialized for q in quantizers)
+    assert report.bops <= report.target_bops * (1 + 1e-9)
+    w = model.get_submodule("features.1.0")
+    assert not torch.equal(w.weight_quant(w.weight), w.weight)
+
+
+def test_float_search_weights_resume_equals_uninterrupted(data, tmp_path):
+    cfg = dict(search_weights="float", fp_epochs=0)
+    ref_model, ref = MetaMix(tiny_net(), *loaders(data), config(checkpoint_dir=str(tmp_path / "a"), **cfg)).fit()
+    assert MetaMix(tiny_net(), *loaders(data), config(checkpoint_dir=str(tmp_path / "b"), **cfg)).fit(2) is None
+    resumed = config(checkpoint_dir=str(tmp_path / "b"), resume=True, **cfg)
+    model, report = MetaMix(tiny_net(), *loaders(data), resumed).fit()
+    a, b = state_of(ref_model), state_of(model)
+    assert report.bits == ref.bits and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

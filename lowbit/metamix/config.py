@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from lowbit import _checks
 
 MODES = ("metamix", "joint", "uniform")
+SEARCH_WEIGHTS = ("quantized", "float")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -25,6 +26,17 @@ class MetaMixConfig:
         bit-search step (alpha only, W/steps/BN statistics frozen; task loss + penalty) on a separate batch.
         ``"joint"``: W, steps and alpha updated together in one step with the penalty (EdMIPS style).
         ``"uniform"``: plain LSQ QAT at one activation width, no search (the same phases and schedules).
+
+    Paper-faithful switches (SPEC section 8; the studies pick the defaults, docs/metamix.md gives the numbers):
+        ``search_weights``: ``"quantized"`` trains W4 LSQ weights during the search; ``"float"`` keeps every weight
+        full precision in the search (the paper's meta-state) and applies the weight quantizers, their steps
+        initialised from the trained weights, from the weight-training phase on.
+        ``search_split``: the share of the training set held out for the bit-search step of ``"metamix"`` (the
+        bit-meta step trains on the rest during the search; weight training uses all of it). ``0`` draws the
+        search batches from a second shuffled pass over the whole training set.
+        ``repair`` / ``fill``: the paper's rule is the argmax of each layer's alpha (``repair=False,
+        fill="none"``); lowering the argmax to the budget (``repair``) and raising layers up to it (``fill``)
+        are the project's extensions (lowbit.metamix.select).
 
     Epochs: ``fp_epochs`` of float warm-up (optional), ``search_epochs`` of bit selection, ``finetune_epochs``
     of weight training on the single-branch model. The uniform mode trains for ``search_epochs +
@@ -49,7 +61,10 @@ class MetaMixConfig:
     alpha_lr: float = 0.05
     alpha_optimizer: str = "adam"
     lam: float = 10.0  # digits study: 2 left E[BOPs] ~7% over the target after 6 epochs, 10 within ~2%
-    fill: str = "both"  # see lowbit.metamix.select: "both", "repair" or "none"
+    fill: str = "both"  # see lowbit.metamix.select: "both", "repair" or "none" (an extension)
+    repair: bool = True  # lower an argmax over the budget until it fits (an extension; the paper keeps the argmax)
+    search_weights: str = "quantized"
+    search_split: float = 0.25
     seed: int = 0
     device: str = "cpu"
     checkpoint_dir: str | None = None
@@ -82,6 +97,13 @@ class MetaMixConfig:
                 raise ValueError(f"{name} must be one of {OPTIMIZERS}, got {getattr(self, name)!r}")
         if self.fill not in ("both", "repair", "none"):
             raise ValueError(f"fill must be 'both', 'repair' or 'none', got {self.fill!r}")
+        if not isinstance(self.repair, bool):
+            raise TypeError(f"repair must be a bool, got {type(self.repair).__name__}")
+        if self.search_weights not in SEARCH_WEIGHTS:
+            raise ValueError(f"search_weights must be one of {SEARCH_WEIGHTS}, got {self.search_weights!r}")
+        _check_non_negative("search_split", self.search_split)
+        if self.search_split >= 1:
+            raise ValueError(f"search_split must be in [0, 1) (a share of the training set), got {self.search_split}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir (where the checkpoint is read from)")
 

@@ -10,7 +10,10 @@ stays at or under the target:
 * ``"both"`` (default): fill after a repair and after an argmax under the target: the selection spends the
   budget it was given, from below;
 * ``"repair"``: fill only after a repair (an argmax under the target is kept as the search chose it);
-* ``"none"``: SPEC's rule to the letter: argmax, then lower until at or under the target.
+* ``"none"``: argmax, then lower until at or under the target (SPEC section 8's rule).
+
+``repair=False`` skips the lowering: the argmax as it is, the paper's own rule (it may end over the target; the
+report shows by how much). Repair and fill are the project's extensions beyond the paper.
 
 The selection keeps the argmax BOPs, so a report shows how far the raw argmax was from the target.
 """
@@ -62,18 +65,23 @@ class Selection:
 
 
 def select(
-    cost: CostModel, alphas: dict[str, list[float]], candidates: dict[str, list[int]], target: float, fill: str = "both"
+    cost: CostModel,
+    alphas: dict[str, list[float]],
+    candidates: dict[str, list[int]],
+    target: float,
+    fill: str = "both",
+    repair: bool = True,
 ) -> Selection:
-    """Argmax + repair (+ fill) on plain numbers: ``alphas[name][i]`` is the logit of ``candidates[name][i]``."""
+    """Argmax (+ repair + fill) on plain numbers: ``alphas[name][i]`` is the logit of ``candidates[name][i]``."""
     order = {name: sorted(range(len(c)), key=lambda i, c=c: c[i]) for name, c in candidates.items()}
     bits = {layer.name: candidates[layer.name][_argmax(alphas[layer.name])] for layer in cost.layers}
     argmax_bops = cost.bops(bits)
     if fill not in FILL:
         raise ValueError(f"fill must be one of {FILL}, got {fill!r}")
-    repaired = argmax_bops > target
+    repaired = repair and argmax_bops > target
     if repaired:
         _lower_until(cost, bits, alphas, candidates, order, target)
-    if fill == "both" or (fill == "repair" and repaired):
+    if (fill == "both" and cost.bops(bits) <= target) or (fill == "repair" and repaired):
         _raise_while(cost, bits, alphas, candidates, order, target)
     layers = [
         LayerChoice(
@@ -91,13 +99,15 @@ def select(
     return Selection(layers, float(target), float(argmax_bops), float(cost.bops(bits)), repaired)
 
 
-def select_from_model(model: nn.Module, cost: CostModel, target: float, fill: str = "both") -> Selection:
+def select_from_model(
+    model: nn.Module, cost: CostModel, target: float, fill: str = "both", repair: bool = True
+) -> Selection:
     """``select`` on the alphas of a multi-branch model."""
     alphas, candidates = {}, {}
     for name, layer in multi_branch_layers(model):
         alphas[name] = layer.act_quant.alpha.detach().cpu().tolist()
         candidates[name] = list(layer.act_quant.bits)
-    return select(cost, alphas, candidates, target, fill)
+    return select(cost, alphas, candidates, target, fill, repair)
 
 
 def _neighbour(name, bits, candidates, order, direction: int) -> int | None:

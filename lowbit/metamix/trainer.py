@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from lowbit.metamix import checkpoint, distributed
 from lowbit.metamix.config import MetaMixConfig
@@ -25,6 +25,8 @@ from lowbit.metamix.cost import CostModel, alpha_parameters, multi_branch_layers
 from lowbit.metamix.report import MetaMixReport
 from lowbit.metamix.select import LayerChoice, Selection, select_from_model
 from lowbit.metamix.steps import StepContext, frozen_bn_stats, joint_step, metamix_step, weight_step
+from lowbit.nn.layers import QConv2d, QLinear
+from lowbit.nn.quantizers import LSQQuantizer
 from lowbit.quantize import _float_layers, _set_submodule, quantize
 from lowbit.train import JsonLog, evaluate, make_optimizer, run_epoch, set_seed
 
@@ -38,7 +40,9 @@ class MetaMix:
         model: a float model (plain ``nn.Conv2d`` / ``nn.Linear`` layers), trained or not; it is copied, never
             modified.
         train_loader: the training batches. The bit-search step of ``mode="metamix"`` draws its batches from
-            ``search_loader``, by default a second shuffled pass over ``train_loader.dataset`` (own generator).
+            ``search_loader``; by default the held-out ``config.search_split`` share of ``train_loader.dataset``
+            (a fixed split by ``seed``; the bit-meta step trains on the rest during the search), or with
+            ``search_split=0`` a second shuffled pass over the whole dataset (own generator).
         test_loader: evaluated after every epoch and at the end (optional).
         config: a ``MetaMixConfig``.
     """
@@ -61,7 +65,9 @@ class MetaMix:
         self.device = distributed.local_device(config.device)
         self.is_main = distributed.rank() == 0
         self._search_generator: torch.Generator | None = None
+        self._meta_generator: torch.Generator | None = None
         self._float = copy.deepcopy(model).to(self.device)
+        self.meta_loader = None  # the bit-meta batches of the search phase when a share is held out
         self.train_loader, self.search_loader = self._loaders(train_loader, search_loader)
         self.test_loader = test_loader
         self.calib = _calibration_batch(train_loader)[0].to(self.device)
@@ -80,17 +86,37 @@ class MetaMix:
         if self.cfg.mode == "metamix" and search_loader is None:
             if not isinstance(train_loader, DataLoader):
                 raise TypeError("train_loader must be a DataLoader (or pass search_loader) for mode='metamix'")
+            search_set, meta_set = self._split(train_loader.dataset)
             generator = self._search_generator = torch.Generator().manual_seed(self.cfg.seed + 1)
             search_loader = DataLoader(
-                train_loader.dataset, batch_size=train_loader.batch_size, shuffle=True, generator=generator
+                search_set, batch_size=train_loader.batch_size, shuffle=True, generator=generator
             )
+            if meta_set is not None:
+                self._meta_generator = torch.Generator().manual_seed(self.cfg.seed + 2)
+                self.meta_loader = DataLoader(
+                    meta_set, batch_size=train_loader.batch_size, shuffle=True, generator=self._meta_generator
+                )
         if distributed.active():
             if not isinstance(train_loader, DataLoader):
                 raise TypeError("train_loader must be a DataLoader under DDP (it is re-sharded per rank)")
             train_loader = distributed.sharded_loader(train_loader, self.cfg.seed)
             if search_loader is not None:
                 search_loader = distributed.sharded_loader(search_loader, self.cfg.seed + 1)
+            if self.meta_loader is not None:
+                self.meta_loader = distributed.sharded_loader(self.meta_loader, self.cfg.seed + 2)
         return train_loader, search_loader
+
+    def _split(self, dataset):
+        """(held-out search share, the rest) of ``dataset`` by a permutation fixed by ``seed``; (all, None) at 0."""
+        share = self.cfg.search_split
+        if share == 0:
+            return dataset, None
+        n = len(dataset)
+        held = int(round(n * share))
+        if held < 1 or held >= n:
+            raise ValueError(f"search_split={share} of {n} training samples leaves one side empty")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + 3)).tolist()
+        return Subset(dataset, sorted(order[:held])), Subset(dataset, sorted(order[held:]))
 
     def _searched_names(self) -> list[str]:
         names = _float_layers(self._float)
@@ -148,14 +174,20 @@ class MetaMix:
             first_last_bits=cfg.first_last_bits,
             bits=plan,
         )
+        if cfg.search_weights == "float" and not uniform:
+            _float_weights(model)
         if calibrate:
             _calibrate(model, self.calib)
         return model
 
     def _single_branch(self, model: nn.Module, bits: dict[str, int]) -> nn.Module:
-        """The weight-training structure: every multi-branch layer as one LSQ layer at its chosen bits."""
+        """The weight-training structure: every multi-branch layer as one LSQ layer at its chosen bits. After a
+        float-weight search the weight quantizers come back here, their steps initialised from the weights."""
+        restored = _quantized_weights(model)
         for name, layer in multi_branch_layers(model):
             _set_submodule(model, name, layer.to_single_branch(bits[name]))
+        if restored:
+            _calibrate(model, self.calib)
         return model
 
     def _set_phase(self, phase: str, inner: nn.Module) -> None:
@@ -214,7 +246,7 @@ class MetaMix:
             layers = [LayerChoice(x.name, x.macs, x.w_bits, [b], [0.0], [1.0], b, b) for x in self.cost.layers]
             bops = self.cost.bops(b)
             return Selection(layers, self.target or bops, bops, bops, False)
-        return select_from_model(self.inner, self.cost, self.target, self.cfg.fill)
+        return select_from_model(self.inner, self.cost, self.target, self.cfg.fill, self.cfg.repair)
 
     # ------------------------------------------------------------------------------------------- the run
 
@@ -225,6 +257,8 @@ class MetaMix:
         set_seed(self.cfg.seed)
         if self._search_generator is not None:
             self._search_generator.manual_seed(self.cfg.seed + 1)
+        if self._meta_generator is not None:
+            self._meta_generator.manual_seed(self.cfg.seed + 2)
         state = self._load() if self.cfg.resume else None
         if state is None and self.is_main and self.log_path and os.path.exists(self.log_path):
             checkpoint.rewrite_log(self.log_path, [])  # a fresh run: the log holds exactly this run's epochs
@@ -248,10 +282,11 @@ class MetaMix:
         cfg, phase = self.cfg, self.phase
         start = time.perf_counter()
         offset = sum(cfg.epochs[p] for p in PHASES[: PHASES.index(phase)])
-        for loader in (self.train_loader, self.search_loader):
+        for loader in (self.train_loader, self.search_loader, self.meta_loader):
             distributed.set_epoch(loader, offset + self.epoch)
         desc = f"{cfg.mode} {phase} {self.epoch + 1}/{cfg.epochs[phase]}"
-        record = run_epoch(self.train_loader, self._make_step(), desc, cfg.progress and self.is_main)
+        batches = self.meta_loader if phase == "search" and self.meta_loader is not None else self.train_loader
+        record = run_epoch(batches, self._make_step(), desc, cfg.progress and self.is_main)
         self.sched.step()
         self.epoch += 1
         record = {"phase": phase, "epoch": self.epoch, **record}
@@ -316,7 +351,7 @@ class MetaMix:
 
     def _generators(self) -> list[torch.Generator]:
         found, seen = [], set()
-        for loader in (self.train_loader, self.search_loader):
+        for loader in (self.train_loader, self.search_loader, self.meta_loader):
             for holder in (loader, getattr(loader, "sampler", None)):
                 g = getattr(holder, "generator", None)
                 if isinstance(g, torch.Generator) and id(g) not in seen:
@@ -381,6 +416,41 @@ class MetaMix:
         checkpoint.set_rng_state(rng[distributed.rank()], self._generators())
         if self.is_main and self.log_path:
             checkpoint.rewrite_log(self.log_path, self.records)
+
+
+class FloatWeights(nn.Module):
+    """Stands in for a layer's weight quantizer during a float-weight search: the weight passes unchanged, while
+    ``bits`` still tells the cost model the width the weight will have (BOPs are counted at the final widths)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def get_extra_state(self):
+        return {"bits": self.bits}
+
+    def set_extra_state(self, state) -> None:
+        self.bits = state["bits"]
+
+
+def _float_weights(model: nn.Module) -> None:
+    for layer in model.modules():
+        if isinstance(layer, (QConv2d, QLinear)) and isinstance(layer.weight_quant, LSQQuantizer):
+            layer.weight_quant = FloatWeights(layer.weight_quant.bits)
+
+
+def _quantized_weights(model: nn.Module) -> bool:
+    """Puts fresh (uninitialised) LSQ weight quantizers back where ``FloatWeights`` stand; True if any did."""
+    found = False
+    for layer in model.modules():
+        if isinstance(layer, (QConv2d, QLinear)) and isinstance(layer.weight_quant, FloatWeights):
+            quant = LSQQuantizer(layer.weight_quant.bits, signed=True, channels=layer.weight.shape[0], axis=0)
+            layer.weight_quant = quant.to(layer.weight.device)
+            found = True
+    return found
 
 
 def _calibration_batch(loader: Iterable):
