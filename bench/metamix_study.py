@@ -58,14 +58,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch per phase, 3 widths")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--width", type=int, default=16, help="channels of the first convs (then 2x, 4x)")
-    p.add_argument("--fp-epochs", type=int, default=None, help="default: digits 10, mnist5k 4")
-    p.add_argument("--search-epochs", type=int, default=None, help="default: digits 4, mnist5k 2")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="default: digits 4, mnist5k 2")
+    p.add_argument("--fp-epochs", type=int, default=None, help="default: digits 8, mnist5k 3")
+    p.add_argument("--search-epochs", type=int, default=None, help="default: digits 3, mnist5k 2")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default: digits 3, mnist5k 2")
     p.add_argument("--batch-size", type=int, default=None, help="default: digits 64, mnist5k 128")
     p.add_argument("--lr", type=float, default=0.01, help="weights and steps, search and weight phases")
     p.add_argument("--alpha-lr", type=float, default=0.05)
     p.add_argument("--lam", type=float, default=10.0)
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS)[:4], help=f"of {list(VARIANTS)}")
+    p.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=[2, 3, 4, 8],
+        help="uniform widths (every mixed run lies between A2 and A3 BOPs: only those two set its gap)",
+    )
     p.add_argument("--base", default="{}", help="JSON MetaMixConfig fields for the MetaMix runs (tuning)")
     p.add_argument("--tag", default="", help="suffix of the results files (tuning runs)")
     p.add_argument("--out", default=None, help="default bench/results (--quick: a temporary folder)")
@@ -73,16 +80,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     small = args.data == "digits"
     for name, d, m in (
-        ("fp_epochs", 10, 4),
-        ("search_epochs", 4, 2),
-        ("finetune_epochs", 4, 2),
+        ("fp_epochs", 8, 3),
+        ("search_epochs", 3, 2),
+        ("finetune_epochs", 3, 2),
         ("batch_size", 64, 128),
     ):
         if getattr(args, name) is None:
             setattr(args, name, d if small else m)
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="metamix-quick-") if args.quick else RESULTS
-    args.widths = list(range(2, 9))
     if args.quick:
         args.seeds, args.widths, args.variants = args.seeds[:1], [2, 3, 8], args.variants[:1]
         args.fp_epochs, args.search_epochs, args.finetune_epochs = 1, 1, 1
