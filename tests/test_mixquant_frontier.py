@@ -44,3 +44,32 @@ def test_mean_std_and_paired_difference():
     assert mean == pytest.approx(2.0) and std == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same seeds"):
         frontier.paired([1.0], [1.0, 2.0])
+
+
+def test_qe_table_measures_the_quantizer_that_will_be_applied():
+    import torch
+    from torch import nn
+
+    from lowbit import mixquant as mq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 10))
+    with torch.no_grad():
+        model[0].weight.add_(0.3)  # a one-sided weight: asymmetric and symmetric errors differ clearly
+    asym = mq.qe_table(model, quantizer=mq.MinMaxPTQ())
+    assert asym.qe == mq.qe_table(model, quantizer=mq.asymmetric_minmax).qe
+    assert mq.qe_table(model, quantizer=mq.BRECQ(torch.zeros(4, 1, 8, 8))).qe == asym.qe  # BRECQ starts from it
+    sym = mq.qe_table(model)
+    assert mq.qe_table(model, quantizer=mq.LSQFineTune([], epochs=1)).qe == sym.qe
+    assert asym.error("0", 2) < sym.error("0", 2)  # min-max uses the whole 2-bit grid on a one-sided weight
+    # the error is the one MinMaxPTQ really makes
+    applied = mq.MinMaxPTQ().apply(copy_of(model), {"0": 3})
+    assert float(((applied[0].weight - model[0].weight) ** 2).mean()) == pytest.approx(asym.error("0", 3), rel=1e-6)
+    plan = mq.search(model, budget=mq.AvgBits(3), quantizer=mq.MinMaxPTQ())
+    assert plan.qe["0"] == asym.error("0", plan["0"])
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)

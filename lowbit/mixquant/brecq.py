@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lowbit.mixquant.quantizers import check_plan
+from lowbit.mixquant.quantizers import asymmetric_minmax, check_plan
 from lowbit.mixquant.table import QUANTIZABLE
 
 GAMMA, ZETA = -0.1, 1.1  # the rectified sigmoid's stretch (AdaRound)
@@ -141,7 +141,12 @@ class BRECQ:
             min-max range, so ``iters=0`` is exactly ``MinMaxPTQ`` and any gain is the learned rounding's.
         device: where the reconstruction runs.
         seed: seeds the mini-batch order.
+
+    ``qe_quantizer`` (``asymmetric_minmax``: the min-max steps and nearest rounding it starts from) is the error a
+    QE table should measure for this quantizer.
     """
+
+    qe_quantizer = staticmethod(asymmetric_minmax)
 
     def __init__(
         self,

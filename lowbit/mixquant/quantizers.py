@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lowbit import _checks
-from lowbit.mixquant.table import quantizable_layers
+from lowbit.mixquant.table import SymmetricPerChannel, quantizable_layers
 
 
 @runtime_checkable
@@ -68,7 +68,12 @@ def asymmetric_minmax(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class MinMaxPTQ:
-    """Replaces each planned layer's weight by its asymmetric per-channel min-max quantization, in place."""
+    """Replaces each planned layer's weight by its asymmetric per-channel min-max quantization, in place.
+
+    ``qe_quantizer`` (``asymmetric_minmax``) is the error a QE table should measure for this quantizer.
+    """
+
+    qe_quantizer = staticmethod(asymmetric_minmax)
 
     def apply(self, model: nn.Module, plan: Mapping[str, int]) -> nn.Module:
         plan = check_plan(model, plan)
@@ -98,6 +103,8 @@ class LSQFineTune:
         weight_decay, optimizer, device, progress: passed to ``lowbit.train.fit``.
         test_loader, log: optional per-epoch evaluation and JSON-lines log, as in ``fit``.
     """
+
+    qe_quantizer = SymmetricPerChannel()  # LSQ weights are symmetric per channel: the QE of SPEC's default
 
     def __init__(
         self,

@@ -68,11 +68,16 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def qe_table(model: nn.Module, bits=range(2, 9), quantizer: WeightQuantizer | None = None) -> QETable:
-    """The L x |B| table: one quantize-dequantize pass per layer and width, no per-element Python."""
+    """The L x |B| table: one quantize-dequantize pass per layer and width, no per-element Python.
+
+    ``quantizer`` is a callable ``(weight, bits) -> dequantized weight`` or a plan quantizer (``MinMaxPTQ``,
+    ``BRECQ``, ``LSQFineTune``...) whose ``qe_quantizer`` is that callable: the table then measures the error of
+    the quantizer that will be applied (SPEC section 7). ``None``: symmetric per-channel max|W| steps.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     widths = _checks.bit_list("bits", bits)
-    quantizer = quantizer or SymmetricPerChannel()
+    quantizer = getattr(quantizer, "qe_quantizer", quantizer) or SymmetricPerChannel()
     if not callable(quantizer):
         raise TypeError(f"quantizer must be callable as quantizer(weight, bits), got {type(quantizer).__name__}")
     layers = quantizable_layers(model)
