@@ -243,7 +243,7 @@ def _load_float(model, path: str, args) -> None:
         serialization.load_model(path, model=model)
         if any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
             raise ValueError(f"--checkpoint {path!r} is a quantized model; expected the float model (fp32.safetensors)")
-        model.to(args.device)
+        model.to(args.device).train()  # as a freshly built model (load_model returns eval mode)
         return
     if fmt != serialization.PICKLE:
         raise ValueError(f"--checkpoint {path!r} is {serialization.describe(fmt)}; expected the float model")
@@ -474,6 +474,8 @@ def _add_methods(sub) -> None:
 def _load_module(path: str, allow_pickle: bool, packed: bool = True):
     """A float, fake-quant or (if ``packed``) packed model from a lowbit file; a pickled .pt of an older lowbit
     only with ``--allow-pickle``."""
+    import torch
+
     import lowbit
     from lowbit import serialization
 
@@ -491,8 +493,6 @@ def _load_module(path: str, allow_pickle: bool, packed: bool = True):
             f"{path!r} is {serialization.describe(fmt)}; expected a model (qat.safetensors or a packed one)"
         )
     model = serialization.torch_load(path, allow_pickle=allow_pickle)
-    import torch
-
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{path!r} holds a {type(model).__name__}, not a model saved by lowbit mixquant/metamix")
     return model

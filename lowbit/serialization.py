@@ -513,7 +513,8 @@ def save_model(model: nn.Module, path) -> None:
     if packed:
         raise ValueError(f"model has packed layers ({', '.join(packed[:5])}): save converted models with lowbit.save")
     tensors, extra = _split_state(model)
-    layers = {n: fake_quant_config(m) for n, m in model.named_modules() if type(m).__name__ in FAKE_QUANT_LAYERS}
+    kinds = tuple(FAKE_QUANT_LAYERS.values())
+    layers = {n: fake_quant_config(m) for n, m in model.named_modules() if type(m) in kinds}
     arch = _arch(model)
     if arch is not None:
         _check_rebuilds(model, arch, layers, tensors, extra)
@@ -732,7 +733,7 @@ def torch_load(path, *, allow_pickle: bool = False, map_location="cpu"):
     if not allow_pickle:
         raise ValueError(
             f"{path!r} is a pickle file with Python objects, not only tensors; unpickling it can run any code it "
-            "contains: pass allow_pickle=True (lowbit commands: --allow-pickle) only if you trust it"
+            "contains: pass allow_pickle=True (lowbit convert / eval: --allow-pickle) only if you trust it"
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=False)

@@ -82,6 +82,16 @@ def test_metamix_resume_from_its_checkpoint(tmp_path, capsys, no_unpickling):
     assert again["bits"] == first["bits"] and again["history"] == first["history"]
 
 
+def test_demo_writes_and_eval_reads_no_pickle(tmp_path, capsys, no_unpickling):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    formats = _written_formats(out)
+    assert formats and set(formats.values()) <= {"lowbit.packed", "lowbit.model", "lowbit.checkpoint"}, formats
+    capsys.readouterr()
+    assert cli.main(["eval", str(out / "model.safetensors")]) == 0
+    _top1(capsys)  # eval printed its result line (the demo's own reload check compares accuracies)
+
+
 def test_mixquant_lsq_from_a_checkpoint(tmp_path, capsys, no_unpickling):
     first = tmp_path / "first"
     assert cli.main(["mixquant", *TINY, "--finetune-epochs", "1", "--out", str(first)]) == 0
