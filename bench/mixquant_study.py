@@ -1,11 +1,23 @@
-"""MixQuant study: QE-table speed against model size, and accuracy of MixQuant plans against uniform plans on
-digits with three quantizers (min-max PTQ, LSQ QAT fine-tuning, BRECQ-style reconstruction), plus the
-accuracy-vs-size curve as ``qem`` sweeps.
+"""MixQuant study against the uniform weight frontier (SPEC section 9), on digits and mnist5k, plus QE-table speed.
 
-    python bench/mixquant_study.py            # the full study (a few minutes on 2 CPU cores)
-    python bench/mixquant_study.py --quick    # sub-minute smoke run, writes mixquant_quick.*
+Per data set and seed, one float model is trained and shared. For each quantizer (min-max PTQ, BRECQ-style
+reconstruction, LSQ QAT fine-tuning), weight-only:
 
-Writes ``bench/results/mixquant_study.{md,json}``, ``mixquant_speed.png`` and ``mixquant_qem.png``.
+* uniform plans at several widths give the frontier, points (model bytes, top-1);
+* MixQuant plans from the QE table of *that* quantizer (asymmetric min-max for PTQ and BRECQ, symmetric for LSQ):
+  the QEM rule over a ``qem`` sweep (the paper's rule) and the budget mode (the project's extension) at the bytes
+  of uniform 3-bit and at 2.5 average bits;
+* for PTQ and BRECQ the budget plans from the symmetric table too (the QE of another quantizer: the old default).
+
+Each mixed point's score is its gap to its quantizer's frontier interpolated at its own bytes (``lowbit.frontier``).
+The model is the 6-layer CNN of ``metamix_study.py`` (five convs and a classifier, 0.04M weights); mnist5k is pooled
+to 14x14. Writes ``bench/results/mixquant_<data>.{md,json}`` and ``mixquant_<data>_frontier.png`` (JSON rewritten
+after every seed); ``--speed`` writes ``mixquant_speed.{md,json,png}`` (QE-table time of full-size models).
+
+    python bench/mixquant_study.py --data digits
+    python bench/mixquant_study.py --data mnist5k
+    python bench/mixquant_study.py --speed
+    python bench/mixquant_study.py --quick                # smoke run, temporary folder
 """
 
 from __future__ import annotations
@@ -13,504 +25,427 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
-import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from lowbit import data, mixquant, train
+from lowbit import mixquant, train
+from lowbit.frontier import gap, mean_std, paired
 from lowbit.models import create_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
-BUDGETS = (2.5, 3.0, 4.0)
-QEMS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from metamix_study import load_data, machine, study_cnn  # noqa: E402  (the same model and data as MetaMix)
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+QEMS = (4, 16, 64, 256, 1024, 4096, 16384)
+QUANTIZERS = ("min-max PTQ", "BRECQ-style", "LSQ QAT")
+WIDTHS = {"min-max PTQ": (2, 3, 4, 5, 6, 7, 8), "BRECQ-style": (2, 3, 4, 8), "LSQ QAT": (2, 3, 4, 8)}
 
 
-@dataclass
-class Settings:
-    """Everything a run depends on; ``--quick`` shrinks it to a smoke test."""
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", choices=("digits", "mnist5k"), default="digits")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--fp-epochs", type=int, default=None, help="default: digits 8, mnist5k 3 (as metamix_study)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: digits 64, mnist5k 128")
+    p.add_argument("--lsq-epochs", type=int, default=2)
+    p.add_argument("--lsq-lr", type=float, default=0.01)
+    p.add_argument("--brecq-iters", type=int, default=100)
+    p.add_argument("--brecq-samples", type=int, default=256)
+    p.add_argument("--max-qem-plans", type=int, default=3, help="QEM plans per seed for BRECQ and LSQ (PTQ: all)")
+    p.add_argument("--speed", action="store_true", help="only the QE-table speed section")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    small = args.data == "digits"
+    args.fp_epochs = args.fp_epochs or (8 if small else 3)
+    args.batch_size = args.batch_size or (64 if small else 128)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="mixquant-quick-") if args.quick else RESULTS
+    if args.quick:
+        args.seeds, args.fp_epochs, args.lsq_epochs, args.brecq_iters, args.brecq_samples = [0], 1, 1, 5, 64
+        args.max_qem_plans = 1
+    return args
 
-    seeds: int = 3
-    fp_epochs: int = 8
-    fp_lr: float = 0.05
-    lsq_epochs: int = 3
-    lsq_lr: float = 0.01
-    brecq_iters: int = 200
-    brecq_samples: int = 256
-    repeats: int = 5
-    speed_models: tuple = (
-        ("resnet18", 0.25),
-        ("resnet18", 0.5),
-        ("resnet18", 0.75),
-        ("resnet18", 1.0),
-        ("mobilenet_v2", 0.5),
-        ("mobilenet_v2", 1.0),
-        ("mobilenet_v2", 1.4),
+
+# ---------------------------------------------------------------------------------------------------------- quality
+
+
+def make_quantizer(name: str, args, dataset, train_loader, seed: int):
+    if name == "min-max PTQ":
+        return mixquant.MinMaxPTQ()
+    if name == "BRECQ-style":
+        return mixquant.BRECQ(dataset.train_x, samples=args.brecq_samples, iters=args.brecq_iters, seed=seed)
+    return mixquant.LSQFineTune(train_loader, epochs=args.lsq_epochs, lr=args.lsq_lr)
+
+
+def accuracy(model, plan, quantizer, test_loader, seed: int) -> float:
+    train.set_seed(seed)
+    quantized = mixquant.apply_plan(copy.deepcopy(model), plan, quantizer)
+    return train.evaluate(quantized, test_loader)["acc"]
+
+
+def qem_plans(table, limit: int | None) -> list[tuple[float, mixquant.Plan]]:
+    """Distinct QEM-rule plans over the sweep; with ``limit``, those nearest 2.5-3 average bits first."""
+    plans, seen = [], set()
+    for qem in QEMS:
+        plan = mixquant.search(table, qem=qem)
+        key = tuple(sorted(plan.bits.items()))
+        if key not in seen:
+            seen.add(key)
+            plans.append((qem, plan))
+    if limit is not None:
+        plans = sorted(plans, key=lambda qp: abs(qp[1].avg_bits - 2.75))[:limit]
+    return sorted(plans, key=lambda qp: qp[0])
+
+
+def one_quantizer(name, args, dataset, model, loaders, seed) -> dict:
+    train_loader, test_loader = loaders
+    quantizer = make_quantizer(name, args, dataset, train_loader, seed)
+    table = mixquant.qe_table(model, quantizer=quantizer)  # the error of the quantizer that will be applied
+    out = {"uniform": {}, "mixed": []}
+    for b in WIDTHS[name]:
+        plan = mixquant.uniform_plan(table, b)
+        out["uniform"][str(b)] = {
+            "bytes": plan.model_bytes,
+            "top1": accuracy(model, plan, quantizer, test_loader, seed),
+        }
+    points = [(u["bytes"], u["top1"]) for u in out["uniform"].values()]
+
+    def add(rule, label, plan, table_kind):
+        top1 = accuracy(model, plan, quantizer, test_loader, seed)
+        out["mixed"].append(
+            {
+                "rule": rule,
+                "label": label,
+                "table": table_kind,
+                "bytes": plan.model_bytes,
+                "avg_bits": plan.avg_bits,
+                "top1": top1,
+                "gap": gap(points, plan.model_bytes, top1),
+                "bits": dict(plan),
+            }
+        )
+
+    three = mixquant.uniform_plan(table, 3).model_bytes
+    budgets = {"3-bit bytes": mixquant.ModelBytes(three), "2.5 bits": mixquant.AvgBits(2.5)}
+    for label, budget in budgets.items():
+        add("budget", label, mixquant.search(table, budget=budget), "own")
+    if name != "LSQ QAT":  # the symmetric table (another quantizer's error) for comparison
+        sym = mixquant.qe_table(model)
+        for label, budget in budgets.items():
+            add("budget", label, mixquant.search(sym, budget=budget), "symmetric")
+    limit = None if name == "min-max PTQ" else args.max_qem_plans
+    for qem, plan in qem_plans(table, limit):
+        add("qem", f"qem={qem}", plan, "own")
+    return out
+
+
+def one_seed(args, dataset, seed: int) -> dict:
+    start = time.perf_counter()
+    train.set_seed(seed)
+    model = study_cnn(args.width, dataset.num_classes)
+    loaders = dataset.loaders(args.batch_size, seed)
+    train.fit(model, loaders[0], None, args.fp_epochs, lr=0.05, progress=False)
+    model.eval()
+    record = {"seed": seed, "fp_acc": train.evaluate(model, loaders[1])["acc"], "quantizers": {}}
+    for name in QUANTIZERS:
+        record["quantizers"][name] = one_quantizer(name, args, dataset, model, loaders, seed)
+        r = record["quantizers"][name]
+        budget = [m for m in r["mixed"] if m["rule"] == "budget" and m["table"] == "own"]
+        print(
+            f"  seed {seed} {name}: uniform "
+            + " ".join(f"W{b} {u['top1']:.1f}" for b, u in r["uniform"].items())
+            + " | budget gaps "
+            + " ".join(f"{m['label']} {m['gap']:+.2f}" for m in budget),
+            flush=True,
+        )
+    record["seconds"] = time.perf_counter() - start
+    print(f"seed {seed}: float {record['fp_acc']:.2f}%, {record['seconds']:.0f} s", flush=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def rows(seeds, qname, rule=None, label=None, table="own"):
+    """The matching mixed row of every seed (one per seed), or [] if a seed lacks it."""
+    out = []
+    for s in seeds:
+        found = [
+            m
+            for m in s["quantizers"][qname]["mixed"]
+            if (rule is None or m["rule"] == rule) and (label is None or m["label"] == label) and m["table"] == table
+        ]
+        if len(found) != 1:
+            return []
+        out.append(found[0])
+    return out
+
+
+def pm(values, sign=False) -> str:
+    m, s = mean_std(list(values))
+    return f"{m:+.2f} ± {s:.2f}" if sign else f"{m:.2f} ± {s:.2f}"
+
+
+def markdown(result: dict) -> str:
+    args, seeds = result["args"], result["seeds"]
+    lines = [
+        f"# MixQuant on {args['data']}: gap to the uniform weight frontier (weight-only)",
+        "",
+        f"Produced by `{result['command']}` in {result['seconds'] / 60:.1f} min on {result['machine']} "
+        f"(torch {torch.__version__}, 1 thread; shared machine, other jobs running).",
+        "",
+        f"Setup: {setup_text(args)} Seeds {[s['seed'] for s in seeds]}; mean ± std over seeds. Float top-1 "
+        f"{pm(s['fp_acc'] for s in seeds)}%.",
+        "",
+        "## Uniform frontier (top-1 %, every layer at one width)",
+        "",
+        "| weight bits | bytes | " + " | ".join(QUANTIZERS) + " |",
+        "|---:|---:|" + "---:|" * len(QUANTIZERS),
+    ]
+    for b in range(2, 9):
+        cells = []
+        for q in QUANTIZERS:
+            us = [s["quantizers"][q]["uniform"].get(str(b)) for s in seeds]
+            cells.append("-" if None in us else pm(u["top1"] for u in us))
+        some = next(
+            seeds[0]["quantizers"][q]["uniform"][str(b)]
+            for q in QUANTIZERS
+            if str(b) in seeds[0]["quantizers"][q]["uniform"]
+        )
+        lines.append(f"| {b} | {some['bytes']:,.0f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## MixQuant plans against the frontier",
+        "",
+        "Gap = top-1 minus the same quantizer's frontier interpolated linearly at the plan's bytes (+ above, - under).",
+        "Table `own`: QE of the quantizer applied (asymmetric min-max for PTQ/BRECQ, symmetric for LSQ); `symmetric`:",
+        "the symmetric max|W| table (the previous default), paired against `own` on the same seeds.",
+        "",
+        "| quantizer | rule | plan | QE table | avg bits | top-1 (%) | gap to frontier | gap > 0 (seeds) "
+        "| paired vs own |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for q in QUANTIZERS:
+        labels = list(dict.fromkeys((m["rule"], m["label"], m["table"]) for m in seeds[0]["quantizers"][q]["mixed"]))
+        for rule, label, table in labels:
+            rs = rows(seeds, q, rule, label, table)
+            if not rs:
+                continue
+            vs = "-"
+            if table == "symmetric":
+                own = rows(seeds, q, rule, label, "own")
+                vs = pm(paired([r["top1"] for r in rs], [r["top1"] for r in own]), sign=True) if own else "-"
+            lines.append(
+                f"| {q} | {'budget (extension)' if rule == 'budget' else 'QEM (paper)'} | {label} | {table} | "
+                f"{mean_std([r['avg_bits'] for r in rs])[0]:.2f} | {pm(r['top1'] for r in rs)} | "
+                f"{pm((r['gap'] for r in rs), sign=True)} | {sum(r['gap'] > 0 for r in rs)}/{len(rs)} | {vs} |"
+            )
+    lines += ["", *findings(seeds), "", f"![frontier]({result['figure']})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def pm_pair(a, b):
+    return pm(paired(a, b), sign=True)
+
+
+def setup_text(args: dict) -> str:
+    size = "8x8, 1,437 train / 360 test" if args["data"] == "digits" else "pooled to 14x14, 4,000 train / 1,000 test"
+    return (
+        f"{args['data']} ({size}); the 6-layer CNN of metamix_study.py (width {args['width']}), float-trained "
+        f"{args['fp_epochs']} epochs per seed, activations float. Min-max PTQ: asymmetric per channel. BRECQ-style: "
+        f"{args['brecq_iters']} AdaRound iterations per block on {args['brecq_samples']} training images. LSQ: "
+        f"{args['lsq_epochs']} epochs at lr {args['lsq_lr']}. QEM plans: qem in {list(QEMS)} (distinct plans; BRECQ "
+        f"and LSQ: the {args['max_qem_plans']} nearest 2.75 average bits). Uniform widths: PTQ 2..8, BRECQ/LSQ 2, 3, "
+        "4, 8 (every budget plan lies between 2 and 3 bits)."
     )
 
-    @classmethod
-    def quick(cls) -> Settings:
-        return cls(seeds=1, fp_epochs=3, lsq_epochs=1, brecq_iters=20, brecq_samples=64, repeats=1)
+
+def findings(seeds) -> list[str]:
+    out = ["## Targets (mean over seeds)", ""]
+    for q in QUANTIZERS:
+        for label in ("3-bit bytes", "2.5 bits"):
+            rs = rows(seeds, q, "budget", label)
+            m, s = mean_std([r["gap"] for r in rs])
+            need = "above" if q != "LSQ QAT" else "at least on"
+            ok = (m > 0) if need == "above" else (m >= 0)
+            out.append(
+                f"- {q}, budget {label}: {need} the frontier: **{'met' if ok else 'missed'}** (gap {m:+.2f} ± {s:.2f})."
+            )
+    for q in QUANTIZERS:
+        qem = [
+            lbl
+            for (rule, lbl, t) in {(m["rule"], m["label"], m["table"]) for m in seeds[0]["quantizers"][q]["mixed"]}
+            if rule == "qem"
+        ]
+        gaps = [
+            mean_std([r["gap"] for r in rows(seeds, q, "qem", lbl)])[0] for lbl in qem if rows(seeds, q, "qem", lbl)
+        ]
+        if gaps:
+            out.append(
+                f"- {q}, QEM rule: mean gaps from {min(gaps):+.2f} to {max(gaps):+.2f} over {len(gaps)} qem values."
+            )
+    return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# speed
-# ---------------------------------------------------------------------------------------------------------------
+def plot(result: dict, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    seeds, args = result["seeds"], result["args"]
+    fig = Figure(figsize=(13, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, q in zip(axes, QUANTIZERS, strict=True):
+        widths = list(seeds[0]["quantizers"][q]["uniform"])
+        xs = [seeds[0]["quantizers"][q]["uniform"][b]["bytes"] / 1024 for b in widths]
+        ys = [mean_std([s["quantizers"][q]["uniform"][b]["top1"] for s in seeds]) for b in widths]
+        ax.errorbar(xs, [m for m, _ in ys], yerr=[e for _, e in ys], fmt="s-", color="grey", capsize=3, label="uniform")
+        for b, x, (y, _) in zip(widths, xs, ys, strict=True):
+            ax.annotate(f"W{b}", (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
+        styles = {
+            ("budget", "own"): ("*", "C0", "budget plan"),
+            ("budget", "symmetric"): ("x", "C1", "budget, sym. QE"),
+            ("qem", "own"): ("o", "C2", "QEM rule"),
+        }
+        labels = list(dict.fromkeys((m["rule"], m["label"], m["table"]) for m in seeds[0]["quantizers"][q]["mixed"]))
+        used = set()
+        for rule, label, table in labels:
+            rs = rows(seeds, q, rule, label, table)
+            if not rs:
+                continue
+            marker, color, name = styles[(rule, table)]
+            y = mean_std([r["top1"] for r in rs])
+            ax.errorbar(
+                mean_std([r["bytes"] / 1024 for r in rs])[0],
+                y[0],
+                yerr=y[1],
+                fmt=marker,
+                color=color,
+                ms=10 if marker == "*" else 6,
+                capsize=2,
+                label=None if name in used else name,
+            )
+            used.add(name)
+        ax.set_xscale("log")
+        ax.set_xlabel("weight bytes (KiB, log)")
+        ax.set_title(q)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("top-1 (%)")
+    fig.suptitle(f"MixQuant on {args['data']}: plans vs the uniform weight frontier ({len(seeds)} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
-def speed(settings: Settings) -> dict:
+# ---------------------------------------------------------------------------------------------------------- speed
+
+SPEED_MODELS = (("resnet18", 0.25), ("resnet18", 0.5), ("resnet18", 1.0), ("mobilenet_v2", 0.5), ("mobilenet_v2", 1.0))
+
+
+def speed(repeats: int) -> dict:
     """Median QE-table time (7 widths) of full-size ImageNet models, against their conv/linear weight count."""
-    rows = []
-    for name, width in settings.speed_models:
+    out = []
+    for name, width in SPEED_MODELS:
         model = create_model(name, num_classes=1000, width_mult=width).eval()
-        mixquant.qe_table(model)  # warm-up: first-call dispatch and allocator
+        mixquant.qe_table(model)  # warm-up
         times = []
-        for _ in range(settings.repeats):
+        for _ in range(repeats):
             start = time.perf_counter()
             table = mixquant.qe_table(model, bits=range(2, 9))
             times.append(time.perf_counter() - start)
-        params = sum(table.params.values())
-        rows.append(
+        out.append(
             {
                 "model": name,
                 "width": width,
-                "params": params,
+                "params": sum(table.params.values()),
                 "layers": len(table.layers),
                 "median_s": statistics.median(times),
                 "min_s": min(times),
             }
         )
-        print(f"  {name} x{width}: {params:,} weights, {statistics.median(times):.3f} s", flush=True)
-    families = {r["model"] for r in rows}
-    fits = {name: linear_fit([r for r in rows if r["model"] == name]) for name in sorted(families)}
-    return {"rows": rows, "fit": linear_fit(rows), "fits": fits}
-
-
-def linear_fit(rows: list[dict]) -> dict:
-    """Least-squares ``time = intercept + slope * params`` and its R²."""
-    x = np.array([r["params"] for r in rows], dtype=float)
-    y = np.array([r["median_s"] for r in rows])
+        print(f"  {name} x{width}: {out[-1]['params']:,} weights, {out[-1]['median_s']:.3f} s", flush=True)
+    x = np.array([r["params"] for r in out], dtype=float)
+    y = np.array([r["median_s"] for r in out])
     slope, intercept = np.polyfit(x, y, 1)
     r2 = 1 - np.sum((y - (slope * x + intercept)) ** 2) / max(np.sum((y - y.mean()) ** 2), 1e-30)
-    return {"slope_s_per_mparam": slope * 1e6, "intercept_s": intercept, "r2": r2}
+    return {"rows": out, "fit": {"slope_s_per_mparam": slope * 1e6, "intercept_s": intercept, "r2": r2}}
 
 
-def plot_speed(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in sorted({r["model"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["model"] == name]
-        ax.plot([r["params"] / 1e6 for r in rows], [r["median_s"] for r in rows], "o", label=name)
-    xs = np.linspace(0, max(r["params"] for r in result["rows"]) / 1e6, 50)
-    for label, fit in [("all", result["fit"]), *result["fits"].items()]:
-        ax.plot(
-            xs,
-            fit["intercept_s"] + fit["slope_s_per_mparam"] * xs,
-            "--",
-            lw=0.9,
-            label=f"fit {label}: {fit['slope_s_per_mparam']:.3f} s/M + {fit['intercept_s']:.3f} s, R²={fit['r2']:.3f}",
-        )
-    ax.set_xlabel("conv/linear weights (millions)")
-    ax.set_ylabel("QE table time, 7 widths (s, median)")
-    ax.set_title("MixQuant QE table: time vs parameters")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# quality
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def trained_model(dataset, seed: int, settings: Settings):
-    """ResNet-18 (small input, width 0.25) trained in full precision; the loaders of that seed."""
-    train.set_seed(seed)
-    model = create_model("resnet18", num_classes=10, in_channels=1, small_input=True, width_mult=0.25)
-    train_loader, test_loader = dataset.loaders(64, seed)
-    train.fit(model, train_loader, None, settings.fp_epochs, lr=settings.fp_lr, progress=False)
-    return model.eval(), train_loader, test_loader
-
-
-def quantizers(dataset, train_loader, seed: int, settings: Settings) -> dict:
-    return {
-        "min-max PTQ": mixquant.MinMaxPTQ(),
-        "LSQ QAT fine-tune": mixquant.LSQFineTune(train_loader, epochs=settings.lsq_epochs, lr=settings.lsq_lr),
-        "BRECQ-style": mixquant.BRECQ(
-            dataset.train_x, samples=settings.brecq_samples, iters=settings.brecq_iters, seed=seed
-        ),
-    }
-
-
-def accuracy_of(model, plan, quantizer, test_loader, cache: dict, seed: int) -> float:
-    """Test accuracy of ``quantizer`` applied to a copy of ``model``; a plan already measured is not redone."""
-    key = (type(quantizer).__name__, tuple(sorted(dict(plan).items())))
-    if key not in cache:
-        train.set_seed(seed)
-        quantized = mixquant.apply_plan(copy.deepcopy(model), plan, quantizer)
-        cache[key] = train.evaluate(quantized, test_loader)["acc"]
-    return cache[key]
-
-
-def one_seed(dataset, seed: int, settings: Settings) -> dict:
-    start = time.perf_counter()
-    model, train_loader, test_loader = trained_model(dataset, seed, settings)
-    record = {"seed": seed, "fp_acc": train.evaluate(model, test_loader)["acc"], "budget": [], "qem": [], "uniform": []}
-    table = mixquant.qe_table(model)
-    cache: dict = {}
-    for avg in BUDGETS:
-        plans = {
-            "mixquant": mixquant.search(table, budget=mixquant.AvgBits(avg)),
-            "uniform": mixquant.uniform_plan(table, int(avg)),
-        }
-        for qname, quantizer in quantizers(dataset, train_loader, seed, settings).items():
-            for kind, plan in plans.items():
-                record["budget"].append(
-                    {
-                        "budget": avg,
-                        "quantizer": qname,
-                        "plan": kind,
-                        "avg_bits": plan.avg_bits,
-                        "total_qe": plan.total_qe,
-                        "bits": dict(plan),
-                        "acc": accuracy_of(model, plan, quantizer, test_loader, cache, seed),
-                    }
-                )
-    minmax = mixquant.MinMaxPTQ()
-    for qem in QEMS:
-        plan = mixquant.search(table, qem=qem)
-        acc = accuracy_of(model, plan, minmax, test_loader, cache, seed)
-        record["qem"].append({"qem": qem, "avg_bits": plan.avg_bits, "acc": acc})
-    for bits in range(2, 9):
-        plan = mixquant.uniform_plan(table, bits)
-        record["uniform"].append({"bits": bits, "acc": accuracy_of(model, plan, minmax, test_loader, cache, seed)})
-    record["seconds"] = time.perf_counter() - start
-    print(f"  seed {seed}: FP {record['fp_acc']:.1f}%, {record['seconds']:.0f} s", flush=True)
-    return record
-
-
-def mean_std(values) -> tuple[float, float]:
-    values = list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.1f} ± {std:.1f}"
-
-
-def plot_qem(seeds: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    qem_x = [statistics.fmean(r["qem"][i]["avg_bits"] for r in seeds) for i in range(len(QEMS))]
-    qem_y = [mean_std(r["qem"][i]["acc"] for r in seeds) for i in range(len(QEMS))]
-    ax.errorbar(
-        qem_x,
-        [m for m, _ in qem_y],
-        yerr=[s for _, s in qem_y],
-        fmt="o-",
-        capsize=3,
-        label="MixQuant QEM rule + min-max PTQ",
-    )
-    budget = [
-        mean_std(
-            next(r for r in s["budget"] if (r["budget"], r["quantizer"], r["plan"]) == (a, "min-max PTQ", "mixquant"))[
-                "acc"
-            ]
-            for s in seeds
-        )
-        for a in BUDGETS
-    ]
-    ax.errorbar(
-        BUDGETS,
-        [m for m, _ in budget],
-        yerr=[e for _, e in budget],
-        fmt="^",
-        ms=8,
-        capsize=3,
-        label="MixQuant budget plan (AvgBits) + min-max PTQ",
-    )
-    labelled = set()
-    for x, y, q in zip(qem_x, qem_y, QEMS, strict=True):
-        if round(x, 1) in labelled:
-            continue
-        labelled.add(round(x, 1))
-        ax.annotate(f"qem={q}", (x, y[0]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    uni = [mean_std(r["uniform"][i]["acc"] for r in seeds) for i in range(7)]
-    ax.errorbar(
-        range(2, 9),
-        [m for m, _ in uni],
-        yerr=[s for _, s in uni],
-        fmt="s--",
-        capsize=3,
-        label="uniform bits + min-max PTQ",
-    )
-    fp = statistics.fmean(r["fp_acc"] for r in seeds)
-    ax.axhline(fp, color="grey", lw=0.8, label=f"float ({fp:.1f}%)")
-    ax.set_xlabel("average weight bits")
-    ax.set_ylabel("digits test accuracy (%)")
-    ax.set_title("Accuracy vs size as qem sweeps (ResNet-18 x0.25, weight-only)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# report
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def speed_section(result: dict, png: str) -> list[str]:
+def speed_markdown(result: dict) -> str:
+    fit = result["speed"]["fit"]
     lines = [
-        "## Speed: the QE table",
+        "# MixQuant QE table: time against model size",
         "",
-        "Full-size ImageNet models (3 input channels, 1000 classes), 7 widths (2..8), default quantizer",
-        "(symmetric per-channel, the fused `lowbit.fake_quant`); median of the repeats after one warm-up call.",
+        f"Produced by `{result['command']}` on {result['machine']} (torch {torch.__version__}, 1 thread; shared "
+        "machine, other jobs running). Full-size ImageNet models, 7 widths (2..8), the default symmetric quantizer "
+        "(fused `lowbit.fake_quant`); median of the repeats after one warm-up call.",
         "",
         "| model | width | conv/linear weights | layers | median (s) | min (s) |",
-        "|---|---|---|---|---|---|",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
+    for r in result["speed"]["rows"]:
         lines.append(
             f"| {r['model']} | {r['width']} | {r['params']:,} | {r['layers']} | {r['median_s']:.3f} "
             f"| {r['min_s']:.3f} |"
         )
-    full = [r for r in result["rows"] if r["model"] == "resnet18" and r["width"] == 1.0]
-    lines.append("")
-    for label, fit in [("all models", result["fit"]), *result["fits"].items()]:
-        lines.append(
-            f"- Linear fit ({label}): time = {fit['intercept_s']:.3f} s + {fit['slope_s_per_mparam']:.4f} s "
-            f"per million weights, R² = {fit['r2']:.4f}."
-        )
-    lines.append("")
-    if full:
-        lines.append(
-            f"**Full-size ResNet-18 ({full[0]['params']:,} weights, 7 widths): {full[0]['median_s']:.3f} s** "
-            "(target: under 2 s)."
-        )
-    return [*lines, "", f"![QE table time vs parameters]({png})", ""]
-
-
-def budget_section(seeds: list[dict]) -> list[str]:
-    lines = [
-        "## Quality: MixQuant budget plan vs uniform plan",
+    lines += [
         "",
-        "| budget (avg bits) | quantizer | MixQuant acc (%) | MixQuant avg bits | uniform plan | uniform acc (%) "
-        "| Δ (MQ − uniform) | MQ plan same as uniform (seeds) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    rows = seeds[0]["budget"]
-    for avg in BUDGETS:
-        for qname in dict.fromkeys(r["quantizer"] for r in rows):
-
-            def pick(kind, _avg=avg, _q=qname):
-                return [
-                    next(r for r in s["budget"] if (r["budget"], r["quantizer"], r["plan"]) == (_avg, _q, kind))
-                    for s in seeds
-                ]
-
-            mq, uni = pick("mixquant"), pick("uniform")
-            delta = [a["acc"] - b["acc"] for a, b in zip(mq, uni, strict=True)]
-            same = sum(a["bits"] == b["bits"] for a, b in zip(mq, uni, strict=True))
-            lines.append(
-                f"| {avg} | {qname} | {fmt(r['acc'] for r in mq)} | "
-                f"{statistics.fmean(r['avg_bits'] for r in mq):.3f} | {int(avg)}-bit ({uni[0]['avg_bits']:.1f}) | "
-                f"{fmt(r['acc'] for r in uni)} | {fmt(delta)} | {same}/{len(seeds)} |"
-            )
-    return [*lines, ""]
-
-
-def plans_section(seeds: list[dict]) -> list[str]:
-    lines = [
-        "### The plans (seed 0)",
-        "",
-        "| budget | plan | avg bits | summed size-weighted QE | bits histogram |",
-        "|---|---|---|---|---|",
-    ]
-    for avg in BUDGETS:
-        for kind in ("mixquant", "uniform"):
-            r = next(r for r in seeds[0]["budget"] if r["budget"] == avg and r["plan"] == kind)
-            hist = {b: list(r["bits"].values()).count(b) for b in sorted(set(r["bits"].values()))}
-            hist_text = ", ".join(f"{b}-bit: {n}" for b, n in hist.items())
-            lines.append(f"| {avg} | {kind} | {r['avg_bits']:.3f} | {r['total_qe']:.4g} | {hist_text} |")
-    return [*lines, ""]
-
-
-def findings_section(seeds: list[dict]) -> list[str]:
-    """Numbers read off the tables above, so the text cannot drift from them."""
-
-    def acc(avg, qname, kind):
-        return statistics.fmean(
-            next(r for r in s["budget"] if (r["budget"], r["quantizer"], r["plan"]) == (avg, qname, kind))["acc"]
-            for s in seeds
-        )
-
-    names = list(dict.fromkeys(r["quantizer"] for r in seeds[0]["budget"]))
-    same = sum(
-        r["bits"] == u["bits"]
-        for s in seeds
-        for r in s["budget"]
-        for u in s["budget"]
-        if r["plan"] == "mixquant"
-        and u["plan"] == "uniform"
-        and (r["budget"], r["quantizer"]) == (u["budget"], u["quantizer"])
-        and r["budget"] != 2.5
-    )
-    total = sum(1 for s in seeds for r in s["budget"] if r["plan"] == "mixquant" and r["budget"] != 2.5)
-    vs3 = ", ".join(f"{q}: {acc(2.5, q, 'mixquant'):.1f} vs {acc(3.0, q, 'uniform'):.1f}" for q in names)
-    close = all(acc(2.5, q, "mixquant") >= acc(3.0, q, "uniform") - 0.5 for q in names)
-    verb = "matches or beats" if close else "is compared with"
-    vs2 = ", ".join(f"{q}: +{acc(2.5, q, 'mixquant') - acc(2.5, q, 'uniform'):.1f}" for q in names)
-    return [
-        "## Findings",
-        "",
-        f"- **At 3 and 4 bits the budget plan is the uniform plan** ({same}/{total} seed x quantizer cases): on this",
-        "  model every layer's QE falls by about the same factor per bit, so no trade between layers lowers the",
-        "  summed size-weighted QE at an integer budget. MixQuant neither helps nor hurts there.",
-        f"- **At 2.5 bits MixQuant beats uniform 2-bit** ({vs2} points) and {verb} uniform **3-bit**",
-        f"  with a sixth fewer bits (mean accuracy, MixQuant 2.5 vs uniform 3: {vs3}).",
-        "- **The QEM rule gives (nearly) uniform plans** on this model for the same reason: `QE(l, b) / QE(l, 8)`",
-        "  is close to `4^(8-b)` for every layer, so each power of 4 in `qem` takes one bit off every layer at once;",
-        "  the curve follows the uniform one. The budget mode is the way to get fractional average bits.",
+        f"Linear fit: time = {fit['intercept_s']:.3f} s + {fit['slope_s_per_mparam']:.4f} s per million weights, "
+        f"R² = {fit['r2']:.4f}. Target for a full-size ResNet-18: under 2 s.",
         "",
     ]
+    return "\n".join(lines)
 
 
-def qem_section(seeds: list[dict], png: str) -> list[str]:
-    lines = [
-        "## Accuracy vs size as `qem` sweeps (min-max PTQ)",
-        "",
-        "| qem | avg bits | accuracy (%) |",
-        "|---|---|---|",
-    ]
-    for i, qem in enumerate(QEMS):
-        bits = statistics.fmean(s["qem"][i]["avg_bits"] for s in seeds)
-        lines.append(f"| {qem} | {bits:.3f} | {fmt(s['qem'][i]['acc'] for s in seeds)} |")
-    lines += ["", "Uniform plans with the same quantizer, for reference:", "", "| bits | accuracy (%) |", "|---|---|"]
-    lines += [f"| {b} | {fmt(s['uniform'][b - 2]['acc'] for s in seeds)} |" for b in range(2, 9)]
-    return [*lines, "", f"![accuracy vs average bits]({png})", ""]
+# ---------------------------------------------------------------------------------------------------------- main
 
 
-DECISIONS = """## Setup and decisions
-
-- **Model and data.** ResNet-18 (`small_input=True`, width 0.25, 1 input channel: 0.70M parameters) trained in
-  full precision on the embedded digits (1,437 train / 360 test images, 8x8) for {fp_epochs} epochs (SGD, lr
-  {fp_lr}, cosine) per seed; the seed also sets the data order and every quantizer's randomness.
-- **Weight-only.** Activations stay float: MixQuant chooses *weight* widths and the QE it ranks is the weights'
-  error, so a weight-only study isolates what the plan does. (`LSQFineTune(a_bits=...)` quantizes activations too.)
-- **Plans.** One QE table per seed with the default quantizer (symmetric per-channel, SPEC section 7); the budget
-  plan is `search(table, budget=AvgBits(a))`, the same plan for every quantizer (MixQuant as a preprocessing
-  step). Budget mode is an exact dynamic programme over the budget split into 20,000 cells (costs rounded up,
-  so it always fits), also compared with the hull greedy and the best uniform plan; the returned plan carries a
-  certified `gap_bound` against the LP relaxation.
-- **The 2.5-bit comparison.** No uniform plan has 2.5 bits. The comparison is with the best uniform plan that
-  fits the same budget: uniform 2-bit (2.0 bits; the MixQuant plan uses the extra 0.5 bit). The 3-bit row gives
-  uniform 3-bit, the next uniform plan *above* the budget, so the 2.5 row is bracketed. At 3 and 4 bits both
-  plans have (up to rounding) the same average bits. Both plans' actual average bits are in the table.
-- **Quantizers.** Min-max PTQ: asymmetric per-channel, nearest rounding. LSQ QAT: `lowbit.quantize(bits=plan)`
-  (QConv2d/QLinear, weight steps LSQ per channel), {lsq_epochs} epochs of `lowbit.train.fit` at lr {lsq_lr}.
-  BRECQ-style: asymmetric per-channel min-max steps, AdaRound rounding learned block by block (ResNet basic
-  blocks; stem conv and fc alone) on {brecq_samples} training images, {brecq_iters} Adam iterations per block,
-  output-MSE loss from the quantized-input path. With 0 iterations it equals min-max PTQ exactly.
-- **Accuracy** is top-1 on the 360 test images: one image is 0.28 points, so differences under ~1 point are
-  within noise at 3 seeds.
-"""
+def write(args, result: dict) -> None:
+    stem = f"mixquant_{args.data}" + ("_quick" if args.quick else "")
+    result["figure"] = f"{stem}_frontier.png"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if result["seeds"]:
+        plot(result, os.path.join(args.out, result["figure"]))
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
+            f.write(markdown(result))
 
 
-def write_report(result: dict, settings: Settings, out: Path, stem: str) -> None:
-    seeds = result["seeds"]
-    fp = fmt(s["fp_acc"] for s in seeds)
-    lines = [
-        "# MixQuant study",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        f"Machine: {result['machine']}; torch {torch.__version__}, {result['threads']} thread(s); "
-        f"wall time {result['seconds']:.0f} s.",
-        "",
-        *speed_section(result["speed"], f"{stem}_speed.png"),
-        f"Float accuracy over {len(seeds)} seed(s): {fp} %.",
-        "",
-        *budget_section(seeds),
-        *findings_section(seeds),
-        *plans_section(seeds),
-        *qem_section(seeds, f"{stem}_qem.png"),
-        DECISIONS.format(**vars(settings)),
-    ]
-    (out / f"{stem}_study.md").write_text("\n".join(lines))
-
-
-def machine() -> str:
-    try:
-        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical CPU(s)"
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="sub-minute smoke run (1 seed, tiny budgets)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the saved JSON")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    settings = Settings.quick() if args.quick else Settings()
-    stem = "mixquant_quick" if args.quick else "mixquant"
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    command = "python bench/mixquant_study.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    base = {"command": command.strip(), "machine": machine(), "args": vars(args)}
+    if args.speed:
+        result = {**base, "speed": speed(1 if args.quick else 5)}
+        with open(os.path.join(args.out, "mixquant_speed.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "mixquant_speed.md"), "w") as f:
+            f.write(speed_markdown(result))
+        return
     if args.report_only:
-        result = json.loads((args.out / f"{stem}_study.json").read_text())
-        write_report(result, settings, args.out, stem)
-        plot_qem(result["seeds"], args.out / f"{stem}_qem.png")
-        return result
-    args.out.mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(args.out, f"mixquant_{args.data}.json")) as f:
+            write(args, json.load(f))
+        return
+    dataset = load_data(args.data)
+    result = {**base, "seeds": []}
     start = time.perf_counter()
-    print("QE table speed", flush=True)
-    result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "machine": machine(),
-        "threads": torch.get_num_threads(),
-        "settings": vars(settings),
-    }
-    result["speed"] = speed(settings)
-    plot_speed(result["speed"], args.out / f"{stem}_speed.png")
-    print("quality on digits", flush=True)
-    dataset = data.digits()
-    result["seeds"] = [one_seed(dataset, seed, settings) for seed in range(settings.seeds)]
-    plot_qem(result["seeds"], args.out / f"{stem}_qem.png")
-    result["seconds"] = time.perf_counter() - start
-    (args.out / f"{stem}_study.json").write_text(json.dumps(result, indent=1, default=_json))
-    write_report(result, settings, args.out, stem)
-    print(f"wrote {args.out / f'{stem}_study.md'} ({result['seconds']:.0f} s)")
-    return result
-
-
-def _json(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
+    for seed in args.seeds:
+        result["seeds"].append(one_seed(args, dataset, seed))
+        result["seconds"] = time.perf_counter() - start
+        write(args, result)
+    print(f"done in {result['seconds'] / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":
