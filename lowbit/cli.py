@@ -294,9 +294,15 @@ def _float_model(args, dataset, out: str):
     return model, train_loader, test_loader
 
 
+def _check_out_folder(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; expected a folder (created if missing)")
+
+
 def _prepare(args):
     from lowbit import data, train
 
+    _check_out_folder(args.out)
     os.makedirs(args.out, exist_ok=True)
     train.set_seed(args.seed)
     dataset = data.load(args.data, image_size=args.image_size)
@@ -314,6 +320,7 @@ def _save_quantized(model, args) -> None:
 def cmd_mixquant(args) -> int:
     from lowbit import mixquant, train
 
+    _check_out_folder(args.out)
     if args.qem is not None and not args.qem >= 1:  # fail before training, not after
         raise ValueError(f"--qem must be >= 1 (1 keeps every layer at 8 bits), got {args.qem}")
     if args.qem is None and not 2 <= args.avg_bits <= 8:
@@ -361,6 +368,7 @@ def cmd_metamix(args) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
+    _check_out_folder(args.out)
     if args.resume and checkpoint.migrate(config.checkpoint_dir, allow_pickle=args.allow_pickle):
         print(f"rewrote the pickled checkpoint in {config.checkpoint_dir} as {checkpoint.CHECKPOINT}")
     dataset, model, train_loader, test_loader = _prepare(args)  # after the config: bad flags fail first

@@ -330,6 +330,7 @@ CLI_CASES = [
     ),
     ("cli-checkpoint-pickle", ["metamix", *TINY, "--checkpoint", "{qat.pt}", "--out", "{root}/o"], "allow_pickle"),
     ("cli-resume-pickled-checkpoint", ["metamix", *TINY, "--resume", "--out", "{legacy-run}"], "--allow-pickle"),
+    ("cli-out-is-a-file", ["metamix", *TINY, "--out", "{hostname}"], "expected a folder"),
     ("cli-mixquant-qem", ["mixquant", *TINY, "--qem", "0.5", "--out", "{root}/o"], "--qem"),
     ("cli-metamix-target-bits", ["metamix", *TINY, "--target-bits", "1", "--out", "{root}/o"], "target_bits"),
 ]
