@@ -2,7 +2,7 @@
 
 1. Multi-branch layer, forward + backward: 1x1 conv 8x32x56x56 -> 192 channels with 3 and 6 activation branches:
    naive per-branch (one conv per branch), aggregated PyTorch reference (branches mixed, one conv), lowbit fused,
-   and the plain fp32 conv.
+   and the plain fp32 conv; the aggregated reference and lowbit also under torch.compile (Inductor).
 2. Training step (forward + backward + SGD) of MobileNet-v2 (width 1.0, 32x32 input, batch 32): fp32,
    W4A4 with the plain-PyTorch LSQ modules (ReferenceLSQ), the same after ``swap_fused``, and with 3-branch
    activation quantizers (aggregated PyTorch reference vs fused).
@@ -66,11 +66,15 @@ def layer_rows(batch: int, branches: list[int], repeats: int) -> dict:
         return F.conv2d(t, w_ref(weight))
 
     g = torch.randn(batch, 192, 56, 56)
+    compiled_ref = torch.compile(lambda t: qconv(ref.mixed(t)), fullgraph=True)
+    compiled_fused = torch.compile(fused, fullgraph=True)
     impls = {
         "plain fp32 conv": lambda: F.conv2d(x, weight),
         "naive per-branch (PyTorch)": lambda: ref.per_branch(x, qconv),
         "aggregated reference (PyTorch)": lambda: qconv(ref.mixed(x)),
+        "aggregated reference compiled": lambda: compiled_ref(x),
         "lowbit fused": lambda: fused(x),
+        "lowbit fused compiled": lambda: compiled_fused(x),
     }
     runs = {name: _fwd_bwd(fn, g, [x, weight]) for name, fn in impls.items()}
     return interleaved_median_ms(runs, torch.device("cpu"), repeats)

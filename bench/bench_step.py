@@ -32,6 +32,7 @@ from common import RESULTS, cpu_name, write_results  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.backends import status  # noqa: E402
 from lowbit.models import create_model  # noqa: E402
 from lowbit.nn import LSQQuantizer, ReferenceLSQ  # noqa: E402
 from lowbit.timing import interleaved_median_ms  # noqa: E402
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     out = args.out or (None if args.quick else RESULTS)
     meta = {
         "device_name": cpu_name(),
-        "isa": f"lowbit C++ {torch.ops.lowbit_C.cpu_isa()}, Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
+        "isa": f"lowbit {status('cpu').reason}; Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "repeats": repeats,

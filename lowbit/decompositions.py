@@ -129,28 +129,48 @@ def _total(t: Tensor) -> Tensor:
     return t.sum(dtype=torch.float64)
 
 
-_registered = False
+_state = {"registered": False, "enabled": True}
 
 
-def register_inductor_decompositions() -> None:
-    """Puts the four functions above into Inductor's decomposition table (once per process).
-
-    Called from the ops' fake kernels, i.e. when a graph holding a lowbit op is first traced, so that importing
-    lowbit does not import Inductor. The table is read when Inductor compiles a graph, after that tracing.
-    """
-    global _registered
-    if _registered:
-        return
-    from torch._inductor import decomposition as inductor_decomp
-
+def _table() -> dict:
     ops = torch.ops.lowbit
-    table = {
+    return {
         ops.fake_quant.default: fake_quant,
         ops.fake_quant_backward.default: fake_quant_backward,
         ops.multi_branch_fake_quant.default: multi_branch_fake_quant,
         ops.multi_branch_fake_quant_backward.default: multi_branch_fake_quant_backward,
     }
-    inductor_decomp.decompositions.update(table)
-    # select_decomp_table() serves a cached copy of the table; drop it so the next compile sees the new entries.
+
+
+def _update_inductor_table(add: bool) -> None:
+    from torch._inductor import decomposition as inductor_decomp
+
+    for op, fn in _table().items():
+        if add:
+            inductor_decomp.decompositions[op] = fn
+        else:
+            inductor_decomp.decompositions.pop(op, None)
+    # select_decomp_table() serves a cached copy of the table; drop it so the next compile sees the change.
     inductor_decomp.fast_random_decomps.cache_clear()
-    _registered = True
+
+
+def register_inductor_decompositions() -> None:
+    """Puts the four functions above into Inductor's decomposition table (once per process, unless turned off).
+
+    Called from the ops' fake kernels, i.e. when a graph holding a lowbit op is first traced, so that importing
+    lowbit does not import Inductor. The table is read when Inductor compiles a graph, after that tracing.
+    """
+    if _state["registered"] or not _state["enabled"]:
+        return
+    _update_inductor_table(add=True)
+    _state["registered"] = True
+
+
+def use_inductor_decompositions(enabled: bool) -> None:
+    """Turns the decompositions off (Inductor then calls the fused kernels as opaque custom ops) or back on, for
+    graphs compiled afterwards: for comparisons and debugging (docs/compile.md)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _state["enabled"] = enabled
+    _state["registered"] = enabled
+    _update_inductor_table(add=enabled)

@@ -1,0 +1,124 @@
+"""Where a compiled lowbit training step spends its time: opaque custom ops vs Inductor decompositions.
+
+One small model (lowbit.models small_cnn, 3 conv-BN-ReLU blocks, W4A4), one training step (forward + backward
++ SGD) compiled with Inductor in two ways, in one process:
+  opaque        lowbit.decompositions.use_inductor_decompositions(False): Inductor calls lowbit's fused
+                kernels as custom ops (what lowbit 0.1 did)
+  decomposed    the default: Inductor inlines the ops' aten decompositions and fuses them with BN/ReLU
+and eager mode for reference. For each: the median step time, and from torch.profiler over a few steps the
+time in the lowbit custom ops, in layout copies (aten::copy_ / clone / contiguous), in Inductor's generated
+kernels, and the number of generated kernels. Writes bench/results/compile_profile_cpu.{md,json}
+(docs/compile.md cites it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS, cpu_name, write_results
+from torch._inductor.utils import run_and_get_code
+from torch.profiler import ProfilerActivity, profile
+
+import lowbit
+from lowbit.decompositions import use_inductor_decompositions
+from lowbit.models import create_model
+from lowbit.timing import interleaved_median_ms
+
+COPIES = ("aten::copy_", "aten::clone", "aten::contiguous")
+
+
+def make_step(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def profile_step(step, steps: int) -> dict:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    self_ms = {e.key: e.self_cpu_time_total / 1e3 / steps for e in events}
+    total = sum(self_ms.values())
+    return {
+        "profiled ms per step": total,
+        "lowbit custom ops ms": sum(ms for k, ms in self_ms.items() if k.startswith("lowbit")),
+        "layout copies ms": sum(ms for k, ms in self_ms.items() if k in COPIES),
+        "Inductor kernels ms": sum(ms for k, ms in self_ms.items() if k.startswith("cpp_fused")),
+        "top": sorted(self_ms.items(), key=lambda kv: -kv[1])[:8],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--note", default="shared machine, other jobs running")
+    args = parser.parse_args(argv)
+    torch._inductor.config.cpp.enable_kernel_profile = True  # each generated kernel shows in the profile
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    model = lowbit.quantize(create_model("small_cnn", num_classes=10, in_channels=3), w_bits=4, a_bits=4)
+    with torch.no_grad():
+        model(x)
+    steps, kernels = {"eager": make_step(model, x, y)}, {}
+    for mode in ("opaque", "decomposed"):
+        use_inductor_decompositions(mode == "decomposed")
+        torch._dynamo.reset()
+        steps[mode] = make_step(torch.compile(copy.deepcopy(model), fullgraph=True), x, y)
+        _, code = run_and_get_code(steps[mode])
+        kernels[mode] = len({name for c in code for name in re.findall(r"cpp_fused_\w+", c)})
+    use_inductor_decompositions(True)
+    times = interleaved_median_ms(steps, "cpu", args.repeats, warmup=1)
+    rows = {mode: {"step ms": times[mode], **profile_step(step, 3)} for mode, step in steps.items()}
+    for mode, n in kernels.items():
+        rows[mode]["generated kernels"] = n
+    meta = {
+        "device_name": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "note": args.note,
+        "command": "python bench/profile_compile.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+    }
+    text = markdown(rows, meta, args.batch)
+    print(text)
+    write_results(args.out, "compile_profile_cpu", text, {"meta": meta, "rows": rows})
+    return 0
+
+
+def markdown(rows: dict, meta: dict, batch: int) -> str:
+    cols = ["step ms", "lowbit custom ops ms", "layout copies ms", "Inductor kernels ms", "generated kernels"]
+    lines = [
+        f"# Where a compiled lowbit step spends its time (small_cnn W4A4, 32x32, batch {batch}, cpu)",
+        "",
+        f"`{meta['command']}` on {meta['device_name']}, {meta['threads']} threads, torch {meta['torch']}, "
+        f"{meta['note']}. Step ms: median round-robin; the other columns: torch.profiler self CPU time per step.",
+        "",
+        "| mode | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for mode, row in rows.items():
+        cells = [f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for mode, row in rows.items():
+        top = ", ".join(f"{name} {ms:.2f}" for name, ms in row["top"])
+        lines.append(f"- {mode}, top self CPU ms per step: {top}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
