@@ -43,12 +43,12 @@ cuda-check: setup
 wheel-check: setup
 	PYTHON=$(VPY) bash tools/wheel_check.sh
 
-# On a CUDA machine, with its system Python (torch with CUDA, triton): build, test and benchmark on the GPU.
+# On a CUDA machine, with its own python3 (torch with CUDA, triton): build for sm_90, test every op on triton and
+# cuda, benchmark, in one run of at most 9 minutes; summary, logs and results in $(OUT) (tools/README.md).
+# The device tool's run: command `bash tools/gpu_check.sh --out "$OUT"`, timeout_s 600, no carry.
+OUT ?= results/gpu_check
 gpu-check:
-	LOWBIT_CUDA=1 $(PYTHON) -m pip install --no-deps --no-build-isolation -e .
-	LOWBIT_TEST_DEVICE=cuda LOWBIT_REQUIRE_BACKENDS=reference,triton,cuda $(PYTHON) -m pytest -q tests
-	$(PYTHON) bench/bench_fake_quant.py --device cuda
-	$(PYTHON) bench/bench_packed_gpu.py
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh --out "$(OUT)"
 
 lint: setup
 	$(VENV)/bin/ruff check lowbit kernels tests bench setup.py

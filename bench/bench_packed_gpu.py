@@ -192,6 +192,9 @@ def environment(device) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "lowbit_commit": commit or "unknown",
+        # kernels/packed_linear.py: full, or quick (a subset of the configurations) in tools/gpu_check.sh's run
+        "triton_autotune": os.environ.get("LOWBIT_TRITON_AUTOTUNE", "full"),
+        "command": " ".join(["python", "bench/bench_packed_gpu.py", *sys.argv[1:]]),
     }
 
 
@@ -200,9 +203,10 @@ def markdown(results: list[dict], env: dict) -> str:
         "# Packed GEMMs on the GPU",
         "",
         f"{env['device']} (sm_{env['capability'].replace('.', '')}), driver {env['driver']}, CUDA {env['cuda']}, "
-        f"torch {env['torch']}, triton {env['triton']}, lowbit {env['lowbit_commit']}. "
-        "Median ms per call after an L2 flush, speed-ups against bf16 F.linear (eager and CUDA-graph); "
-        "lowbit calls include activation quantization and the epilogue. From `python bench/bench_packed_gpu.py`.",
+        f"torch {env['torch']}, triton {env['triton']}, lowbit {env['lowbit_commit']}, Triton autotuning "
+        f"{env['triton_autotune']}. Median ms per call after an L2 flush, speed-ups against bf16 F.linear (eager and "
+        "CUDA-graph); lowbit calls include activation quantization and the epilogue. From "
+        f"`{env['command']}`.",
         "",
     ]
     for res in results:

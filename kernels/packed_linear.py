@@ -35,6 +35,9 @@ Configurations: on a GPU ``triton.autotune`` picks them per (M bucket, N, K, wei
 and caches its timings on disk per device (``cache_results``); under the Triton interpreter (TRITON_INTERPRET=1,
 CPU tensors, how the tests run) one small fixed configuration per kernel keeps the tests fast. Both go through the
 same launch code; ``forward(..., path=, config=)`` overrides the choice (tests use it to reach every path).
+``LOWBIT_TRITON_AUTOTUNE`` bounds the GPU search, which compiles every configuration once per specialization (a
+fresh GPU machine has no cache): ``full`` (default) all of them, ``quick`` a subset (4 warps, fewer BLOCK_K and
+SPLIT_K choices: tools/gpu_check.sh's time-boxed benchmark), ``off`` the fixed configuration (its test run).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ import triton.language as tl
 from lowbit.kernels.fake_quant import _round_clamped, _store_rounded
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_AUTOTUNE = os.environ.get("LOWBIT_TRITON_AUTOTUNE", "full")
+if _AUTOTUNE not in ("full", "quick", "off"):
+    raise ValueError(f"LOWBIT_TRITON_AUTOTUNE must be full, quick or off; got {_AUTOTUNE!r}")
+_FIXED_CONFIG = _INTERPRET or _AUTOTUNE == "off"
 
 # Container bits per weight bit-width (SPEC section 4: 3 -> 4, 5..7 -> 8); lowbit.packed.CONTAINER_BITS.
 _CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
@@ -302,11 +309,12 @@ _KEY = ["M_BUCKET", "N", "K", "WIDTH", "X_SHIFT"]
 
 
 def _gemv_configs() -> list[triton.Config]:
+    quick = _AUTOTUNE == "quick"
     configs = []
     for block_n in (32, 64, 128):
-        for block_k in (128, 256, 512):
-            for split_k in (1, 2, 4, 8, 16):
-                for warps in (4, 8):
+        for block_k in (256, 512) if quick else (128, 256, 512):
+            for split_k in (1, 4, 16) if quick else (1, 2, 4, 8, 16):
+                for warps in (4,) if quick else (4, 8):
                     configs.append(
                         triton.Config(
                             {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}, num_warps=warps, num_stages=3
@@ -357,11 +365,12 @@ def _prune_gemm(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-# Under the interpreter: small tiles, and split-K on, so the tests run every code path quickly.
+# Under the interpreter (and with LOWBIT_TRITON_AUTOTUNE=off): small tiles, and split-K on, so the tests run every
+# code path quickly.
 _INTERPRETER_GEMV = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2}
 _INTERPRETER_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
 
-if _INTERPRET:
+if _FIXED_CONFIG:
     _gemv_tuned = _gemv_kernel
     _gemm_tuned = _gemm_kernel
 else:
@@ -444,7 +453,7 @@ def forward(
 
     common = dict(M=m, N=n, K=k, KB=kb, M_BUCKET=_m_bucket(m), X_SHIFT=x_shift, HAS_BIAS=has_bias, WIDTH=width)
     if path == "gemm":
-        kernel = _gemm_kernel if (config is not None or _INTERPRET) else _gemm_tuned
+        kernel = _gemm_kernel if (config is not None or _FIXED_CONFIG) else _gemm_tuned
         meta = dict(config or _INTERPRETER_GEMM) if kernel is _gemm_kernel else {}
 
         def grid(meta_):
@@ -454,7 +463,7 @@ def forward(
         return y
 
     block_m = 1 if m == 1 else GEMV_MAX_M
-    kernel = _gemv_kernel if (config is not None or _INTERPRET) else _gemv_tuned
+    kernel = _gemv_kernel if (config is not None or _FIXED_CONFIG) else _gemv_tuned
     meta = dict(config or _INTERPRETER_GEMV) if kernel is _gemv_kernel else {}
     max_split = meta.get("SPLIT_K", _MAX_SPLIT_K)
     partials = torch.empty((max_split, m, n), dtype=torch.int32, device=x.device) if max_split > 1 else y
