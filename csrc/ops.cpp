@@ -35,6 +35,17 @@ TORCH_LIBRARY(lowbit_C, m) {
   m.def("cpu_isa() -> str", [] { return std::string(lowbit::cpu::isa_name(lowbit::cpu::active_isa())); });
   m.def("cpu_isa_supported() -> str[]", [] { return lowbit::cpu::supported_isa_names(); });
   m.def("set_cpu_isa(str name) -> ()", [](const std::string& name) { lowbit::cpu::set_active_isa(name); });
+  // Debug queries for tests: the optional CPU features in use (avx512_vnni, amx_int8) and how many packed_linear
+  // calls each path (scalar, avx2, vnni, amx) has run in this process.
+  m.def("cpu_features() -> str[]", [] { return lowbit::cpu::cpu_features(); });
+  m.def("packed_linear_path_counts() -> Dict(str, int)", [] {
+    c10::Dict<std::string, int64_t> counts;
+    const std::vector<int64_t> calls = lowbit::cpu::packed_path_counts();
+    for (int i = 0; i < lowbit::cpu::kPackedPaths; ++i) {
+      counts.insert(lowbit::cpu::packed_path_name(static_cast<lowbit::cpu::PackedPath>(i)), calls[i]);
+    }
+    return counts;
+  });
 }
 
 extern "C" PyObject* PyInit__C(void) {

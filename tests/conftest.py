@@ -23,10 +23,13 @@ DEVICE = torch.device(os.environ.get("LOWBIT_TEST_DEVICE", "cpu"))
 
 
 def backend_variants() -> list[str]:
-    """Every backend that can run on DEVICE, with the C++ CPU backend split by instruction set."""
+    """Every backend that can run on DEVICE, with the C++ CPU backend split by instruction set.
+    LOWBIT_TEST_BACKENDS=cpu (comma-separated names) keeps only those backends: `make test` uses it for its runs
+    with a capped LOWBIT_CPU_ISA, which need not repeat the reference and Triton cases."""
+    only = [name for name in os.environ.get("LOWBIT_TEST_BACKENDS", "").split(",") if name]
     variants = []
     for name in lowbit.backends():
-        if DEVICE.type not in _devices(name):
+        if DEVICE.type not in _devices(name) or (only and name not in only):
             continue
         if name == "cpu":
             variants += [f"cpu-{isa}" for isa in torch.ops.lowbit_C.cpu_isa_supported()]

@@ -8,12 +8,15 @@ lowbit/packed.py's contract, so every backend must match it bit for bit.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from conftest import DEVICE, backend_variants
 
 import lowbit
 
@@ -423,16 +426,117 @@ def test_pack_unpack_bad_input(call, error, name):
         call()
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU kernel switches")
-@pytest.mark.parametrize("switch", ["LOWBIT_CPU_AMX", "LOWBIT_CPU_VNNI"])
-def test_cpu_paths_without_amx_or_vnni(switch):
-    """The AVX-512 level runs AMX tiles for GEMM blocks when the CPU has them, else VNNI, else AVX2 tiles; the
-    in-process runs above cover only the best path, so run the GEMM-shaped cases again with one switched off."""
-    import os
-    import subprocess
-    import sys
+# ---- CPU code paths: which kernels ran --------------------------------------------------------------------
+# Results agree across paths by construction of the tests above, so agreement alone cannot show that the AMX or
+# VNNI tiles ran. The extension counts packed_linear calls per path (lowbit_C::packed_linear_path_counts) and
+# reports the optional features it uses (lowbit_C::cpu_features); these tests check both against the CPU.
 
+CPU_VARIANTS = [v for v in backend_variants() if v.startswith("cpu-")]
+ISA_ORDER = ["scalar", "avx2", "avx512"]
+GEMM_ROWS = 33  # more than the driver's 16 GEMV rows, and one whole 32-row AMX block
+
+
+def cpuinfo_flags() -> set[str] | None:
+    """The CPU flags Linux reports, an account of the CPU that shares nothing with lowbit; None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((row for row in f if row.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if line is None else set(line.split(":", 1)[1].split())
+
+
+def amx_permitted() -> bool:
+    """Linux grants this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)."""
+    import ctypes
+    import platform
+
+    if platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+    return libc.syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
+
+
+def expected_packed_path(isa: str, m: int) -> str:
+    """The path packed_linear must take at ISA level `isa` for M = m (csrc/cpu/packed_linear.h)."""
+    if isa != "avx512":
+        return isa
+    features = torch.ops.lowbit_C.cpu_features()
+    if "amx_int8" in features and m > 16:
+        return "amx"
+    return "vnni" if "avx512_vnni" in features else "avx2"
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU code paths")
+@pytest.mark.parametrize("m", [1, GEMM_ROWS], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("backend", CPU_VARIANTS, indirect=True)
+def test_packed_linear_runs_the_expected_cpu_path(backend, m):
+    isa = backend.removeprefix("cpu-")
+    gen = torch.Generator().manual_seed(m)
+    qw, w_scale = _weights(130, 301, 4, gen)
+    x, x_step = _activations(m, 301, 8, True, gen)
+    before = torch.ops.lowbit_C.packed_linear_path_counts()
+    y = run_packed_linear(x, qw, w_scale, 4, x_step, 8, True)
+    after = torch.ops.lowbit_C.packed_linear_path_counts()
+    ran = {path: after[path] - before[path] for path in after}
+    assert ran == {path: int(path == expected_packed_path(isa, m)) for path in after}
+    check_packed_linear_exact(y, x, qw, w_scale, x_step, 8, True)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU code paths")
+@pytest.mark.skipif(cpuinfo_flags() is None, reason="no /proc/cpuinfo to compare against (not Linux)")
+def test_cpu_isa_and_features_match_the_cpu():
+    """The ISA level and optional features lowbit uses are the best this CPU has, less the LOWBIT_CPU_* caps."""
+    flags = cpuinfo_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        best = "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        best = "avx2"
+    else:
+        best = "scalar"
+    cap = os.environ.get("LOWBIT_CPU_ISA", best)
+    best = ISA_ORDER[min(ISA_ORDER.index(best), ISA_ORDER.index(cap))]
+    assert torch.ops.lowbit_C.cpu_isa_supported() == ISA_ORDER[: ISA_ORDER.index(best) + 1][::-1]
+    want = []
+    if best == "avx512" and "avx512_vnni" in flags and os.environ.get("LOWBIT_CPU_VNNI") != "0":
+        want.append("avx512_vnni")
+        if {"amx_tile", "amx_int8"} <= flags and os.environ.get("LOWBIT_CPU_AMX") != "0" and amx_permitted():
+            want.append("amx_int8")
+    assert torch.ops.lowbit_C.cpu_features() == want
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU code paths")
+def test_lowbit_cpu_isa_caps_the_whole_process():
+    """LOWBIT_CPU_ISA=scalar reproduces a CPU without AVX2 on any machine: one level, no features, scalar tiles."""
+    code = (
+        "import torch, lowbit; from lowbit.backends import status; ops = torch.ops.lowbit_C\n"
+        "assert status('cpu').available, status('cpu').reason  # loads the extension\n"
+        "assert ops.cpu_isa() == 'scalar' and ops.cpu_isa_supported() == ['scalar'], ops.cpu_isa_supported()\n"
+        "assert ops.cpu_features() == [], ops.cpu_features()\n"
+        "x, w = torch.randn(40, 20), lowbit.pack(torch.ones(9, 20, dtype=torch.int8), 4)\n"
+        "lowbit.packed_linear(x, w, torch.ones(9), 4, torch.tensor([0.1]), 8, x_signed=True)\n"
+        "counts = ops.packed_linear_path_counts()\n"
+        "assert counts == {'scalar': 1, 'avx2': 0, 'vnni': 0, 'amx': 0}, counts\n"
+    )
+    env = {**os.environ, "LOWBIT_CPU_ISA": "scalar", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU kernel switches")
+@pytest.mark.parametrize(("switch", "feature"), [("LOWBIT_CPU_AMX", "amx_int8"), ("LOWBIT_CPU_VNNI", "avx512_vnni")])
+def test_cpu_paths_without_amx_or_vnni(switch, feature):
+    """The AVX-512 level runs AMX tiles for GEMM blocks when the CPU has them, else VNNI, else AVX2 tiles; the
+    in-process runs above cover only the best path, so run the GEMM-shaped cases and the path check again in a
+    process with `feature` switched off, where the path check proves that the next path down ran."""
+    if feature not in torch.ops.lowbit_C.cpu_features():
+        pytest.skip(f"this CPU has no {feature} (or it is off here): {switch}=0 would change nothing")
     env = {**os.environ, switch: "0", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "cpu-avx512 and 33x130"]
+    select = "(cpu-avx512 and (33x130 or expected_cpu_path)) or match_the_cpu"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__, "-k", select]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, output
+    summary = done.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and "skipped" not in summary, output

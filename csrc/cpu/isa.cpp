@@ -104,4 +104,34 @@ bool cpu_has_amx_int8() {
   return has;
 }
 
+std::vector<std::string> cpu_features() {
+  std::vector<std::string> names;
+  if (cpu_has_avx512_vnni()) names.emplace_back("avx512_vnni");
+  if (cpu_has_amx_int8()) names.emplace_back("amx_int8");
+  return names;
+}
+
+namespace {
+std::atomic<int64_t> packed_calls[kPackedPaths];
+}  // namespace
+
+const char* packed_path_name(PackedPath path) {
+  switch (path) {
+    case PackedPath::kAmx: return "amx";
+    case PackedPath::kVnni: return "vnni";
+    case PackedPath::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+void count_packed_path(PackedPath path) {
+  packed_calls[static_cast<int>(path)].fetch_add(1, std::memory_order_relaxed);
+}
+
+std::vector<int64_t> packed_path_counts() {
+  std::vector<int64_t> counts;
+  for (const auto& c : packed_calls) counts.push_back(c.load(std::memory_order_relaxed));
+  return counts;
+}
+
 }  // namespace lowbit::cpu

@@ -4,6 +4,7 @@
 // binary is fast on AVX-512 machines and still runs on AVX2-only or older CPUs. No -march=native.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -25,5 +26,18 @@ bool cpu_has_avx512_vnni();
 // AMX-INT8 usable: CPU support (CPUID), VNNI present, and Linux granted this process the tile data state
 // (arch_prctl ARCH_REQ_XCOMP_PERM). LOWBIT_CPU_AMX=0 turns it off.
 bool cpu_has_amx_int8();
+// The optional features above that the kernels use now, after the LOWBIT_CPU_* switches: "avx512_vnni",
+// "amx_int8" (debug query for tests: which path the avx512 level of packed_linear takes).
+std::vector<std::string> cpu_features();
+
+// Which kernels a packed_linear call ran: the tiles of one ISA, or the AMX GEMM driver (32 x 32 blocks on AMX
+// tiles, the edges on VNNI tiles). The driver counts every call, so a test can prove that a path ran rather than
+// only that its results agree with another path's.
+enum class PackedPath { kScalar = 0, kAvx2 = 1, kVnni = 2, kAmx = 3 };
+constexpr int kPackedPaths = 4;
+const char* packed_path_name(PackedPath path);
+void count_packed_path(PackedPath path);
+// Calls per path since the process started, indexed by PackedPath.
+std::vector<int64_t> packed_path_counts();
 
 }  // namespace lowbit::cpu

@@ -119,7 +119,13 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
   const int64_t m = x.size(0), k_len = x.size(1), n = packed_w.size(0), w_bytes = packed_w.size(1);
   const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
   const int fields = 8 / container;
-  const PackedLinearKernels k = packed_linear_kernels(active_isa());
+  const Isa isa = active_isa();
+  const PackedLinearKernels k = packed_linear_kernels(isa);
+  // offset_weights marks the VNNI tiles (the avx512 level runs AVX2 tiles on CPUs without VNNI)
+  count_packed_path(k.amx_block != nullptr && m > kGemvRows ? PackedPath::kAmx
+                    : k.offset_weights                      ? PackedPath::kVnni
+                    : isa == Isa::kScalar                   ? PackedPath::kScalar
+                                                            : PackedPath::kAvx2);
   const int64_t steps = (w_bytes + k.lanes - 1) / k.lanes;
   const bool x_u8 = qmax > 127;
   const Prepared p = prepare(data<T>(x), m, k_len, steps, fields, k, x_step, static_cast<float>(qmin),
