@@ -60,6 +60,23 @@ def _values_checked_by(backend) -> bool:
     return getattr(backend, "CHECKS_VALUES", False)
 
 
+def _memory_order(x: Tensor) -> list[int] | None:
+    """The dims of x from outermost to innermost in memory when x is a permuted dense tensor (channels-last, a
+    transpose), so the kernels can run on ``x.permute(order)`` without a copy; None when x is contiguous."""
+    if x.is_contiguous():
+        return None
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def _in_memory_order(t: Tensor, order: list[int] | None) -> Tensor:
+    return t.contiguous() if order is None else t.permute(order).contiguous()  # no copy when t is laid out so
+
+
+def _in_logical_order(t: Tensor, order: list[int] | None) -> Tensor:
+    return t if order is None else t.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
 def _inner_size(x: Tensor, channels: int, axis: int) -> int:
     """Elements after ``axis`` in x: the stride of the channel index when x is viewed as (outer, C, inner)."""
     return math.prod(x.shape[axis + 1 :]) if channels > 1 else 1
@@ -80,8 +97,11 @@ def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale):
             _checks.finite_values("offset", offset)
     qmin, qmax = quant_range(bits, signed)
     offset = None if offset is None else offset.contiguous()
-    inner = _inner_size(x, step.numel(), axis)
-    return backend.fake_quant_forward(x.contiguous(), step.contiguous(), offset, qmin, qmax, inner)
+    order = _memory_order(x)
+    xm = _in_memory_order(x, order)
+    axis = axis if order is None else order.index(axis)
+    inner = _inner_size(xm, step.numel(), axis)
+    return _in_logical_order(backend.fake_quant_forward(xm, step.contiguous(), offset, qmin, qmax, inner), order)
 
 
 def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_scale):
@@ -89,11 +109,13 @@ def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_sc
         return torch.empty_like(x), torch.zeros_like(step), torch.zeros_like(step)
     qmin, qmax = quant_range(bits, signed)
     backend = select(x.device)
-    inner = _inner_size(x, step.numel(), axis)
+    order = _memory_order(x)
+    xm, gm = _in_memory_order(x, order), _in_memory_order(grad, order)
+    axis = axis if order is None else order.index(axis)
+    inner = _inner_size(xm, step.numel(), axis)
     offset = None if offset is None else offset.contiguous()
-    return backend.fake_quant_backward(
-        grad.contiguous(), x.contiguous(), step.contiguous(), offset, qmin, qmax, inner, grad_scale
-    )
+    dx, dstep, doffset = backend.fake_quant_backward(gm, xm, step.contiguous(), offset, qmin, qmax, inner, grad_scale)
+    return _in_logical_order(dx, order), dstep, doffset
 
 
 _define(
@@ -229,16 +251,26 @@ def _multi_branch_impl(x, steps, probs, bits, signed, grad_scale):
         _checks.step_values("steps", steps)
         _checks.finite_values("probs", probs)
     qmin, qmax = _branch_ranges(bits, signed)
-    return backend.multi_branch_forward(x.contiguous(), steps.contiguous(), probs.contiguous(), qmin, qmax)
+    order = _memory_order(x)
+    y = backend.multi_branch_forward(_in_memory_order(x, order), steps.contiguous(), probs.contiguous(), qmin, qmax)
+    return _in_logical_order(y, order)
 
 
 def _multi_branch_backward_impl(grad, x, steps, probs, bits, signed, grad_scale):
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(steps), torch.zeros_like(probs)
     qmin, qmax = _branch_ranges(bits, signed)
-    return select(x.device).multi_branch_backward(
-        grad.contiguous(), x.contiguous(), steps.contiguous(), probs.contiguous(), qmin, qmax, grad_scale
+    order = _memory_order(x)
+    dx, dsteps, dprobs = select(x.device).multi_branch_backward(
+        _in_memory_order(grad, order),
+        _in_memory_order(x, order),
+        steps.contiguous(),
+        probs.contiguous(),
+        qmin,
+        qmax,
+        grad_scale,
     )
+    return _in_logical_order(dx, order), dsteps, dprobs
 
 
 _define(
