@@ -20,6 +20,14 @@ import lowbit  # noqa: E402
 
 # Tests run on this device; `make gpu-check` sets LOWBIT_TEST_DEVICE=cuda.
 DEVICE = torch.device(os.environ.get("LOWBIT_TEST_DEVICE", "cpu"))
+# Triton kernels run in the (slow) interpreter. Tests shrink their Triton shapes under it and only under it: on a
+# GPU every backend runs the full shapes.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreted(variant: str) -> bool:
+    """Whether backend variant ``variant`` (a backend_variants() name) runs its kernels in the Triton interpreter."""
+    return variant == "triton" and TRITON_INTERPRETED
 
 
 def backend_variants() -> list[str]:

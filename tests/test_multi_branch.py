@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, backend_variants, interpreted
 from test_fake_quant import DTYPES, _close_sum
 
 import lowbit
@@ -76,13 +76,15 @@ def test_one_branch_with_probability_one_is_fake_quant(backend):
     torch.testing.assert_close(y, lowbit.fake_quant(x, step, 4, signed=True), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["cpu-avx512"]
-    if "cpu-avx512" in __import__("conftest").backend_variants()
-    else [v for v in __import__("conftest").backend_variants() if v.startswith("cpu")][:1],
-    indirect=True,
-)
+def large_sum_variants() -> list[str]:
+    """The fused kernels that split long sums into partial sums: one C++ instruction set (AVX-512 where the CPU has
+    it), and Triton and CUDA on a GPU (not Triton in the interpreter, too slow at this size)."""
+    variants = backend_variants()
+    cpu = [v for v in variants if v == "cpu-avx512"] or [v for v in variants if v.startswith("cpu")][:1]
+    return cpu + [v for v in variants if v in ("triton", "cuda") and not interpreted(v)]
+
+
+@pytest.mark.parametrize("backend", large_sum_variants(), indirect=True)
 def test_large_sums_stay_accurate(backend):
     x, steps, probs, grad = _inputs((8, 32, 56, 56), (2, 4, 8), False, torch.float32, "softmax", seed=2)
     check_multi_branch(x, steps, probs, [2, 4, 8], False, grad)

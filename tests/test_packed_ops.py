@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, backend_variants
+from conftest import DEVICE, backend_variants, interpreted
 
 import lowbit
 
@@ -27,7 +27,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 X_RANGES = [(8, False), (8, True), (4, False), (3, True)]
 # (M, N, K): odd sizes; M > 16 takes the GEMM path, N > 64 several weight blocks, K = 4097 several K chunks
 SHAPES = [(1, 1, 1), (1, 3, 17), (3, 17, 3), (17, 3, 1000), (1, 17, 4097), (3, 70, 1000), (33, 130, 4097)]
-TRITON_MAX_MACS = 6000  # the Triton interpreter is slow: small problems only
+INTERPRETER_MAX_MACS = 6000  # the Triton interpreter is slow: small problems only (on a GPU, every shape in full)
 
 
 # ---- the independent reference ----------------------------------------------------------------------------
@@ -78,8 +78,9 @@ def np_packed_linear(x, qw, w_scale, x_step, x_bits, x_signed, bias) -> torch.Te
 
 def _interpreter_sized(backend: str, shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """The Triton interpreter runs kernels in NumPy, one program at a time: large shapes would take minutes, so
-    under it each dimension is cut to an odd size that still crosses the kernels' tile edges."""
-    if backend != "triton" or math.prod(shape) <= TRITON_MAX_MACS:
+    under it each dimension is cut to an odd size that still crosses the kernels' tile edges. Triton on a GPU runs
+    the shapes as they are."""
+    if not interpreted(backend) or math.prod(shape) <= INTERPRETER_MAX_MACS:
         return shape
     m, n, k = shape
     return min(m, 17), min(n, 5), min(k, 67)
@@ -185,7 +186,7 @@ def test_packed_linear_matches_reference(backend, w_bits, x_range, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("w_bits", [2, 4, 8], ids=lambda b: f"w{b}")
 def test_packed_linear_dtypes(backend, w_bits, dtype, with_bias):
-    m, n, k = (5, 7, 130) if backend == "triton" else (19, 37, 301)
+    m, n, k = (5, 7, 130) if interpreted(backend) else (19, 37, 301)
     gen = torch.Generator().manual_seed(w_bits + 10 * DTYPES.index(dtype))
     qw, w_scale = _weights(n, k, w_bits, gen)
     x, x_step = _activations(m, k, 8, True, gen, dtype)
@@ -223,7 +224,7 @@ def test_ties_clamp_edges_inf_and_nan_rows(backend, x_signed):
 
 def test_extreme_codes(backend):
     """Every product at its extreme (x = 255 or -128 against w = -128 / 127) for all K steps of a long row."""
-    k = 700 if backend == "triton" else 4097
+    k = 700 if interpreted(backend) else 4097
     for x_bits, x_signed, value in [(8, False, 1e9), (8, True, -1e9), (8, True, 1e9)]:
         x = torch.full((2, k), value)
         qw = torch.full((3, k), -128, dtype=torch.int8)
@@ -281,7 +282,7 @@ def test_result_independent_of_thread_count():
 @pytest.mark.parametrize("w_bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
 def test_matches_fake_quant_linear_within_spec(backend, w_bits):
     """SPEC section 4: F.linear(fake_quant(x), dequant(W)) + bias to float32 rounding (relative 1e-5)."""
-    m, n, k = (3, 5, 64) if backend == "triton" else (17, 33, 4097)
+    m, n, k = (3, 5, 64) if interpreted(backend) else (17, 33, 4097)
     gen = torch.Generator().manual_seed(w_bits)
     qw, w_scale = _weights(n, k, w_bits, gen)
     x, x_step = _activations(m, k, 8, True, gen)

@@ -2,7 +2,7 @@
 
 Exact equality everywhere: the contract (lowbit/packed.py) is bit-exact across backends. On a machine without a GPU
 the kernels run in the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1), which is slow, so the
-shapes stay small but odd: every tail of every tile is hit.
+shapes stay small but odd: every tail of every tile is hit. On a GPU, test_real_sizes adds model-sized shapes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, TRITON_INTERPRETED
 
 import lowbit
 
@@ -140,6 +140,20 @@ def test_unsigned_8bit_extremes(m, w_bits):
     x[:, ::7] = 254.5  # a tie, rounds to 254
     run_case(rng, m, 17, 130, w_bits, 8, False, x=x, step=1.0, extreme=True)
     run_case(rng, m, 17, 130, w_bits, 8, True, x=-x, step=1.0, extreme=True)
+
+
+# (M, N, K) as in models: M = 1 and 16 (GEMV), 17 (the smallest GEMM), 300 and 4096 (GEMM); odd N and K tails.
+REAL_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (17, 1000, 4097), (300, 1024, 4096), (4096, 256, 1024)]
+
+
+@pytest.mark.skipif(TRITON_INTERPRETED, reason="model sizes run on a GPU only: the Triton interpreter takes minutes")
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("w_bits", [2, 4, 8])
+def test_real_sizes(shape, w_bits):
+    """The kernels at the sizes they are tuned for, on bf16 activations: signed and unsigned (shifted) 8-bit codes."""
+    m, n, k = shape
+    rng = np.random.default_rng(sum(shape) + w_bits)
+    run_case(rng, m, n, k, w_bits, 8, w_bits != 4, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,3 +345,17 @@ def test_autotune_pruning():
     for m in (17, 64, 4096):
         kept = kernels._prune_gemm(gemm, {"q_ptr": None}, M=m, N=4096, K=4096)
         assert kept and all(c.kwargs["BLOCK_M"] <= max(32, m) for c in kept)
+
+
+def test_quick_autotune_searches_a_subset(monkeypatch):
+    """LOWBIT_TRITON_AUTOTUNE=quick (tools/gpu_check.sh's time-boxed benchmark) tries some of the full search's
+    GEMV configurations, never others."""
+    from lowbit.kernels import packed_linear as kernels
+
+    def searched():
+        return {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kernels._gemv_configs()}
+
+    full = searched()
+    monkeypatch.setattr(kernels, "_AUTOTUNE", "quick")
+    quick = searched()
+    assert quick < full and len(quick) == 18
