@@ -507,7 +507,7 @@ def _read_grad_scale(module, fit: LSQFit, step, offset, shape, gen) -> tuple[tup
     power = math.log(r2 / r1) / math.log(4)
     snapped = min((0.0, -0.5, -1.0), key=lambda p: abs(p - power))
     if abs(power - snapped) > 0.02:
-        return None, f"its step gradient scales as numel(x)^{power:.3f}, not as a constant, 1/sqrt(numel) or 1/numel"
+        return None, f"its step gradient is not LSQ's times c * numel(x)^p, p in 0, -1/2, -1 (measured p={power:.3f})"
     return (_snapped_coef(r1 / math.prod(shape) ** snapped, snapped, fit, step.numel()), snapped), ""
 
 
