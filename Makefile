@@ -14,10 +14,11 @@ $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	$(VPY) -m pip install -q torch==$(TORCH_VERSION)
-	$(VPY) -m pip install -q --no-build-isolation -e '.[dev]'
+	LOWBIT_BUILD_EXTENSION=0 $(VPY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
-# The editable install built lowbit/_C once; this rebuilds it (incrementally, with ninja) when sources change.
+# The editable install leaves the extension out; this builds lowbit/_C once, then again (incrementally, with
+# ninja's objects in build/) only when sources change.
 lowbit/.built: $(VENV)/.installed $(CSRC)
 	$(VPY) setup.py -q build_ext --inplace
 	touch $@
@@ -28,8 +29,16 @@ demo: setup
 	$(VENV)/bin/lowbit demo
 
 # --hypothesis-show-statistics prints how many examples each property test ran (at least 200 per op and backend).
+# Then the C++ backend's tests and those that use the default backend run again in a process capped at AVX2 and at
+# scalar (LOWBIT_CPU_ISA): a smaller CPU reproduced on any machine (docs/reliability.md). The bulk bit-exact sweep
+# (matches_reference) and, at avx2, the scalar cases are left out: the first run covers them at every ISA level.
+ISA_TESTS := tests/test_packed_ops.py tests/test_convert.py tests/test_layers.py tests/test_models.py \
+	tests/test_backends.py::test_required_backends_are_available
+ISA_RUN := LOWBIT_TEST_BACKENDS=cpu LOWBIT_REQUIRE_BACKENDS=cpu $(VPY) -m pytest -q $(ISA_TESTS)
 test: setup
 	LOWBIT_REQUIRE_BACKENDS=reference,cpu,triton $(VPY) -m pytest -q tests --hypothesis-show-statistics
+	LOWBIT_CPU_ISA=avx2 $(ISA_RUN) -k "not matches_reference and not cpu-scalar"
+	LOWBIT_CPU_ISA=scalar $(ISA_RUN) -k "not matches_reference"
 
 bench: setup
 	$(VENV)/bin/lowbit bench

@@ -5,6 +5,10 @@ AVX2 variants are selected at run time (``csrc/cpu/isa.h``), never by ``-march=n
 
 CUDA kernels (``csrc/cuda``) build when a CUDA toolkit and a CUDA build of torch are both present.
 ``LOWBIT_CUDA=1`` forces them on (the build fails loudly if it cannot), ``LOWBIT_CUDA=0`` forces them off.
+
+``LOWBIT_BUILD_EXTENSION=0`` leaves the extension out: ``make setup`` installs the package editable that way and
+then builds the extension once with ``setup.py build_ext --inplace``, whose objects in build/ make later rebuilds
+incremental (pip's editable build would compile it in a temporary folder, and build_ext a second time).
 """
 
 import glob
@@ -40,7 +44,8 @@ def _sources(pattern: str) -> list[str]:
 def _extension():
     with_cuda = _cuda_wanted()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", f"-DLOWBIT_WITH_CUDA={int(with_cuda)}"]
+    # C++20: torch's own headers need it (with C++17 they warn about C++20 features on every file).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", f"-DLOWBIT_WITH_CUDA={int(with_cuda)}"]
     args = {"cxx": cxx}
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
@@ -61,6 +66,6 @@ setup(
     # kernels/ lives at the top of the repository and installs as lowbit.kernels
     packages=[*find_packages(include=["lowbit", "lowbit.*"]), "lowbit.kernels"],
     package_dir={"lowbit.kernels": "kernels"},
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("LOWBIT_BUILD_EXTENSION", "1") == "0" else [_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

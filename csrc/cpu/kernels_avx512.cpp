@@ -9,6 +9,11 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+// gcc 12 false positive (GCC bug 105593): its own _mm512_* intrinsics pass _mm512_undefined_*()
+// (`__m512 __Y = __Y;`) as the unused merge source of an all-ones mask, and -Wmaybe-uninitialized flags that
+// self-initialisation hundreds of times once the span kernels are inlined. Scoped to these kernels.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace lowbit::cpu::avx512 {
 
@@ -20,4 +25,5 @@ using Vec = Avx512Vec;
 
 }  // namespace lowbit::cpu::avx512
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
