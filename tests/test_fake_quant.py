@@ -1,7 +1,8 @@
 """lowbit.fake_quant on every backend against the independent NumPy reference (tests/reference.py).
 
 Forward values and dx must match bit for bit (the reference does SPEC's float32 math exactly); the step and
-offset gradients within SPEC's relative 1e-4 of the float64 sums.
+offset gradients within SPEC's relative 1e-4 of the float64 sums, plus, for a sum whose terms cancel, the float32
+rounding of its terms (``close_sum``; docs/decisions.md). The long sums of the large tests meet 1e-4 alone.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def _inputs(shape, axis, dtype, bits, signed, with_offset, seed):
     return x, step, offset, grad
 
 
-def check_fake_quant(x, step, bits, signed, offset=None, axis=None, grad=None, grad_scale=None):
-    """Runs forward + backward through the public op and compares all outputs with the reference."""
+def check_fake_quant(x, step, bits, signed, offset=None, axis=None, grad=None, grad_scale=None, cancel_allowance=True):
+    """Runs forward + backward through the public op and compares all outputs with the reference
+    (``cancel_allowance``: see ``close_sum``)."""
     x = x.detach().requires_grad_(True)
     step = step.detach().requires_grad_(True)
     offset = None if offset is None else offset.detach().requires_grad_(True)
@@ -68,21 +70,32 @@ def check_fake_quant(x, step, bits, signed, offset=None, axis=None, grad=None, g
     assert y.dtype == x.dtype and y.shape == x.shape
     torch.testing.assert_close(y.cpu(), ref.to_dtype(want.y, x.dtype), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(x.grad.cpu(), ref.to_dtype(want.dx, x.dtype), rtol=0, atol=0, equal_nan=True)
-    _close_sum(step.grad, want.dstep, want.dstep_scale, "dstep")
+    close_sum(step.grad, want.dstep, want.dstep_scale, "dstep", cancel_allowance)
     if offset is not None:
         shared = offset.numel() == 1  # one offset for all channels: its gradient is the sum over channels
         doffset = want.doffset.sum(keepdims=True) if shared else want.doffset
         scale = want.doffset_scale.sum(keepdims=True) if shared else want.doffset_scale
-        _close_sum(offset.grad, doffset, scale, "doffset")
+        close_sum(offset.grad, doffset, scale, "doffset", cancel_allowance)
 
 
-def _close_sum(actual: torch.Tensor, want: np.ndarray, scale: np.ndarray, what: str) -> None:
-    """SPEC: relative error under 1e-4; a sum that cancels to ~0 is judged against the size of its terms."""
+# SPEC section 1: relative error under 1e-4 against a float64 reference.
+SPEC_RTOL = 1e-4
+# A sum whose terms cancel to near zero cannot meet a relative bound in the float32 math SPEC fixes: every term
+# g * (q - v) is a float32 product, rounded once (unit roundoff u = 2^-24), so even an exact sum of the float32 terms
+# is off by up to u * sum|terms|, and float32 partial sums add a few u more. This allowance is 16 u of sum|terms|;
+# measured worst over tests/test_fake_quant.py and test_multi_branch.py: 5 u (the reference backend's float32
+# torch.sum), 2.4 u (C++). Where the terms do not cancel it is small against 1e-4 * |sum|.
+SUM_ROUNDING = 2.0**-20
+
+
+def close_sum(actual: torch.Tensor, want: np.ndarray, scale: np.ndarray, what: str, cancel_allowance=True) -> None:
+    """|got - want| <= 1e-4 |want| (SPEC) + SUM_ROUNDING * sum|terms| (``scale``); without ``cancel_allowance``,
+    SPEC's relative 1e-4 alone, for sums that do not cancel (the large tests: millions of terms)."""
     got = ref.as_np(actual).reshape(-1)
     assert got.shape == want.shape, what
     assert actual.dtype == torch.float32, what
     err = np.abs(got - want)
-    bound = 1e-4 * np.abs(want) + 1e-6 * scale + 1e-30
+    bound = SPEC_RTOL * np.abs(want) + (SUM_ROUNDING * scale if cancel_allowance else 0.0) + 1e-30
     ok = (err <= bound) | (np.isnan(got) & np.isnan(want))  # a NaN input poisons its sum in both
     assert np.all(ok), f"{what}: got {got[~ok]}, want {want[~ok]} (bound {bound[~ok]})"
 
@@ -151,11 +164,31 @@ def test_explicit_grad_scale(backend):
     check_fake_quant(x, step, 3, True, offset=offset, axis=0, grad=grad, grad_scale=0.37)
 
 
-def test_step_in_half_precision_gets_gradient_in_its_dtype(backend):
-    x = torch.randn(50, device=DEVICE)
-    step = torch.tensor(0.1, device=DEVICE, dtype=torch.float16, requires_grad=True)
-    lowbit.fake_quant(x, step, 4, signed=True).sum().backward()
-    assert step.grad.dtype == torch.float16 and step.grad.shape == step.shape
+# Unit roundoff of each dtype: a float32 gradient rounded to the step's dtype moves by at most this, relatively.
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_step_and_offset_get_correct_gradients_in_their_dtype(backend, dtype, per_channel):
+    """The gradients equal the float64 reference (from the half-precision values) within close_sum's bound plus
+    the one rounding to the step's dtype."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 50, generator=gen).to(DEVICE)
+    channels, axis = (6, 0) if per_channel else (1, None)
+    step = (0.05 + 0.1 * torch.rand(channels, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    offset = (0.1 * torch.randn(channels, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    grad = torch.randn(6, 50, generator=gen).to(DEVICE)
+    lowbit.fake_quant(x, step, 4, signed=True, offset=offset, axis=axis).backward(grad)
+    want = ref.fake_quant(x, step, 4, True, offset=offset, axis=axis, grad=grad)
+    for got, expect, scale in [
+        (step.grad, want.dstep, want.dstep_scale),
+        (offset.grad, want.doffset, want.doffset_scale),
+    ]:
+        assert got.dtype == dtype and got.shape == (channels,)
+        err = np.abs(ref.as_np(got) - expect)
+        bound = (SPEC_RTOL + UNIT_ROUNDOFF[dtype]) * np.abs(expect) + SUM_ROUNDING * scale
+        assert np.all(err <= bound), f"{dtype}: got {ref.as_np(got)}, want {expect}"
 
 
 def test_one_element_offset_is_shared_by_all_channels(backend):
@@ -169,6 +202,7 @@ def test_one_element_offset_is_shared_by_all_channels(backend):
     "backend", [v for v in backend_variants() if v != "reference" and not interpreted(v)], indirect=True
 )
 def test_large_activation_sums_stay_accurate(backend):
-    """Millions of random-sign terms: the per-task partial sums must keep SPEC's 1e-4."""
+    """Millions of random-sign terms (sum|terms| / |sum| about 250-400): the per-task partial sums keep SPEC's
+    relative 1e-4 as written, with no allowance for cancellation (measured on AVX2: 3e-7)."""
     x, step, offset, grad = _inputs((8, 32, 56, 56), None, torch.float32, 4, False, True, seed=5)
-    check_fake_quant(x, step, 4, False, offset=offset, grad=grad)
+    check_fake_quant(x, step, 4, False, offset=offset, grad=grad, cancel_allowance=False)

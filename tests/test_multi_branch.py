@@ -6,7 +6,7 @@ import pytest
 import reference as ref
 import torch
 from conftest import DEVICE, backend_variants, interpreted
-from test_fake_quant import DTYPES, _close_sum
+from test_fake_quant import DTYPES, close_sum
 
 import lowbit
 
@@ -28,7 +28,7 @@ def _inputs(shape, bits, signed, dtype, probs_kind, seed):
     return x.to(DEVICE, dtype), steps.to(DEVICE), probs.to(DEVICE), grad.to(DEVICE, dtype)
 
 
-def check_multi_branch(x, steps, probs, bits, signed, grad, grad_scale=None):
+def check_multi_branch(x, steps, probs, bits, signed, grad, grad_scale=None, cancel_allowance=True):
     x, steps, probs = (t.detach().requires_grad_(True) for t in (x, steps, probs))
     y = lowbit.multi_branch_fake_quant(x, steps, probs, bits, signed=signed, grad_scale=grad_scale)
     y.backward(grad)
@@ -37,8 +37,8 @@ def check_multi_branch(x, steps, probs, bits, signed, grad, grad_scale=None):
     assert y.dtype == x.dtype and y.shape == x.shape
     torch.testing.assert_close(y.cpu(), ref.to_dtype(want.y, x.dtype), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(x.grad.cpu(), ref.to_dtype(want.dx, x.dtype), rtol=0, atol=0, equal_nan=True)
-    _close_sum(steps.grad, want.dsteps, want.dsteps_scale, "dsteps")
-    _close_sum(probs.grad, want.dprobs, want.dprobs_scale, "dprobs")
+    close_sum(steps.grad, want.dsteps, want.dsteps_scale, "dsteps", cancel_allowance)
+    close_sum(probs.grad, want.dprobs, want.dprobs_scale, "dprobs", cancel_allowance)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -86,5 +86,7 @@ def large_sum_variants() -> list[str]:
 
 @pytest.mark.parametrize("backend", large_sum_variants(), indirect=True)
 def test_large_sums_stay_accurate(backend):
+    """Millions of terms per branch: SPEC's relative 1e-4 as written, no allowance for cancellation (measured on
+    AVX2: 1.3e-7)."""
     x, steps, probs, grad = _inputs((8, 32, 56, 56), (2, 4, 8), False, torch.float32, "softmax", seed=2)
-    check_multi_branch(x, steps, probs, [2, 4, 8], False, grad)
+    check_multi_branch(x, steps, probs, [2, 4, 8], False, grad, cancel_allowance=False)
