@@ -23,7 +23,8 @@ lowbit/.built: $(VENV)/.installed $(CSRC)
 	$(VPY) setup.py -q build_ext --inplace
 	touch $@
 
-# The main job: fp32 -> MixQuant -> MetaMix -> baselines -> packed model, on the bundled digits (about 10 minutes).
+# The main job: fp32 -> MixQuant -> MetaMix -> baselines -> packed model, on the bundled digits (its time per phase
+# lands in demo-results/report.md; tools/time_make_demo.sh times set-up and demo from a clean clone).
 demo: setup
 	$(VENV)/bin/lowbit info
 	$(VENV)/bin/lowbit demo
