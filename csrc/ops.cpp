@@ -31,6 +31,18 @@ TORCH_LIBRARY(lowbit_C, m) {
   m.def(
       "packed_linear(Tensor x, Tensor packed_w, Tensor w_scale, int w_bits, Tensor x_step, int qmin, int qmax, "
       "Tensor? bias) -> Tensor");
+  // The integer data path (issue 17; cpu/packed_epilogue.h): x float (quantized at x_step into [qmin, qmax]) or
+  // uint8/int8 codes; y = clamp(float32(acc) * scale[n] + bias[n], lo, hi), emitted as float32 (x's dtype for a
+  // float x) or, when out_step > 0, as codes clamp(rint(y / out_step), out_qmin, out_qmax) (uint8 if out_qmin >= 0).
+  m.def(
+      "packed_gemm(Tensor x, Tensor packed_w, Tensor scale, Tensor? bias, int w_bits, float x_step, int qmin, "
+      "int qmax, float lo, float hi, float out_step, int out_qmin, int out_qmax) -> Tensor");
+  // Depthwise conv on channels-last codes x (B, H, W, C) with int8 weight codes w (KH * KW, C), same epilogue.
+  m.def(
+      "packed_depthwise(Tensor x, Tensor w, Tensor scale, Tensor? bias, int[] kernel, int[] stride, int[] padding, "
+      "int[] dilation, float lo, float hi, float out_step, int out_qmin, int out_qmax) -> Tensor");
+  // Float x to activation codes clamp(rint(x / step), qmin, qmax), uint8 if qmin >= 0 else int8; NaN: ValueError.
+  m.def("quantize_codes(Tensor x, float step, int qmin, int qmax) -> Tensor");
   // Which CPU code path runs (avx512 / avx2 / scalar); set_cpu_isa exists for tests and benchmarks only.
   m.def("cpu_isa() -> str", [] { return std::string(lowbit::cpu::isa_name(lowbit::cpu::active_isa())); });
   m.def("cpu_isa_supported() -> str[]", [] { return lowbit::cpu::supported_isa_names(); });

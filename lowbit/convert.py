@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from lowbit.nn.layers import QConv2d, QLinear
-from lowbit.nn.packed import DequantConv2d, DequantLinear, PackedConv2d, PackedLinear, _PackedBase
+from lowbit.nn.packed import (
+    DequantConv2d,
+    DequantLinear,
+    Fold,
+    FoldedActivation,
+    FoldedBatchNorm2d,
+    PackedConv2d,
+    PackedLinear,
+    _PackedBase,
+)
 from lowbit.nn.quantizers import LSQQuantizer, _positive
 from lowbit.ops import fake_quant
 
@@ -29,10 +38,13 @@ _FLOAT_WHY = (
 
 @dataclass
 class ConvertReport:
-    """What ``convert`` did: ``converted`` (name, old type, new type, how it runs) and ``kept`` (name, type, why)."""
+    """What ``convert`` did: ``converted`` (name, old type, new type, how it runs), ``kept`` (name, type, why) and
+    ``fused`` (layer name, what was folded into it), or ``not_fused`` (why the model was left unfused)."""
 
     converted: list[tuple[str, str, str, str]] = field(default_factory=list)
     kept: list[tuple[str, str, str]] = field(default_factory=list)
+    fused: list[tuple[str, str]] = field(default_factory=list)
+    not_fused: str = ""
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s) to packed layers"]
@@ -40,6 +52,11 @@ class ConvertReport:
         if self.kept:
             lines.append(f"kept {len(self.kept)} float layer(s):")
             lines += [f"  {name}: {kind} ({why})" for name, kind, why in self.kept]
+        if self.fused:
+            lines.append(f"fused {len(self.fused)} layer epilogue(s):")
+            lines += [f"  {name}: {what}" for name, what in self.fused]
+        if self.not_fused:
+            lines.append(f"not fused: {self.not_fused}")
         return "\n".join(lines)
 
 
@@ -114,8 +131,8 @@ def _packed(layer: QConv2d | QLinear) -> _PackedBase:
 
 def _how(layer: _PackedBase) -> str:
     act = "float input" if layer.x_bits is None else f"A{layer.x_bits} {'signed' if layer.x_signed else 'unsigned'}"
-    if isinstance(layer, PackedConv2d) and layer.path == "depthwise-float":
-        run = "depthwise: dequantized float conv on the fake-quantized input, exact w.r.t. the fake-quant model"
+    if isinstance(layer, PackedConv2d) and layer.path == "depthwise":
+        run = "integer depthwise kernel"
     elif isinstance(layer, (PackedConv2d, PackedLinear)):
         run = "integer GEMM" + (" per group" if getattr(layer, "path", "") == "grouped-gemm" else "")
     else:
@@ -163,6 +180,7 @@ def convert(
     inplace: bool = False,
     multi_branch: str = "error",
     return_report: bool = False,
+    fuse: bool = True,
 ):
     """Replaces every ``QConv2d`` / ``QLinear`` of ``model`` by its packed inference layer.
 
@@ -175,6 +193,9 @@ def convert(
             ``"selected"`` packs each such layer at its selected branch (``to_single_branch()``): the result
             then equals that single-branch model, not the mixture.
         return_report: also return a ``ConvertReport`` (what was converted, how it runs, what stayed float).
+        fuse: build the integer data path (``fuse_inference``): fold each packed layer's batch-norm and
+            ReLU/ReLU6 into its epilogue and hand codes to the next packed layer. The result then equals the
+            fake-quant model with the same folding applied (docs/decisions.md), not the unfolded model bit for bit.
 
     Layers with a quantized input become ``PackedConv2d`` / ``PackedLinear``; layers with a float input
     (``a_bits=None``) become ``DequantConv2d`` / ``DequantLinear``. All weights are stored packed. Plain
@@ -197,6 +218,10 @@ def convert(
             target = packed
         report.converted.append((name, type(original).__name__, type(packed).__name__, _how(packed)))
     report.kept = [(n, type(m).__name__, _FLOAT_WHY) for n, m in target.named_modules() if type(m) in _FLOAT_TYPES]
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
+    if fuse:
+        report.fused, report.not_fused = _fuse(target)
     return (target, report) if return_report else target
 
 
@@ -206,3 +231,119 @@ _FLOAT_TYPES = (nn.Conv2d, nn.Linear)
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fuse_inference: the integer data path between packed layers (issue 17)
+# ---------------------------------------------------------------------------------------------------------------
+
+_ACTIVATIONS = {nn.ReLU: ("ReLU", 0.0, float("inf")), nn.ReLU6: ("ReLU6", 0.0, 6.0)}
+_FOLDED_BOUNDS = {"ReLU": (0.0, float("inf")), "ReLU6": (0.0, 6.0)}
+
+
+def fuse_inference(model: nn.Module, *, strict: bool = True) -> list[tuple[str, str]]:
+    """Builds the integer data path of a converted model, in place: every ``PackedConv2d`` / ``PackedLinear``
+    followed only by an eval ``BatchNorm2d`` (and then a ReLU / ReLU6) gets them folded into its epilogue, and a
+    layer whose output only one packed layer reads emits that layer's activation codes. The batch-norm stays in
+    the model as ``FoldedBatchNorm2d`` (same state-dict entries), the activation becomes ``FoldedActivation``.
+
+    The graph comes from ``torch.fx`` tracing with packed layers as leaves. Idempotent; ``lowbit.convert`` and
+    ``lowbit.load`` call it. Returns (layer name, what was folded) per fused layer; a model that cannot be
+    traced raises ValueError when ``strict``, else stays unfused.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    fused, why = _fuse(model)
+    if why and strict:
+        raise ValueError(f"fuse_inference: {why}")
+    return fused
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (_PackedBase, FoldedBatchNorm2d, FoldedActivation)) or super().is_leaf_module(m, qualname)
+
+
+def _fuse(model: nn.Module) -> tuple[list[tuple[str, str]], str]:
+    """(fused layers, "") or ([], why the model was left unfused)."""
+    if isinstance(model, _PackedBase) or not any(isinstance(m, _PackedBase) for m in model.modules()):
+        return [], "no packed layer inside a model to fuse"
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:  # any tracing failure: the model runs unfused, and the report says why
+        return [], f"torch.fx could not trace the model ({type(exc).__name__}: {str(exc)[:200]})"
+    calls: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    fused = []
+    for node in graph.nodes:
+        layer = _called(model, calls, node)
+        if isinstance(layer, (PackedConv2d, PackedLinear)):
+            what = _fold_chain(model, calls, node, layer)
+            if what:
+                fused.append((node.target, what))
+    return fused, ""
+
+
+def _called(model: nn.Module, calls: dict, node) -> nn.Module | None:
+    """The module a call_module node runs, if it runs nowhere else."""
+    if node.op != "call_module" or len(calls.get(node.target, ())) != 1:
+        return None
+    return model.get_submodule(node.target)
+
+
+def _only_user(model: nn.Module, calls: dict, node):
+    """(the single user node, its module if it calls one that runs only there) or (None, None)."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].args[:1] != (node,) or len(users[0].args) + len(users[0].kwargs) != 1:
+        return None, None
+    return users[0], _called(model, calls, users[0])
+
+
+def _fold_chain(model: nn.Module, calls: dict, node, layer: _PackedBase) -> str:
+    """Folds the BN / activation / next quantizer after ``layer`` (at ``node``) into it; returns what it folded."""
+    fold, what, last = Fold(), [], node
+    user, module = _only_user(model, calls, last)
+    if isinstance(module, nn.BatchNorm2d) and module.running_var is not None:
+        if not isinstance(module, FoldedBatchNorm2d):
+            module = _swap(model, user.target, _folded_batch_norm(module))
+        object.__setattr__(module, "_folded_into", layer)  # a plain reference, not a submodule
+        fold.bn, what, last = module, [user.target], user
+        user, module = _only_user(model, calls, last)
+    kind = _activation_kind(module)
+    if kind:
+        if not isinstance(module, FoldedActivation):
+            module = _swap(model, user.target, FoldedActivation(kind))
+        fold.lo, fold.hi = _FOLDED_BOUNDS[kind]
+        what.append(user.target)
+        last = user
+        user, module = _only_user(model, calls, last)
+    if isinstance(module, (PackedConv2d, PackedLinear)) and getattr(module, "takes_codes", True):
+        fold.consumer = module
+        object.__setattr__(module, "_producer", layer)  # a plain reference, not a submodule
+        what.append(f"codes for {user.target}")
+    if not what:
+        return ""
+    layer.fold(fold)
+    return " + ".join(what)
+
+
+def _activation_kind(module) -> str | None:
+    if isinstance(module, FoldedActivation):
+        return module.kind
+    entry = _ACTIVATIONS.get(type(module))
+    return entry[0] if entry else None
+
+
+def _folded_batch_norm(bn: nn.BatchNorm2d) -> FoldedBatchNorm2d:
+    folded = FoldedBatchNorm2d(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device=bn.running_mean.device
+    )
+    folded.load_state_dict(bn.state_dict())
+    return folded.eval()
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    _set_submodule(model, name, module)
+    return module

@@ -240,3 +240,126 @@ def packed_linear(
     return torch.ops.lowbit.packed_linear(
         x, packed_w, w_scale.reshape(-1).float(), w_bits, x_step.reshape(1).float(), x_bits, x_signed, bias
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The integer data path (issue 17): GEMM and depthwise conv with the folded epilogue, codes in and out
+# ---------------------------------------------------------------------------------------------------------------
+#
+# A packed layer with its batch-norm, bias and activation folded in computes, per output value,
+#     v = clamp(float32(acc) * scale[n] + bias[n], lo, hi)          (float32 multiply, then add: two roundings)
+# and emits v as float32, or, when the next layer's activation quantizer is fused too, the codes
+#     clamp(rint(v / out_step), out_qmin, out_qmax)                 (uint8 when out_qmin >= 0, else int8).
+# x is float (quantized on the fly, as packed_linear) or uint8/int8 codes that a previous layer emitted at this
+# layer's step. The C++ CPU backend runs lowbit_C kernels; every other backend runs the plain-torch reference
+# below (exact integer sums in float64), which is also what the tests hold the kernels to, bit for bit.
+
+CODE_DTYPES = (torch.uint8, torch.int8)
+
+
+def code_dtype(qmin: int) -> torch.dtype:
+    """uint8 for an unsigned code range, int8 for a signed one."""
+    return torch.uint8 if qmin >= 0 else torch.int8
+
+
+def _codes_reference(x: Tensor, x_step: float, qmin: int, qmax: int) -> tuple[Tensor, Tensor | None]:
+    """(float64 codes, NaN-row mask or None) of x: its codes as they are, or SPEC section 1's quantization."""
+    if x.dtype in CODE_DTYPES:
+        return x.double(), None
+    xf = x.float()
+    q = torch.clamp(torch.round(xf / torch.tensor(x_step, dtype=torch.float32, device=x.device)), qmin, qmax)
+    return torch.nan_to_num(q, nan=0.0).double(), torch.isnan(xf)
+
+
+def _epilogue_reference(acc: Tensor, scale, bias, lo, hi, out_step, out_qmin, out_qmax, float_dtype) -> Tensor:
+    v = acc.float() * scale
+    if bias is not None:
+        v = v + bias
+    v = torch.clamp(v, lo, hi)
+    if out_step <= 0:
+        return v.to(float_dtype)
+    q = torch.round(v / torch.tensor(out_step, dtype=torch.float32, device=v.device))
+    if bool(torch.isnan(q).any()):
+        raise ValueError("x holds NaN, which no activation code can represent")
+    return q.clamp(out_qmin, out_qmax).to(code_dtype(out_qmin))
+
+
+def _packed_gemm_reference(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
+    codes, nan = _codes_reference(x, x_step, qmin, qmax)
+    qw = _unpack_impl(packed_w, w_bits, x.shape[-1], signed=True)
+    acc = codes @ qw.double().t()
+    if nan is not None:
+        acc = torch.where(nan.any(dim=1, keepdim=True), float("nan"), acc)
+    float_dtype = torch.float32 if x.dtype in CODE_DTYPES else x.dtype
+    return _epilogue_reference(acc, scale, bias, lo, hi, out_step, oqmin, oqmax, float_dtype)
+
+
+def _packed_depthwise_reference(x, w, scale, bias, kernel, stride, padding, dilation, lo, hi, out_step, oqmin, oqmax):
+    channels = x.shape[-1]
+    weight = w.double().t().reshape(channels, 1, *kernel)
+    acc = torch.nn.functional.conv2d(
+        x.double().permute(0, 3, 1, 2), weight, None, stride, padding, dilation, channels
+    ).permute(0, 2, 3, 1)
+    return _epilogue_reference(acc, scale, bias, lo, hi, out_step, oqmin, oqmax, torch.float32)
+
+
+def _runs_compiled(device: torch.device) -> bool:
+    return select(device).__name__.endswith(".cpu")
+
+
+def _packed_gemm_impl(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
+    args = (x.contiguous(), packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax)
+    if x.shape[0] and _runs_compiled(x.device):
+        return torch.ops.lowbit_C.packed_gemm(*args)
+    return _packed_gemm_reference(*args)
+
+
+def _packed_gemm_fake(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
+    dtype = code_dtype(oqmin) if out_step > 0 else (torch.float32 if x.dtype in CODE_DTYPES else x.dtype)
+    return x.new_empty((x.shape[0], packed_w.shape[0]), dtype=dtype)
+
+
+def _packed_depthwise_impl(x, w, scale, bias, kernel, stride, padding, dilation, lo, hi, out_step, oqmin, oqmax):
+    args = (x, w, scale, bias, kernel, stride, padding, dilation, lo, hi, out_step, oqmin, oqmax)
+    if x.shape[0] and _runs_compiled(x.device):
+        return torch.ops.lowbit_C.packed_depthwise(*args)
+    return _packed_depthwise_reference(*args)
+
+
+def _depthwise_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _packed_depthwise_fake(x, w, scale, bias, kernel, stride, padding, dilation, lo, hi, out_step, oqmin, oqmax):
+    out_h = _depthwise_out(x.shape[1], kernel[0], stride[0], padding[0], dilation[0])
+    out_w = _depthwise_out(x.shape[2], kernel[1], stride[1], padding[1], dilation[1])
+    dtype = code_dtype(oqmin) if out_step > 0 else torch.float32
+    return x.new_empty((x.shape[0], out_h, out_w, x.shape[3]), dtype=dtype)
+
+
+def _quantize_codes_impl(x, step, qmin, qmax):
+    if x.numel() and _runs_compiled(x.device):
+        return torch.ops.lowbit_C.quantize_codes(x.contiguous(), step, qmin, qmax)
+    codes, nan = _codes_reference(x, step, qmin, qmax)
+    if bool(nan.any()):
+        raise ValueError("x holds NaN, which no activation code can represent")
+    return codes.to(code_dtype(qmin))
+
+
+_define(
+    "packed_gemm(Tensor x, Tensor packed_w, Tensor scale, Tensor? bias, int w_bits, float x_step, int qmin, "
+    "int qmax, float lo, float hi, float out_step, int out_qmin, int out_qmax) -> Tensor",
+    _packed_gemm_impl,
+    _packed_gemm_fake,
+)
+_define(
+    "packed_depthwise(Tensor x, Tensor w, Tensor scale, Tensor? bias, int[] kernel, int[] stride, int[] padding, "
+    "int[] dilation, float lo, float hi, float out_step, int out_qmin, int out_qmax) -> Tensor",
+    _packed_depthwise_impl,
+    _packed_depthwise_fake,
+)
+_define(
+    "quantize_codes(Tensor x, float step, int qmin, int qmax) -> Tensor",
+    _quantize_codes_impl,
+    lambda x, step, qmin, qmax: torch.empty_like(x, dtype=code_dtype(qmin)),
+)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.convert import fuse_inference
 from lowbit.models import ARCH_ATTR, create_model
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
 from lowbit.nn.packed import _PackedBase, from_config
@@ -381,6 +382,7 @@ def load(path, *, model: nn.Module | Callable[[], nn.Module] | None = None, devi
     for name, layer in skeleton.named_modules():
         if isinstance(layer, _PackedBase):
             layer.validate(name or "model")
+    fuse_inference(skeleton, strict=False)  # the run-time integer data path (never saved), as convert builds it
     if arch is not None and model is None:
         setattr(skeleton, ARCH_ATTR, {"name": arch["name"], "kwargs": arch["kwargs"]})
     return skeleton.to(device or "cpu").eval()

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <cstring>
 #include <limits>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "cpu/packed_epilogue.h"
 #include "cpu/packed_linear.h"
 
 namespace lowbit::cpu {
@@ -52,6 +54,12 @@ const float* quantize_row(const PackedLinearKernels& k, const c10::Half* x, floa
 }
 const float* quantize_row(const PackedLinearKernels& k, const c10::BFloat16* x, float* q, int64_t n, float step) {
   k.quantize_bf16(x, q, n, step);
+  return q;
+}
+// Codes handed over by the previous layer's fused epilogue (issue 17): already quantized, only widened.
+template <class C, std::enable_if_t<std::is_integral_v<C>, int> = 0>
+const float* quantize_row(const PackedLinearKernels&, const C* x, float* q, int64_t n, float) {
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<float>(x[i]);
   return q;
 }
 
@@ -113,9 +121,11 @@ Prepared prepare(const T* x, int64_t m, int64_t k_len, int64_t steps, int fields
   return p;
 }
 
-template <class T>
+// T: x's element type (float types are quantized here, uint8/int8 are codes); O: y's element type (T for the
+// plain op; float32 or uint8/int8 codes on the integer data path, under `spec`).
+template <class T, class O>
 void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, const float* bias, int64_t w_bits,
-         int64_t qmin, int64_t qmax, float x_step, at::Tensor& y) {
+         int64_t qmin, int64_t qmax, float x_step, const EpilogueSpec& spec, at::Tensor& y) {
   const int64_t m = x.size(0), k_len = x.size(1), n = packed_w.size(0), w_bytes = packed_w.size(1);
   const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
   const int fields = 8 / container;
@@ -134,7 +144,11 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
 
   const int64_t span = steps * k.lanes;  // packed bytes walked per row (whole steps)
   const uint8_t* w = packed_w.const_data_ptr<uint8_t>();
-  T* out = mutable_data<T>(y);
+  O* out = mutable_data<O>(y);
+  // the plain float epilogue writes y directly; clamps and codes go through finish_values on a float row
+  constexpr bool kFloatOut = std::is_floating_point_v<O> || !std::is_integral_v<O>;
+  const bool plain = kFloatOut && !spec.clamps() && spec.out_step == 0.f;
+  std::atomic<bool> nan_coded{false};
 
   // VNNI/AVX2/scalar tiles over rows [i_begin, i_end) x weight rows [j_begin, j_end), packed bytes [c0, c1), into
   // acc (row i_begin - row0, column j_begin - col0 at acc + (i - row0) * acc_stride + j - col0). The first x block
@@ -171,19 +185,38 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
   auto epilogue = [&](const int32_t* acc, int64_t acc_stride, int64_t i_begin, int64_t i_end, int64_t n0,
                       int64_t n1, float* row_f32) {
     for (int64_t i = i_begin; i < i_end; ++i) {
-      T* yrow = out + i * n;
+      O* yrow = out + i * n;
       if (p.nan[i]) {
-        for (int64_t j = n0; j < n1; ++j) yrow[j] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+        if constexpr (kFloatOut) {
+          for (int64_t j = n0; j < n1; ++j) yrow[j] = static_cast<O>(std::numeric_limits<float>::quiet_NaN());
+        } else {
+          for (int64_t j = n0; j < n1; ++j) yrow[j] = O(0);
+          nan_coded = true;
+        }
         continue;
       }
       const uint32_t correction = static_cast<uint32_t>(weight_offset) * static_cast<uint32_t>(p.rowsum[i]);
       const int32_t* arow = acc + (i - i_begin) * acc_stride;
+      if (!plain) {
+        if (k.epilogue) {
+          k.epilogue(arow, n1 - n0, correction, scale + n0, bias ? bias + n0 : nullptr, row_f32);
+        } else {
+          for (int64_t j = n0; j < n1; ++j) {
+            const int32_t a = static_cast<int32_t>(static_cast<uint32_t>(arow[j - n0]) - correction);
+            float v = static_cast<float>(a) * scale[j];
+            if (bias) v = v + bias[j];
+            row_f32[j - n0] = v;
+          }
+        }
+        if (finish_values(row_f32, n1 - n0, spec, yrow + n0)) nan_coded = true;
+        continue;
+      }
       if (k.epilogue) {
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (std::is_same_v<O, float>) {
           k.epilogue(arow, n1 - n0, correction, scale + n0, bias ? bias + n0 : nullptr, yrow + n0);
         } else {
           k.epilogue(arow, n1 - n0, correction, scale + n0, bias ? bias + n0 : nullptr, row_f32);
-          for (int64_t j = n0; j < n1; ++j) yrow[j] = static_cast<T>(row_f32[j - n0]);
+          for (int64_t j = n0; j < n1; ++j) yrow[j] = static_cast<O>(row_f32[j - n0]);
         }
         continue;
       }
@@ -191,7 +224,7 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
         const int32_t a = static_cast<int32_t>(static_cast<uint32_t>(arow[j - n0]) - correction);
         float v = static_cast<float>(a) * scale[j];
         if (bias) v = v + bias[j];
-        yrow[j] = static_cast<T>(v);
+        yrow[j] = static_cast<O>(v);
       }
     }
   };
@@ -240,6 +273,7 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
         }
       }
     });
+    TORCH_CHECK_VALUE(!nan_coded, "x holds NaN, which no activation code can represent");
     return;
   }
 
@@ -263,6 +297,7 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
       epilogue(acc.data(), block_n, m0, m1, n0, n1, row_f32.data());
     }
   });
+  TORCH_CHECK_VALUE(!nan_coded, "x holds NaN, which no activation code can represent");
 }
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& w_scale, int64_t w_bits,
@@ -292,14 +327,76 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w, const 
   const float* ws = w_scale.const_data_ptr<float>();
   for (int64_t j = 0; j < n; ++j) scale[j] = s * ws[j];
   const float* b = bias ? bias->const_data_ptr<float>() : nullptr;
+  const EpilogueSpec plain{-std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity(), 0.f, 0, 0};
   LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_packed_linear", [&] {
-    run<scalar_t>(x, packed_w, scale.data(), b, w_bits, qmin, qmax, s, y);
+    run<scalar_t, scalar_t>(x, packed_w, scale.data(), b, w_bits, qmin, qmax, s, plain, y);
   });
+  return y;
+}
+
+template <class T>
+void run_gemm(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, const float* bias, int64_t w_bits,
+              int64_t qmin, int64_t qmax, float x_step, const EpilogueSpec& spec, at::Tensor& y) {
+  if (spec.out_step > 0.f) {
+    if (spec.out_qmin >= 0) return run<T, uint8_t>(x, packed_w, scale, bias, w_bits, qmin, qmax, x_step, spec, y);
+    return run<T, int8_t>(x, packed_w, scale, bias, w_bits, qmin, qmax, x_step, spec, y);
+  }
+  if constexpr (std::is_integral_v<T>) {
+    return run<T, float>(x, packed_w, scale, bias, w_bits, qmin, qmax, x_step, spec, y);
+  } else {
+    return run<T, T>(x, packed_w, scale, bias, w_bits, qmin, qmax, x_step, spec, y);
+  }
+}
+
+// The integer data path's GEMM (issue 17): packed_linear with the folded epilogue of packed_epilogue.h. x is
+// float (quantized here at x_step into [qmin, qmax], as packed_linear) or uint8/int8 codes (used as they are);
+// `scale` is the whole per-channel multiplier (x_step * w_scale * folded batch-norm), `bias` the folded shift.
+at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias, int64_t w_bits, double x_step, int64_t qmin, int64_t qmax,
+                       double lo, double hi, double out_step, int64_t out_qmin, int64_t out_qmax) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lowbit_C: x must be a contiguous (M, K) tensor");
+  TORCH_CHECK(packed_w.dim() == 2 && packed_w.is_contiguous() && packed_w.scalar_type() == at::kByte,
+              "lowbit_C: packed_w must be a contiguous (N, packed K) uint8 tensor");
+  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "lowbit_C: w_bits must be in 2..8");
+  const int64_t m = x.size(0), k_len = x.size(1), n = packed_w.size(0);
+  const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
+  TORCH_CHECK(packed_w.size(1) == (k_len * container + 7) / 8, "lowbit_C: packed_w does not match K");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
+              "lowbit_C: scale must be a contiguous float32 (N,) tensor");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
+              "lowbit_C: bias must be None or a contiguous float32 (N,) tensor");
+  TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmin <= qmax && (qmin >= 0 || qmax <= 127),
+              "lowbit_C: [qmin, qmax] must be a signed or unsigned 8-bit-or-less range");
+  TORCH_CHECK(out_step == 0 || (out_qmin >= -128 && out_qmax <= 255 && out_qmin <= out_qmax &&
+                                (out_qmin >= 0 || out_qmax <= 127)),
+              "lowbit_C: [out_qmin, out_qmax] must be a signed or unsigned 8-bit-or-less range");
+  const bool codes_in = x.scalar_type() == at::kByte || x.scalar_type() == at::kChar;
+  const EpilogueSpec spec{static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(out_step),
+                          static_cast<int32_t>(out_qmin), static_cast<int32_t>(out_qmax)};
+  const auto out_type = out_step > 0 ? (out_qmin >= 0 ? at::kByte : at::kChar)
+                                     : (codes_in ? at::kFloat : x.scalar_type());
+  at::Tensor y = at::empty({m, n}, x.options().dtype(out_type));
+  if (m == 0 || n == 0) return y;
+  const float* b = bias ? bias->const_data_ptr<float>() : nullptr;
+  const float* sc = scale.const_data_ptr<float>();
+  const float s = static_cast<float>(x_step);
+  if (x.scalar_type() == at::kByte) {
+    run_gemm<uint8_t>(x, packed_w, sc, b, w_bits, qmin, qmax, s, spec, y);
+  } else if (x.scalar_type() == at::kChar) {
+    run_gemm<int8_t>(x, packed_w, sc, b, w_bits, qmin, qmax, s, spec, y);
+  } else {
+    LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_packed_gemm", [&] {
+      run_gemm<scalar_t>(x, packed_w, sc, b, w_bits, qmin, qmax, s, spec, y);
+    });
+  }
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit_C, CPU, m) { m.impl("packed_linear", &packed_linear); }
+TORCH_LIBRARY_IMPL(lowbit_C, CPU, m) {
+  m.impl("packed_linear", &packed_linear);
+  m.impl("packed_gemm", &packed_gemm);
+}
 
 }  // namespace lowbit::cpu

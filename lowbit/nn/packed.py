@@ -6,11 +6,16 @@ Every layer here stores its weight as signed integer codes packed in the canonic
 A saved model therefore holds ``bits / 32`` of the float weight bytes, whatever the layer runs on.
 
 * ``PackedLinear``: ``lowbit.packed_linear`` (activations quantized on the fly, exact int32 accumulation).
-* ``PackedConv2d``: the same GEMM over pixels. 1x1 convs run on channels-last pixels directly (a stride
-  subsamples first); kxk, strided or dilated convs go through ``F.unfold`` (im2col) first; grouped convs run one
-  GEMM per group. Depthwise convs (one input channel per group, as in MobileNet) have K = kh * kw = 9 and gain
-  nothing from an integer GEMM, so they dequantize the codes once, at load, and run a float depthwise conv on
-  the fake-quantized input: exactly what the fake-quant model computes (same ops, same values).
+* ``PackedConv2d``: the same GEMM over channels-last pixels (the integer data path of issue 17). 1x1 convs run
+  on the pixels directly (a stride subsamples first); kxk, strided or dilated convs quantize their input to
+  codes first and gather the patches of the codes (im2col on bytes, K in (kh, kw, C) order); depthwise convs
+  (as many groups as input and output channels) run an integer depthwise kernel on the codes; other grouped
+  convs run one GEMM per group on ``F.unfold`` patches.
+* The epilogue of ``PackedLinear`` / ``PackedConv2d`` is ``clamp(float32(acc) * scale + bias, lo, hi)``, by
+  default ``scale = x_step * w_scale`` and the layer's bias (``packed_linear``'s epilogue). ``lowbit.convert``
+  folds a following batch-norm and ReLU/ReLU6 into it (``fold``) and, when the layer's only consumer is another
+  packed layer, that layer's activation quantizer too: the layer then returns uint8/int8 codes (a channels-last
+  (B, C, H, W) view) that the next layer takes as they are. These run-time forms are never saved.
 * ``DequantLinear`` / ``DequantConv2d``: layers whose input is not quantized (``a_bits=None``) cannot use the
   integer GEMM; they keep the packed weight and unpack it once, at load, into a float weight for ``F.linear`` /
   ``F.conv2d``.
@@ -22,16 +27,77 @@ The layers compute in float32 or in the input's float dtype and return the input
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowbit import _checks
-from lowbit.ops import fake_quant, quant_range
-from lowbit.packed import pack, packed_linear, packed_width, unpack
+from lowbit.ops import quant_range
+from lowbit.packed import CODE_DTYPES, pack, packed_width, unpack
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class Fold:
+    """What ``lowbit.convert`` folds into a packed layer's epilogue (run-time only, rebuilt at convert / load).
+
+    bn: the eval-mode ``BatchNorm2d`` that follows the layer (its affine map joins scale and bias), or None;
+    lo, hi: the clamp of the folded activation (ReLU: 0, inf; ReLU6: 0, 6; none: -inf, inf);
+    consumer: the packed layer that alone reads this layer's output; its activation quantizer is applied in
+        the epilogue and the layer returns codes at its step.
+    """
+
+    bn: nn.Module | None = None
+    lo: float = -math.inf
+    hi: float = math.inf
+    consumer: nn.Module | None = None
+
+
+@torch.no_grad()
+def batch_norm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """(mul, add) float32 with ``bn(y) == y * mul + add`` in eval mode, up to float32 rounding."""
+    mul = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        mul = bn.weight.float() * mul
+    add = -bn.running_mean.float() * mul
+    if bn.bias is not None:
+        add = add + bn.bias.float()
+    return mul, add
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A ``BatchNorm2d`` folded into the packed layer before it: same parameters and state-dict entries (the
+    saved file does not change), identity forward. Loading new statistics refreshes the layer it is folded into."""
+
+    _folded_into: nn.Module | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self._folded_into is not None:
+            self._folded_into.refresh_epilogue()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", folded into the packed layer before it"
+
+
+class FoldedActivation(nn.Module):
+    """A ReLU / ReLU6 folded into the packed layer before it (its clamp is in that layer's epilogue)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, folded into the packed layer before it"
 
 
 def _positive_int(name: str, value) -> int:
@@ -87,6 +153,9 @@ class _PackedBase(nn.Module):
         self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
         self.register_buffer("dequant_weight", None, persistent=False)
         self.register_buffer("gemm_weight", None, persistent=False)
+        self.register_buffer("epi_scale", None, persistent=False)
+        self.register_buffer("epi_bias", None, persistent=False)
+        self._fold: Fold | None = None
         self._refresh()
 
     # -- weights ----------------------------------------------------------------------------------------------
@@ -115,6 +184,59 @@ class _PackedBase(nn.Module):
         """Rebuilds the run-time weight forms (never saved) from the stored codes."""
         if self._runs_float:
             self.dequant_weight = self.dequantized_weight().reshape(self._float_weight_shape())
+        self.refresh_epilogue()
+
+    # -- the folded epilogue (run-time only) --------------------------------------------------------------------
+
+    def fold(self, fold: Fold | None) -> None:
+        """Folds batch-norm / activation / the next layer's quantizer into this layer's epilogue (None: unfold)."""
+        if fold is not None and self.x_bits is None:
+            raise ValueError("only layers with a quantized input (PackedConv2d / PackedLinear) take a fold")
+        self._fold = fold
+        self.refresh_epilogue()
+
+    @property
+    def folded(self) -> Fold | None:
+        return self._fold
+
+    @torch.no_grad()
+    def refresh_epilogue(self) -> None:
+        """Recomputes ``epi_scale`` / ``epi_bias`` and the clamp / output-code constants from the stored values
+        and the fold (called after loads of this layer, its batch-norm or its consumer)."""
+        if self.x_bits is None:
+            return
+        scale = (self.x_step.float() * self.w_scale.float()).reshape(-1)  # packed_linear's float32 x_step * w_scale
+        bias = None if self.bias is None else self.bias.float()
+        fold = self._fold or Fold()
+        if fold.bn is not None:
+            mul, add = batch_norm_affine(fold.bn)
+            scale = scale * mul
+            bias = add if bias is None else bias * mul + add
+        out = (0.0, 0, 0)
+        if fold.consumer is not None:
+            consumer = fold.consumer
+            out = (float(consumer.x_step), *quant_range(consumer.x_bits, consumer.x_signed))
+        self.epi_scale = scale.contiguous()
+        self.epi_bias = None if bias is None else bias.contiguous()
+        self._epi = (float(fold.lo), float(fold.hi), *out)
+        self._quant = (float(self.x_step), *quant_range(self.x_bits, self.x_signed))
+
+    @property
+    def emits_codes(self) -> bool:
+        return self._fold is not None and self._fold.consumer is not None
+
+    def _gemm(self, rows: Tensor, weight: Tensor) -> Tensor:
+        """The integer GEMM with this layer's epilogue: rows (M, K) float or codes -> (M, N)."""
+        step, qmin, qmax = self._quant
+        return torch.ops.lowbit.packed_gemm(
+            rows, weight, self.epi_scale, self.epi_bias, self.w_bits, step, qmin, qmax, *self._epi
+        )
+
+    def _check_codes(self, x: Tensor) -> None:
+        """Codes must be what a fused previous layer emits for this layer: its signedness."""
+        want = torch.int8 if self.x_signed else torch.uint8
+        if x.dtype != want:
+            raise TypeError(f"x holds {x.dtype} codes, this layer takes {want} codes (or a float tensor)")
 
     def _float_weight_shape(self) -> tuple[int, ...]:
         return (self.packed_weight.shape[0], self.k)
@@ -122,6 +244,10 @@ class _PackedBase(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh()  # the float weight follows the loaded codes
+        if self._producer is not None:  # a fused producer quantizes to this layer's (new) step
+            self._producer.refresh_epilogue()
+
+    _producer: _PackedBase | None = None
 
     def validate(self, name: str = "layer") -> None:
         """Raises ValueError if the stored values cannot come from a quantized layer: codes outside the
@@ -207,11 +333,14 @@ class PackedLinear(_LinearBase):
         return {"x_bits": self.x_bits, "x_signed": self.x_signed}
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)  # names x (packed_linear would blame packed_w for a wrong K)
-        return packed_linear(
-            x, self.packed_weight, self.w_scale, self.w_bits, self.x_step, self.x_bits,
-            x_signed=self.x_signed, bias=self.bias,
-        )  # fmt: skip
+        if x.dtype in CODE_DTYPES:
+            self._check_codes(x)
+            if x.dim() == 0 or x.shape[-1] != self.in_features:
+                raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        else:
+            self._check_input(x)  # names x (the GEMM would blame packed_w for a wrong K)
+        y = self._gemm(x.reshape(-1, self.in_features), self.packed_weight)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class DequantLinear(_LinearBase):
@@ -335,10 +464,10 @@ class _ConvBase(_PackedBase):
 class PackedConv2d(_ConvBase):
     """``QConv2d`` for inference on packed weights (see the module docstring for the paths).
 
-    groups == 1 and grouped convs run ``lowbit.packed_linear`` (integer GEMM, float32-rounding agreement with
-    the fake-quant conv, SPEC section 4); depthwise convs run a float conv of the dequantized weights on the
-    fake-quantized input (the fake-quant model's own ops). ``padding`` is an int, (pad_h, pad_w) or
-    (left, right, top, bottom).
+    Integer GEMM (groups 1), integer depthwise kernel (groups == in == out channels) or one GEMM per group; all
+    agree with the fake-quant conv to float32 rounding (SPEC section 4) until ``lowbit.convert`` folds batch-norm
+    and activations into them (see ``fold``). ``padding`` is an int, (pad_h, pad_w) or (left, right, top, bottom).
+    The input is float (B, C, H, W) or the codes a fused previous layer emits.
     """
 
     def __init__(
@@ -368,105 +497,132 @@ class PackedConv2d(_ConvBase):
         )  # fmt: skip
 
     @property
-    def _runs_float(self) -> bool:
-        return self.depthwise
-
-    @property
     def _channels_last_patches(self) -> bool:
-        """kxk convs with groups 1 gather their patches from channels-last pixels: K in (kh, kw, C) order."""
+        """kxk convs with groups 1 gather their patches from channels-last codes: K in (kh, kw, C) order."""
         return self.groups == 1 and self.kernel_size != (1, 1)
 
+    @property
+    def depthwise_kernel(self) -> bool:
+        """Runs the integer depthwise kernel: one input and one output channel per group."""
+        return self.depthwise and self.out_channels == self.in_channels
+
     def _refresh(self) -> None:
-        super()._refresh()
         if self._channels_last_patches:  # the codes repacked once in (kh, kw, C) order, as the patches come
             codes = self.weight_codes().view(self.out_channels, self.in_channels, *self.kernel_size)
             self.gemm_weight = pack(codes.permute(0, 2, 3, 1).reshape(self.out_channels, -1), self.w_bits)
+        if self.depthwise_kernel:  # (kh * kw, C) int8: one vector of channels per tap
+            self.gemm_weight = self.weight_codes().t().contiguous()
+        super()._refresh()
 
     @property
     def path(self) -> str:
-        """How forward runs: ``gemm`` (groups 1), ``grouped-gemm`` or ``depthwise-float``."""
+        """How forward runs: ``gemm`` (groups 1), ``depthwise`` or ``grouped-gemm``."""
         if self.groups == 1:
             return "gemm"
-        return "depthwise-float" if self.depthwise else "grouped-gemm"
+        return "depthwise" if self.depthwise_kernel else "grouped-gemm"
+
+    @property
+    def takes_codes(self) -> bool:
+        """Whether a previous layer may hand this layer codes: integer paths with symmetric zero padding."""
+        left, right, top, bottom = self.padding
+        symmetric = left == right and top == bottom
+        return self.path != "grouped-gemm" and self.padding_mode == "zeros" and symmetric
 
     def _act_config(self) -> dict:
         return {"x_bits": self.x_bits, "x_signed": self.x_signed}
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in CODE_DTYPES:
+            self._check_codes(x)
+            if not self.takes_codes:
+                raise ValueError(f"this {self.path} conv (padding_mode={self.padding_mode!r}) takes float input")
         x, unbatched = self._batched(x)
         x, pad = self._padded(x)
-        if self.depthwise:
-            y = self._float_conv(self._fake_quant(x), pad)
-        elif self.kernel_size == (1, 1) and self.groups == 1:
-            y = self._pointwise(x, pad)
-        elif self._channels_last_patches:
-            y = self._patches_gemm(x, pad)
-        else:
+        if self.path == "grouped-gemm":
             y = self._im2col(x, pad)
+        elif self.path == "depthwise":
+            y = self._depthwise(x, pad)
+        elif self.kernel_size == (1, 1):
+            y = self._pointwise(x, pad)
+        else:
+            y = self._patches_gemm(x, pad)
+        if y.is_floating_point() and x.is_floating_point():
+            y = y.to(x.dtype)
         return y.squeeze(0) if unbatched else y
 
-    def _fake_quant(self, x: Tensor) -> Tensor:
-        """The input's fake quantization, kept channels-last when it is (the op makes its input contiguous, which
-        would turn channels-last pixels back into NCHW); per-tensor and elementwise, so the values are the same."""
-        pixels = x.permute(0, 2, 3, 1)
-        if pixels.is_contiguous():
-            return fake_quant(pixels, self.x_step, self.x_bits, signed=self.x_signed).permute(0, 3, 1, 2)
-        return fake_quant(x, self.x_step, self.x_bits, signed=self.x_signed)
+    def _batched(self, x: Tensor) -> tuple[Tensor, bool]:
+        if x.dtype in CODE_DTYPES:
+            if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+                raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            return (x.unsqueeze(0), True) if x.dim() == 3 else (x, False)
+        return super()._batched(x)
 
-    def _linear(self, x: Tensor, group: int | None = None, weight: Tensor | None = None) -> Tensor:
-        """packed_linear over the last dim of x, for all output channels or one group's."""
-        rows = slice(None)
-        if group is not None:
-            per_group = self.out_channels // self.groups
-            rows = slice(group * per_group, (group + 1) * per_group)
-        bias = None if self.bias is None else self.bias[rows]
-        weight = self.packed_weight if weight is None else weight
-        return packed_linear(
-            x, weight[rows], self.w_scale[rows], self.w_bits, self.x_step, self.x_bits,
-            x_signed=self.x_signed, bias=bias,
-        )  # fmt: skip
+    def _codes(self, x: Tensor) -> Tensor:
+        """x as channels-last (B, H, W, C) codes: the codes it holds, or the float input quantized once."""
+        pixels = x.permute(0, 2, 3, 1).contiguous()
+        if x.dtype in CODE_DTYPES:
+            return pixels
+        return torch.ops.lowbit.quantize_codes(pixels, *self._quant)
 
     def _pointwise(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
-        """1x1 conv: pad, subsample by the stride, one GEMM over channels-last pixels; the result is returned as
-        a channels-last (B, N, H, W) view, no copy."""
+        """1x1 conv: pad, subsample by the stride, one GEMM over channels-last pixels (float input is quantized
+        inside the GEMM); the result is a channels-last (B, N, H, W) view, no copy."""
         if pad != (0, 0):
             x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
         if self.stride != (1, 1):
             x = x[:, :, :: self.stride[0], :: self.stride[1]]
-        return self._linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        batch, _, height, width = x.shape
+        y = self._gemm(x.permute(0, 2, 3, 1).reshape(-1, self.in_channels), self.packed_weight)
+        return y.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
 
     def _patches_gemm(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
-        """kxk conv, groups 1: im2col straight from channels-last pixels. The padded input is written once as
-        (B, H, W, C); a strided view of it is the (B, Ho, Wo, kh, kw, C) patch tensor, gathered by one copy into
-        the (B*L, K) GEMM input (``F.unfold`` would need that copy plus a transpose). The output is a
-        channels-last (B, N, Ho, Wo) view, so the next layer's pixels are channels-last too."""
-        batch, channels, height, width = x.shape
+        """kxk conv, groups 1: im2col on channels-last codes. The (zero-code) padded codes are written once as
+        (B, H, W, C); a strided view of them is the (B, Ho, Wo, kh, kw, C) patch tensor, gathered by one byte copy
+        into the (B*L, K) GEMM input. The output is a channels-last (B, N, Ho, Wo) view."""
+        codes = self._codes(x)
+        batch, height, width, channels = codes.shape
         ph, pw = pad
-        pixels = x.permute(0, 2, 3, 1)
-        if ph or pw:
-            padded = x.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
-            padded[:, ph : ph + height, pw : pw + width] = pixels
-            pixels = padded
-        pixels = pixels.contiguous()
+        if ph or pw:  # zero pads to code 0 (padding commutes with the elementwise quantizer)
+            padded = codes.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
+            padded[:, ph : ph + height, pw : pw + width] = codes
+            codes = padded
         out_h, out_w = self._out_size(x, pad)
-        s_b, s_h, s_w, _ = pixels.stride()
+        s_b, s_h, s_w, _ = codes.stride()
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        patches = pixels.as_strided(
+        patches = codes.as_strided(
             (batch, out_h, out_w, kh, kw, channels), (s_b, s_h * sh, s_w * sw, s_h * dh, s_w * dw, 1)
         )
-        y = self._linear(patches.reshape(batch, out_h * out_w, self.k), weight=self.gemm_weight)
+        y = self._gemm(patches.reshape(batch * out_h * out_w, self.k), self.gemm_weight)
         return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
+    def _depthwise(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
+        """Integer depthwise conv on channels-last codes, same epilogue; a channels-last (B, C, Ho, Wo) view."""
+        self._out_size(x, pad)  # names a too-small input
+        y = torch.ops.lowbit.packed_depthwise(
+            self._codes(x), self.gemm_weight, self.epi_scale, self.epi_bias, list(self.kernel_size),
+            list(self.stride), list(pad), list(self.dilation), *self._epi,
+        )  # fmt: skip
+        return y.permute(0, 3, 1, 2)
+
     def _im2col(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
-        """Grouped conv: ``F.unfold`` patches (B, L, K) times the codes (N, K)."""
+        """Grouped conv: ``F.unfold`` patches (B, L, K) times each group's codes (N / groups, K)."""
         batch = x.shape[0]
         out_h, out_w = self._out_size(x, pad)
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)
-        if self.groups == 1:
-            y = self._linear(cols.transpose(1, 2))
-        else:
-            cols = cols.view(batch, self.groups, self.k, -1)
-            y = torch.cat([self._linear(cols[:, g].transpose(1, 2), g) for g in range(self.groups)], dim=-1)
+        cols = cols.view(batch, self.groups, self.k, -1)
+        per_group = self.out_channels // self.groups
+        ys = []
+        for g in range(self.groups):
+            rows = slice(g * per_group, (g + 1) * per_group)
+            bias = None if self.epi_bias is None else self.epi_bias[rows]
+            step, qmin, qmax = self._quant
+            ys.append(
+                torch.ops.lowbit.packed_gemm(
+                    cols[:, g].transpose(1, 2).reshape(-1, self.k), self.packed_weight[rows],
+                    self.epi_scale[rows], bias, self.w_bits, step, qmin, qmax, *self._epi,
+                ).view(batch, -1, per_group)
+            )  # fmt: skip
+        y = torch.cat(ys, dim=-1)
         return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
 

@@ -1,0 +1,49 @@
+// The integer data path's epilogue (issue 17), shared by the packed GEMM driver and the depthwise kernels.
+//
+// A packed layer whose batch-norm (and bias) is folded into it computes, per output value,
+//   v = float32(acc) * scale[n] + bias[n]        (float32 multiply, then add; never fused)
+//   v = min(max(v, lo), hi)                      (the folded ReLU / ReLU6; lo = -inf, hi = +inf for none)
+// and then either stores v (float32 output) or, when the next layer's activation quantizer is fused too,
+//   code = clamp(rint(v / out_step), out_qmin, out_qmax)   (IEEE division, round-half-even: SPEC section 1)
+// as uint8 (out_qmin >= 0) or int8 codes. A NaN v gives code 0 and sets `nan` (the driver raises ValueError).
+// Header-only, and included inside each ISA's namespace, so every instantiation is compiled for its ISA.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+struct EpilogueSpec {
+  float lo, hi;      // clamp of v (the folded activation)
+  float out_step;    // > 0: emit codes at this step; 0: emit float32
+  int32_t out_qmin, out_qmax;
+  bool clamps() const { return !(std::isinf(lo) && lo < 0 && std::isinf(hi) && hi > 0); }
+};
+
+// v[j] (j < n, float32 values of the folded affine map) to out[j] under spec; returns true if a NaN was coded.
+template <class O>
+inline bool finish_values(const float* v, int64_t n, const EpilogueSpec& spec, O* out) {
+  bool nan = false;
+  if (spec.out_step > 0.f) {
+    const float qlo = static_cast<float>(spec.out_qmin), qhi = static_cast<float>(spec.out_qmax);
+    for (int64_t j = 0; j < n; ++j) {
+      float x = v[j];
+      x = x < spec.lo ? spec.lo : x;
+      x = x > spec.hi ? spec.hi : x;
+      float q = std::nearbyint(x / spec.out_step);
+      if (q != q) {
+        nan = true;
+        q = 0.f;
+      }
+      q = q < qlo ? qlo : (q > qhi ? qhi : q);
+      out[j] = static_cast<O>(static_cast<int32_t>(q));
+    }
+    return nan;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    float x = v[j];
+    x = x < spec.lo ? spec.lo : x;  // NaN stays NaN (both comparisons are false)
+    x = x > spec.hi ? spec.hi : x;
+    out[j] = static_cast<O>(x);
+  }
+  return false;
+}
