@@ -4,7 +4,9 @@ csrc/cuda/fake_quant_math.cuh, multi_branch.cuh and rounding.cuh are __host__ __
 include them as they are, and tests/cuda_host/host_math.cpp includes the very same files in a host program built
 with the system C++ compiler (-ffp-contract=off: on the device the _rn intrinsics forbid contraction the same way).
 Forward values and dx must equal the reference bit for bit; each element's dstep/doffset/dprob term is one float32
-rounding (fmaf) of the exact float64 term. The summation across threads and blocks needs a GPU (make gpu-check).
+rounding (fmaf) of the exact float64 term. packed_linear.cu's word math (field unpacking, dp4a emulation, activation
+codes, epilogue) is built from the .cu file itself with LOWBIT_PACKED_LINEAR_HOST_EMULATION, by nvcc where it is
+installed (no GPU needed; skipped otherwise). The summation across threads and blocks needs a GPU (make gpu-check).
 """
 
 from __future__ import annotations
@@ -150,3 +152,78 @@ def test_multi_branch_element_math_matches_reference(host_math, tmp_path, bits, 
         )
         _assert_one_rounding(out[i, 2 : 2 + b], one.dsteps, f"dstep terms of x={x[i]}")
         _assert_one_rounding(out[i, 2 + b :], one.dprobs, f"dprob terms of x={x[i]}")
+
+
+# ---- packed_linear: the word math of csrc/cuda/packed_linear.cu (needs nvcc, not a GPU) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def packed_host(tmp_path_factory) -> str:
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if nvcc is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        nvcc = "/usr/local/cuda/bin/nvcc"
+    if nvcc is None:
+        pytest.skip("nvcc not found (set NVCC): packed_linear.cu includes cuda_runtime.h, so only nvcc builds it")
+    exe = str(tmp_path_factory.mktemp("cuda_host") / "packed_host")
+    source = os.path.join(ROOT, "tests", "cuda_host", "packed_host.cu")
+    cmd = [nvcc, "-std=c++17", "-O2", "-Werror", "all-warnings", "-I", os.path.join(ROOT, "csrc"), "-x", "cu"]
+    subprocess.run([*cmd, source, "-o", exe], check=True, capture_output=True, text=True)
+    return exe
+
+
+def _run_words(exe: str, mode: str, words: np.ndarray, tmp_path) -> np.ndarray:
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    words.astype("<u4").tofile(src)
+    subprocess.run([exe, mode, str(src), str(dst)], check=True)
+    return np.fromfile(dst, dtype="<u4")
+
+
+def _fields(p: np.ndarray, width: int) -> np.ndarray:
+    """SPEC section 4's codes of 32-bit words: 32 / width fields, low bits first, sign-extended (n, 32 / width)."""
+    shifts = np.arange(0, 32, width, dtype=np.uint64)
+    raw = (p[:, None].astype(np.uint64) >> shifts) & ((1 << width) - 1)
+    return np.where(raw >= 1 << (width - 1), raw.astype(np.int64) - (1 << width), raw.astype(np.int64))
+
+
+def test_packed_word_dot_products_match_numpy(packed_host, tmp_path):
+    rng = np.random.default_rng(0)
+    n = 400
+    words = rng.integers(0, 2**32, size=(n, 2), dtype=np.uint64)
+    words[:4] = [[0xFFFFFFFF, 0x80808080], [0x80808080, 0x7F7F7F7F], [0, 0xFFFFFFFF], [0x7F7F7F7F, 0x88888888]]
+    out = _run_words(packed_host, "dot", words.ravel(), tmp_path).view("<i4").astype(np.int64)
+    a, p = words[:, 0], words[:, 1]
+    x_bytes = (a[:, None] >> np.arange(0, 32, 8, dtype=np.uint64)) & 0xFF
+    want = []
+    for width in (2, 4, 8):
+        per_byte = 8 // width
+        codes = _fields(p, width).reshape(n, 4, per_byte)  # byte j holds codes per_byte * j + g
+        for signed in (True, False):
+            xs = np.where(x_bytes >= 128, x_bytes.astype(np.int64) - 256, x_bytes) if signed else x_bytes
+            want += [(xs.astype(np.int64) * codes[:, :, g]).sum(1) for g in range(per_byte)]
+    np.testing.assert_array_equal(out.reshape(n, -1), np.stack(want, 1))
+
+
+def test_packed_activation_codes_match_the_reference_quantizer(packed_host, tmp_path):
+    for bits, signed in [(8, True), (8, False), (4, True), (2, False)]:
+        qn, qp = ref.qrange(bits, signed)
+        step = 0.125 if bits == 8 else 0.3
+        x = _values(bits, signed, step, 0.0, seed=bits)
+        records = np.stack([x, *(np.full(x.size, c, np.float32) for c in (step, qn, qp))], 1).view("<u4")
+        got = _run_words(packed_host, "code", records.ravel(), tmp_path)
+        with np.errstate(invalid="ignore"):  # SPEC section 1's level: IEEE float32 quotient, rint, clamp
+            level = np.clip(np.rint(x / np.float32(step)), qn, qp)
+        want = np.where(np.isnan(level), 0, np.nan_to_num(level).astype(np.int64) & 0xFF)  # NaN rows are flagged
+        np.testing.assert_array_equal(got, want.astype(np.uint32))
+
+
+def test_packed_epilogue_is_the_contract_float32_formula(packed_host, tmp_path):
+    rng = np.random.default_rng(1)
+    acc = np.concatenate([rng.integers(-(2**31), 2**31, 300), [0, -1, 2**31 - 1, -(2**31), 2**24 + 1]])
+    scales = rng.uniform(1e-4, 1.0, size=(acc.size, 3)).astype(np.float32)
+    scales[:, 2] -= 0.5  # bias of either sign
+    records = np.concatenate([acc.astype("<i4").view("<u4")[:, None], scales.view("<u4")], 1)
+    got = _run_words(packed_host, "epi", records.ravel(), tmp_path).view("<f4").reshape(-1, 2)
+    scale = scales[:, 0] * scales[:, 1]  # float32 products: each operation rounded once
+    plain = acc.astype(np.float32) * scale
+    np.testing.assert_array_equal(got[:, 0], plain)
+    np.testing.assert_array_equal(got[:, 1], plain + scales[:, 2])
