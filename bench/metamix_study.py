@@ -193,6 +193,10 @@ def fmt(values, digits=2) -> str:
     return f"{m:+.{digits}f} ± {s:.{digits}f}" if digits else f"{m:.0f} ± {s:.0f}"
 
 
+def signed(mean_and_std: tuple[float, float]) -> str:
+    return f"{mean_and_std[0]:+.2f} ± {mean_and_std[1]:.2f}"
+
+
 def pm(values) -> str:
     m, s = mean_std(list(values))
     return f"{m:.2f} ± {s:.2f}"
@@ -239,7 +243,7 @@ def markdown(result: dict) -> str:
         for target in TARGETS:
             rs, ref = pick(seeds, method, target), pick(seeds, "metamix", target)
             wins = sum(r["gap"] > 0 for r in rs)
-            vs = "-" if method == "metamix" else fmt(paired([r["top1"] for r in rs], [r["top1"] for r in ref]))
+            vs = "-" if method == "metamix" else signed(paired([r["top1"] for r in rs], [r["top1"] for r in ref]))
             lines.append(
                 f"| {method} | {target} | {pm(r['top1'] for r in rs)} | "
                 f"{mean_std([r['bops'] / r['target_bops'] for r in rs])[0]:.3f} | "

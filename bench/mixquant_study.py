@@ -244,7 +244,7 @@ def markdown(result: dict) -> str:
             vs = "-"
             if table == "symmetric":
                 own = rows(seeds, q, rule, label, "own")
-                vs = pm(paired([r["top1"] for r in rs], [r["top1"] for r in own]), sign=True) if own else "-"
+                vs = signed(paired([r["top1"] for r in rs], [r["top1"] for r in own])) if own else "-"
             lines.append(
                 f"| {q} | {'budget (extension)' if rule == 'budget' else 'QEM (paper)'} | {label} | {table} | "
                 f"{mean_std([r['avg_bits'] for r in rs])[0]:.2f} | {pm(r['top1'] for r in rs)} | "
@@ -254,8 +254,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pm_pair(a, b):
-    return pm(paired(a, b), sign=True)
+def signed(mean_and_std: tuple[float, float]) -> str:
+    return f"{mean_and_std[0]:+.2f} ± {mean_and_std[1]:.2f}"
 
 
 def setup_text(args: dict) -> str:

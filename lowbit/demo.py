@@ -2,9 +2,10 @@
 
 1. train a packaged model in full precision;
 2. MixQuant: per-layer weight bits under an average-bits budget (SPEC section 7), trained with 4-bit activations;
-3. MetaMix: per-layer activation bits at a BOPs target on top of the MixQuant weights, then weight training
-   (SPEC section 8);
-4. uniform LSQ baselines (W4A4, W4A2) trained for the same number of epochs;
+3. MetaMix: per-layer activation bits at a BOPs target, at W4 and on top of the MixQuant weights, then weight
+   training (SPEC section 8);
+4. the uniform frontier (SPEC section 9): uniform LSQ W4A2, W4A3, W4A4, W4A8 trained for the same number of epochs;
+   every mixed model is scored by its distance above (+) or under (-) that frontier at its own BOPs;
 5. convert the MetaMix model to packed integer layers, check its accuracy equals the fake-quant model's, save it;
 6. time packed inference against the float model.
 
@@ -161,12 +162,14 @@ class Demo:
         self._record("MixQuant W + A4", model, self.cfg.qat_epochs, seconds)
         return model
 
-    def metamix(self, fp_model: nn.Module, plan) -> nn.Module:
+    def metamix(self, fp_model: nn.Module, plan=None) -> nn.Module:
+        """MetaMix at W4 (``plan=None``) or on the MixQuant plan's weight bits."""
         from lowbit import metamix
 
         search_epochs = max(self.cfg.qat_epochs // 2, 1)
+        name = "MetaMix W4" if plan is None else "MixQuant + MetaMix"
         config = metamix.MetaMixConfig(
-            w_bits=dict(plan),
+            w_bits=4 if plan is None else dict(plan),
             target_bits=self.cfg.target_bits,
             search_epochs=search_epochs,
             finetune_epochs=self.cfg.qat_epochs - search_epochs,
@@ -174,11 +177,14 @@ class Demo:
             device=str(self.device),
             progress=self.cfg.progress,
             seed=self.cfg.seed,
-            log_path=os.path.join(self.cfg.out, "metamix_log.jsonl"),
+            log_path=os.path.join(self.cfg.out, "metamix_log.jsonl" if plan is not None else "metamix_w4_log.jsonl"),
         )
         start = time.perf_counter()
         model, report = metamix.run(copy.deepcopy(fp_model), self.train_loader, self.test_loader, config)
         seconds = time.perf_counter() - start
+        if plan is None:
+            self._record(name, model, self.cfg.qat_epochs, seconds)
+            return model
         self.metrics["metamix"] = {
             "target_bops": report.target_bops,
             "bops": report.bops,
@@ -190,7 +196,7 @@ class Demo:
             ],
         }
         report.plot_trajectories(os.path.join(self.cfg.out, "metamix_search.png"))
-        self._record("MixQuant + MetaMix", model, self.cfg.qat_epochs, seconds)
+        self._record(name, model, self.cfg.qat_epochs, seconds)
         return model
 
     # ---- deployment -----------------------------------------------------------------------------------------
@@ -246,11 +252,14 @@ class Demo:
         fp_model = self._phase("fp32 training", self.train_float)
         plan = self._phase("MixQuant plan", self.mixquant_plan, fp_model)
         self._phase("MixQuant weights + A4 training", self.mixquant_a4, fp_model, plan)
-        final = self._phase("MetaMix search + weight training", self.metamix, fp_model, plan)
-        self._phase("uniform W4A4", self.uniform, fp_model, 4, 4)
-        self._phase("uniform W4A2", self.uniform, fp_model, 4, 2)
+        self._phase("MetaMix (W4) search + weight training", self.metamix, fp_model)
+        final = self._phase("MixQuant + MetaMix search + weight training", self.metamix, fp_model, plan)
+        for a_bits in UNIFORM_A_BITS:
+            self._phase(f"uniform W4A{a_bits}", self.uniform, fp_model, 4, a_bits)
         self.metrics["deploy"] = self._phase("convert, save, reload, time", self.deploy, final)
         self.metrics["results"] = [asdict(r) for r in self.results]
+        self.metrics["frontier"] = frontier_scores(self.metrics["results"])
+        self.metrics["test_size"] = len(self.dataset.test_y)
         self.metrics["total_seconds"] = time.perf_counter() - start
         self.write()
         return self.metrics
@@ -265,6 +274,27 @@ class Demo:
         demo_report.bits_png(self.metrics, os.path.join(out, "bits.png"))
         with open(os.path.join(out, "report.md"), "w") as f:
             f.write(demo_report.markdown(self.metrics))
+
+
+UNIFORM_A_BITS = (2, 3, 4, 8)  # the uniform W4 frontier: every mixed point of the demo lies within its BOPs range
+
+
+def frontier_scores(results: list[dict]) -> dict:
+    """Each mixed model's top-1 minus the uniform W4 frontier at its BOPs (``None`` outside the frontier's range)."""
+    from lowbit.frontier import frontier_at
+
+    points = [(r["bops"], r["acc"]) for r in results if r["name"].startswith("uniform W4A")]
+    scores = {}
+    for r in results:
+        if r["name"] == "fp32" or r["name"].startswith("uniform"):
+            continue
+        try:
+            at = frontier_at(points, r["bops"])
+        except ValueError:
+            scores[r["name"]] = {"frontier_acc": None, "gap": None}
+            continue
+        scores[r["name"]] = {"frontier_acc": at, "gap": r["acc"] - at}
+    return scores
 
 
 def run(config: DemoConfig) -> dict:

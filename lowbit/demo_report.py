@@ -11,17 +11,52 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _gap_text(score: dict | None) -> str:
+    if score is None:
+        return ""
+    if score["gap"] is None:
+        return "outside"
+    return f"{score['gap']:+.2f}"
+
+
 def results_table(metrics: dict) -> str:
+    scores = metrics.get("frontier", {})
     rows = [
-        "| model | top-1 (%) | BOPs (M) | avg weight bits | avg act. bits | epochs | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | top-1 (%) | BOPs (M) | avg weight bits | avg act. bits | epochs | train time (s) "
+        "| vs uniform W4 frontier (points) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in metrics["results"]:
         rows.append(
             f"| {r['name']} | {r['acc']:.2f} | {r['bops'] / 1e6:.1f} | {r['avg_w_bits']:.2f} | "
-            f"{r['avg_a_bits']:.2f} | {r['epochs']} | {r['seconds']:.1f} |"
+            f"{r['avg_a_bits']:.2f} | {r['epochs']} | {r['seconds']:.1f} | {_gap_text(scores.get(r['name']))} |"
         )
     return "\n".join(rows)
+
+
+def frontier_text(metrics: dict) -> str:
+    """One sentence per mixed model, built from the numbers: above or under the uniform frontier, by how much."""
+    by_name = {r["name"]: r for r in metrics["results"]}
+    lines = []
+    for name, score in metrics.get("frontier", {}).items():
+        r = by_name[name]
+        if score["gap"] is None:
+            lines.append(
+                f"- {name}: {r['acc']:.2f}% at {r['bops'] / 1e6:.1f} M BOPs, outside the frontier's BOPs range."
+            )
+            continue
+        side = "above" if score["gap"] > 0 else "under" if score["gap"] < 0 else "on"
+        lines.append(
+            f"- {name}: {r['acc']:.2f}% at {r['bops'] / 1e6:.1f} M BOPs; uniform W4 at the same BOPs (interpolated) "
+            f"gives {score['frontier_acc']:.2f}%: {side} the frontier by {abs(score['gap']):.2f} points."
+        )
+    test_size = metrics.get("test_size")
+    one = f" (one test image is {100 / test_size:.2f} points)" if test_size else ""
+    lines.append(
+        f"\nOne seed{one}: differences of a point or two are within seed-to-seed noise. The 5-seed studies are "
+        "bench/results/metamix_*.md and mixquant_*.md."
+    )
+    return "\n".join(lines)
 
 
 def deploy_table(metrics: dict) -> str:
@@ -72,6 +107,7 @@ def markdown(metrics: dict) -> str:
                 f"seed {cfg['seed']}; device {cfg['device']}; fp32 epochs {cfg['epochs']}, "
                 f"{cfg['qat_epochs']} epochs per quantized method.",
                 "## Accuracy and cost\n\n" + results_table(metrics),
+                "## At equal cost: against the uniform frontier\n\n" + frontier_text(metrics),
                 "![accuracy against BOPs](pareto.png)",
                 f"## Per-layer bits\n\nMixQuant plan: average weight bits {mq['avg_bits']:.2f} (budget "
                 f"{cfg['weight_bits']}), found in {mq['seconds']:.2f} s. MetaMix: target {cfg['target_bits']} average "
@@ -94,6 +130,8 @@ def summary(metrics: dict) -> str:
     lines = [
         results_table(metrics),
         "",
+        frontier_text(metrics),
+        "",
         f"packed model: top-1 {d['packed_acc']:.2f}% (fake-quant {d['fake_quant_acc']:.2f}%, "
         f"{'equal' if d['accuracy_equal'] else 'DIFFERENT'}), file {_mib(d['file_bytes'])} vs fp32 "
         f"{_mib(d['fp32_bytes'])}, batch-1 latency {b1.get('packed', float('nan')):.2f} ms vs fp32 "
@@ -111,8 +149,20 @@ def pareto_png(metrics: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    uniform = sorted((r for r in metrics["results"] if r["name"].startswith("uniform W4A")), key=lambda r: r["bops"])
+    ax.plot(
+        [r["bops"] / 1e6 for r in uniform],
+        [r["acc"] for r in uniform],
+        "o-",
+        color="grey",
+        label="uniform W4 frontier (A" + ", A".join(r["name"].split("A")[-1] for r in uniform) + ")",
+    )
+    for r in uniform:
+        ax.annotate(r["name"].split()[-1], (r["bops"] / 1e6, r["acc"]), textcoords="offset points", xytext=(4, -10))
     for r in metrics["results"]:
+        if r in uniform:
+            continue
         marker = (
             "*" if "MetaMix" in r["name"] else ("s" if r["name"] == "fp32" else "D" if "MixQuant" in r["name"] else "o")
         )

@@ -46,7 +46,8 @@ def test_report_numbers_agree_with_metrics(demo_out):
     metrics = json.loads((demo_out / "metrics.json").read_text())
     report = (demo_out / "report.md").read_text()
     names = [r["name"] for r in metrics["results"]]
-    assert {"fp32", "uniform W4A4", "uniform W4A2", "MixQuant W + A4", "MixQuant + MetaMix"} <= set(names)
+    uniform = {f"uniform W4A{b}" for b in (2, 3, 4, 8)}
+    assert {"fp32", "MixQuant W + A4", "MetaMix W4", "MixQuant + MetaMix", *uniform} <= set(names)
     for r in metrics["results"]:
         row = re.search(rf"^\| {re.escape(r['name'])} \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
         assert row is not None, r["name"]
@@ -56,6 +57,29 @@ def test_report_numbers_agree_with_metrics(demo_out):
     plan = metrics["mixquant"]["plan"]
     for layer, bits in plan.items():
         assert re.search(rf"^\| {re.escape(layer)} \| {bits} \|", report, re.M), layer
+
+
+def test_frontier_gaps_are_computed_from_the_uniform_points(demo_out):
+    metrics = json.loads((demo_out / "metrics.json").read_text())
+    report = (demo_out / "report.md").read_text()
+    by_name = {r["name"]: r for r in metrics["results"]}
+    points = sorted((r["bops"], r["acc"]) for n, r in by_name.items() if n.startswith("uniform W4A"))
+    assert len(points) == 4
+    assert set(metrics["frontier"]) == {"MixQuant W + A4", "MetaMix W4", "MixQuant + MetaMix"}
+    for name, score in metrics["frontier"].items():
+        r = by_name[name]
+        if not points[0][0] <= r["bops"] <= points[-1][0]:
+            assert score["gap"] is None and f"{name}: " in report and "outside" in report
+            continue
+        (c0, a0), (c1, a1) = next((p, q) for p, q in zip(points, points[1:], strict=False) if p[0] <= r["bops"] <= q[0])
+        expected = a0 + (a1 - a0) * (r["bops"] - c0) / (c1 - c0)
+        assert score["frontier_acc"] == pytest.approx(expected) and score["gap"] == pytest.approx(r["acc"] - expected)
+        side = "above" if score["gap"] > 0 else "under" if score["gap"] < 0 else "on"
+        assert (
+            f"{name}: {r['acc']:.2f}%" in report and f"{side} the frontier by {abs(score['gap']):.2f} points" in report
+        )
+        row = re.search(rf"^\| {re.escape(name)} \|.*\| ([+-][\d.]+) \|$", report, re.M)
+        assert row is not None and float(row.group(1)) == pytest.approx(score["gap"], abs=0.005)
 
 
 def test_metamix_meets_its_bops_target(demo_out):
