@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--base", default="{}", help="JSON MetaMixConfig fields for the MetaMix runs (tuning)")
     p.add_argument("--tag", default="", help="suffix of the results files (tuning runs)")
+    p.add_argument("--no-joint", action="store_true", help="MetaMix only (tuning runs)")
     p.add_argument("--out", default=None, help="default bench/results (--quick: a temporary folder)")
     p.add_argument("--report-only", action="store_true", help="rewrite md and plot from the saved JSON")
     args = p.parse_args(argv)
@@ -158,7 +159,8 @@ def one_seed(args, data, seed: int) -> dict:
         record["uniform"][str(b)] = r
         print(f"  uniform A{b}: {r['top1']:.2f}% ({r['seconds']:.0f} s)", flush=True)
     record["mixed"] = []
-    runs = [("metamix", {}), ("joint", {"mode": "joint"})] + [(v, VARIANTS[v]) for v in args.variants]
+    runs = [("metamix", {})] + ([] if args.no_joint else [("joint", {"mode": "joint"})])
+    runs += [(v, VARIANTS[v]) for v in args.variants]
     for label, fields in runs:
         for tname, bits in TARGETS.items():
             fields = {"mode": "metamix", **args.base, **fields} if label != "joint" else fields
@@ -275,6 +277,8 @@ def findings(seeds) -> list[str]:
         out.append(
             f"- MetaMix at least 1 point above the frontier at {target}: **{ok}** (gap {g[0]:+.2f} ± {g[1]:.2f})."
         )
+        if "joint" not in methods_of(seeds):
+            continue
         d = paired(
             [r["top1"] for r in pick(seeds, "metamix", target)], [r["top1"] for r in pick(seeds, "joint", target)]
         )
