@@ -697,8 +697,7 @@ def _input_shapes(model: nn.Module, example_input) -> dict[str, tuple[int, ...]]
 
 def _is_library_module(module: nn.Module) -> bool:
     """torch's and lowbit's own modules are never user quantizers (torch.ao ones are mapped separately)."""
-    origin = type(module).__module__
-    return origin.startswith(("torch.", "lowbit.")) and not origin.startswith("lowbit.nn.reference_lsq")
+    return type(module).__module__.startswith(("torch.", "lowbit."))
 
 
 def _try_pattern(module: nn.Module, seen_shape) -> tuple[nn.Module | None, str, bool]:
