@@ -10,7 +10,8 @@ Each in eager mode and under ``torch.compile`` (Inductor, default mode; the mode
 runs eagerly). Compile time = the first compiled step's wall time minus a median eager step, with Inductor's
 caches in a fresh folder so nothing is reused between models. Steps are timed round-robin, median of the rounds.
 
-Writes bench/results/step_cpu.{md,json}; ``--quick`` runs batch 4 at 2 repeats and writes nothing unless --out.
+Writes bench/results/step_cpu.{md,json} (step_<model>_cpu with --models naming some); ``--quick`` runs batch 4
+at 2 repeats and writes nothing unless --out.
 """
 
 from __future__ import annotations
@@ -148,10 +149,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--note", default="shared machine, other jobs running", help="load state for the report")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS.values()), default=list(MODELS.values()))
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
     batch = 4 if args.quick else 32
-    models = {"MobileNet-v2": "mobilenet_v2"} if args.quick else MODELS
+    models = {label: arch for label, arch in MODELS.items() if arch in args.models}
+    models = {"MobileNet-v2": "mobilenet_v2"} if args.quick else models
+    stem = "step_cpu" if len(models) == len(MODELS) else "step_" + "_".join(models.values()) + "_cpu"
     out = args.out or (None if args.quick else RESULTS)
     meta = {
         "device_name": cpu_name(),
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
         text = markdown(tables, meta)
         print(text)
         if out:  # after every model: a long run that is cut short keeps what it measured
-            write_results(out, "step_cpu", text, {"meta": meta, "tables": tables})
+            write_results(out, stem, text, {"meta": meta, "tables": tables})
     return 0
 
 
