@@ -46,8 +46,12 @@ test: setup
 	else echo "LOWBIT_CPU_ISA=avx2 run skipped: it differs from the first run only on AVX-512 CPUs (this one: $$best)"; fi
 	LOWBIT_CPU_ISA=scalar $(ISA_RUN) -k "not matches_reference"
 
+# The optional peers (torchao, Brevitas, ONNX Runtime) join the tables; torch stays pinned.
 bench: setup
+	LOWBIT_BUILD_EXTENSION=0 $(VPY) -m pip install -q --no-build-isolation -e '.[peers]' torch==$(TORCH_VERSION)
 	$(VENV)/bin/lowbit bench
+	$(VPY) bench/bench_step.py
+	$(VPY) bench/profile_compile.py
 	$(VPY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/pytest_benchmark_cpu.json
 
 # Compiles every .cu file with nvcc against the torch headers: proves the CUDA sources build, no GPU needed.
