@@ -20,6 +20,10 @@ onnx / onnxruntime / onnxscript are the optional ``[peers]`` extra; without them
 Also a batch-1 profile of every packed model (torch.profiler): the time inside operator kernels against the
 forward's wall time, i.e. the per-layer Python overhead.
 
+``--clock cpu`` times each forward by the process's CPU time instead of the wall clock: on a shared, overloaded
+machine a forward longer than a scheduler slice is stretched by the other jobs, and CPU time (run with
+``--threads 1``, where it equals the single-thread latency of a quiet machine) is the honest measure there.
+
 Writes bench/results/models_<device>.{md,json}. ``--quick`` runs 32x32 batch 1 only with 2 repeats and writes
 nothing unless --out is given.
 """
@@ -161,7 +165,27 @@ def compiled(model: torch.nn.Module, fullgraph: bool, x: torch.Tensor):
     return fn, time.perf_counter() - start
 
 
-def time_row(built: dict, sessions: dict, batch: int, size: int, repeats: int) -> dict:
+def cpu_clock_median_ms(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """interleaved_median_ms with the process CPU time as the clock (see --clock)."""
+    import statistics
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            times[name].append((time.process_time() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+CLOCK = {"wall": lambda fns, repeats, warmup: interleaved_median_ms(fns, torch.device("cpu"), repeats, warmup)}
+CLOCK["cpu"] = cpu_clock_median_ms
+
+
+def time_row(built: dict, sessions: dict, batch: int, size: int, repeats: int, clock: str = "wall") -> dict:
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3))
     fns = {"fp32 eager": torch_runner(built["fp32"], x)}
     notes = {}
@@ -177,7 +201,7 @@ def time_row(built: dict, sessions: dict, batch: int, size: int, repeats: int) -
         agree = bool(torch.equal(fake_top1, built["packed"](x).argmax(1)))
         agree_c = bool(torch.equal(fake_top1, packed_c(x).argmax(1)))
     warmup = 1 if batch * size * size > 32 * 32 * 32 else 3
-    times = interleaved_median_ms(fns, torch.device("cpu"), repeats, warmup=warmup)
+    times = CLOCK[clock](fns, repeats, warmup)
     return {"ms": times, "top1_packed_equals_fake_quant": agree, "top1_compiled_equals_fake_quant": agree_c, **notes}
 
 
@@ -224,8 +248,9 @@ def markdown(results: dict, profiles: dict, meta: dict) -> str:
         "# Converted models against fp32 PyTorch and ONNX Runtime (cpu)",
         "",
         f"`{meta['command']}` on {meta['device_name']}, lowbit cpu kernels `{meta['cpu_isa']}`, {meta['threads']} "
-        f"threads (torch and ONNX Runtime), torch {meta['torch']}, onnxruntime {meta['onnxruntime']}. Median of "
-        f"{meta['repeats']} round-robin repeats (224x224 batch 32: {meta['repeats_large']}), milliseconds per "
+        f"threads (torch and ONNX Runtime), torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, clock: "
+        f"{meta['clock']}. Median of {meta['repeats']} round-robin repeats (224x224 batch 32: {meta['repeats_large']}),"
+        " milliseconds per "
         "forward. W4A8, first and last layer 8-bit. Ratios: fp32 eager time / time (above 1 = faster than fp32 "
         f"eager). {meta['note']}",
         "",
@@ -273,12 +298,16 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated input sizes")
     parser.add_argument("--note", default="", help="free text for the report (e.g. machine load)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and ORT's) before timing")
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall", help="wall clock or process CPU time")
     parser.add_argument("--out", default=None, help="folder for the .md and .json results")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 10)
     out = args.out or (None if args.quick else RESULTS)
     sizes = (32,) if args.quick else tuple(int(s) for s in args.sizes.split(","))
     batches = (1,) if args.quick else BATCHES
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ort_missing = ort_available()
     from lowbit.backends import _extension
 
@@ -294,6 +323,7 @@ def main(argv=None) -> int:
         "repeats": repeats,
         "repeats_large": min(repeats, args.repeats_large),
         "note": args.note,
+        "clock": "wall clock" if args.clock == "wall" else "process CPU time",
         "command": "python bench/bench_models.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
     }
     results, profiles = {}, {}
@@ -305,7 +335,7 @@ def main(argv=None) -> int:
                 for batch in batches:
                     print(f"{name} {size}x{size} batch {batch} ...", file=sys.stderr, flush=True)
                     n = meta["repeats_large"] if batch * size * size > 32 * 64 * 64 else repeats
-                    results[f"{name} {size}x{size} b{batch}"] = time_row(built, sessions, batch, size, n)
+                    results[f"{name} {size}x{size} b{batch}"] = time_row(built, sessions, batch, size, n, args.clock)
             profiles[f"{name} {size}x{size}"] = profile_batch1(built["packed"], size)
             torch._dynamo.reset()
     text = markdown(results, profiles, meta)

@@ -8,6 +8,11 @@ Implementations timed on the same shapes, round-robin (one call of each per roun
                        running a packed model costs without a packed kernel
   lowbit W8A8/W4A8/W2A8  lowbit.packed_linear with 8/4/2-bit weights and signed 8-bit activations (quantizes
                        x on the fly, int32 accumulation, scale + bias epilogue), default backend for the device
+CPU peers (the weight-only low-bit matmuls people use today):
+  aten int4pack (bf16)  torch.ops.aten._weight_int4pack_mm_for_cpu: 4-bit weights, groups of 32, bf16 x
+  aten int8pack         torch._weight_int8pack_mm: int8 weights, per-channel scales, float32 x
+  ORT MatMulNBits W4    ONNX Runtime com.microsoft MatMulNBits, 4-bit, block 32, accuracy_level 4 (x quantized
+                        to int8 inside), CPUExecutionProvider, intra-op spinning off; needs the [peers] extra
 
 Writes bench/results/packed_<device>.{md,json} (README links them). `--quick` runs two small shapes, few repeats,
 and writes nothing unless --out is given: a smoke run.
@@ -20,12 +25,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from bench_models import cpu_clock_median_ms
 from common import RESULTS, cpu_name, speedup, write_results
 
 import lowbit
 from lowbit.timing import interleaved_median_ms
 
 FULL_SHAPES = [(m, k) for k in (1024, 4096) for m in (1, 16, 256, 1024)]  # (M, K = N)
+PEER_SHAPES = [(1, 4096), (1024, 4096)]  # --peer-shapes: the issue-17 comparison only
 QUICK_SHAPES = [(1, 512), (64, 512)]
 W_BITS = (8, 4, 2)
 
@@ -55,11 +62,65 @@ def candidates(m: int, k: int, device: torch.device) -> dict:
         return F.linear(lowbit.fake_quant(x, x_step, 8, signed=True), weight, bias)
 
     fns["unpack + F.linear (W4)"] = unpack_then_matmul
+    if device.type == "cpu":
+        fns.update(cpu_peers(x, n, k, gen))
     for bits in W_BITS:
         fns[f"lowbit W{bits}A8"] = lambda bits=bits: lowbit.packed_linear(
             x, packed[bits], scales[bits], bits, x_step, 8, x_signed=True, bias=bias
         )
     return fns
+
+
+def cpu_peers(x: torch.Tensor, n: int, k: int, gen: torch.Generator) -> dict:
+    """aten's int4 / int8 weight-packed matmuls and ONNX Runtime's MatMulNBits (when onnxruntime is installed)."""
+    w4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w4, 2)
+    scales_zeros = torch.zeros(k // 32, n, 2, dtype=torch.bfloat16)
+    scales_zeros[..., 0] = 0.01
+    x_bf16 = x.bfloat16()
+    w8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    s8 = 0.01 + 0.01 * torch.rand(n, generator=gen)
+    fns = {
+        "aten int4pack (bf16)": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, int4, 32, scales_zeros),
+        "aten int8pack": lambda: torch._weight_int8pack_mm(x, w8, s8),
+    }
+    session = matmul_nbits_session(n, k, gen)
+    if session is not None:
+        feed = {"A": x.numpy()}
+        fns["ORT MatMulNBits W4"] = lambda: session.run(None, feed)
+    return fns
+
+
+def matmul_nbits_session(n: int, k: int, gen: torch.Generator):
+    """An ONNX Runtime session of one MatMulNBits node (4-bit, block 32, accuracy_level 4), or None without ORT."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    blocks = k // 32
+    q = torch.randint(0, 16, (n, blocks, 32), generator=gen, dtype=torch.uint8).numpy()
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)  # (N, blocks, 16): low nibble first
+    scales = (0.01 + 0.01 * torch.rand(n * blocks, generator=gen)).numpy()
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
+        accuracy_level=4,
+    )  # fmt: skip
+    initializers = [
+        helper.make_tensor("B", TensorProto.UINT8, packed.shape, packed.tobytes(), raw=True),
+        helper.make_tensor("scales", TensorProto.FLOAT, scales.shape, scales.tobytes(), raw=True),
+    ]
+    graph = helper.make_graph(
+        [node], "matmul_nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], initializer=initializers,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = helper.make_model(graph, opset_imports=opsets)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def markdown(results: dict, meta: dict) -> str:
@@ -78,11 +139,15 @@ def markdown(results: dict, meta: dict) -> str:
         lines += [
             f"## {shape}",
             "",
-            "| implementation | ms | speed-up vs fp32 F.linear | speed-up vs torch._int_mm |",
-            "|---|---:|---:|---:|",
+            "| implementation | ms | speed-up vs fp32 F.linear | speed-up vs torch._int_mm "
+            "| speed-up vs ORT MatMulNBits |",
+            "|---|---:|---:|---:|---:|",
         ]
+        nbits = row.get("ORT MatMulNBits W4")
         for name, ms in row.items():
-            lines.append(f"| {name} | {ms:.3f} | {speedup(fp32, ms, 2)} | {speedup(int_mm, ms, 2)} |")
+            lines.append(
+                f"| {name} | {ms:.3f} | {speedup(fp32, ms, 2)} | {speedup(int_mm, ms, 2)} | {speedup(nbits, ms, 2)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -95,12 +160,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
     parser.add_argument("--note", default="", help="free text for the report (e.g. machine load)")
     parser.add_argument("--out", default=None, help="folder for the .md and .json results")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall clock or process CPU time")
+    parser.add_argument("--peer-shapes", action="store_true", help="only M = 1 and 1024 at K = N = 4096")
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    shapes = QUICK_SHAPES if args.quick else PEER_SHAPES if args.peer_shapes else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 15)
     out = args.out or (None if args.quick else RESULTS)
     lowbit.packed_linear  # noqa: B018  (loads the extension, so that torch.ops.lowbit_C exists)
@@ -115,14 +182,17 @@ def main(argv=None) -> int:
         "lowbit": lowbit.__version__,
         "cpu_isa": torch.ops.lowbit_C.cpu_isa(),
         "repeats": repeats,
-        "note": args.note,
+        "note": args.note + (" Clock: process CPU time." if args.clock == "cpu" else ""),
         "command": "python bench/bench_packed.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
     }
     results = {}
     for m, k in shapes:
         name = f"M={m}, K=N={k}"
         print(f"{name} ...", file=sys.stderr)
-        results[name] = interleaved_median_ms(candidates(m, k, device), device, repeats)
+        if args.clock == "cpu":  # a shared machine: see bench_models.py --clock
+            results[name] = cpu_clock_median_ms(candidates(m, k, device), repeats, warmup=3)
+        else:
+            results[name] = interleaved_median_ms(candidates(m, k, device), device, repeats)
     text = markdown(results, meta)
     print(text)
     if out:

@@ -87,11 +87,12 @@ template <class T, class C>
 bool quantize_span(const T* x, C* out, int64_t n, float step, float lo, float hi) {
   bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
-    float q = std::nearbyint(static_cast<float>(x[i]) / step);
+    float q = static_cast<float>(x[i]) / step;
     if (q != q) {
       nan = true;
       q = 0.f;
     }
+    q = depthwise_baseline::round_even_clamped(q);
     q = q < lo ? lo : (q > hi ? hi : q);
     out[i] = static_cast<C>(static_cast<int32_t>(q));
   }

@@ -19,6 +19,14 @@ struct EpilogueSpec {
   bool clamps() const { return !(std::isinf(lo) && lo < 0 && std::isinf(hi) && hi > 0); }
 };
 
+// rint(q) (round-half-even) for q first limited to [-4096, 4096], which the code clamp that follows makes
+// harmless: adding 1.5 * 2^23 puts q where the float32 spacing is 1, so the addition rounds it to an integer,
+// ties to even, and the subtraction is exact. Vectorises without SSE4.1's roundps (the driver's baseline build).
+inline float round_even_clamped(float q) {
+  q = q < -4096.f ? -4096.f : (q > 4096.f ? 4096.f : q);
+  return (q + 12582912.f) - 12582912.f;
+}
+
 // v[j] (j < n, float32 values of the folded affine map) to out[j] under spec; returns true if a NaN was coded.
 template <class O>
 inline bool finish_values(const float* v, int64_t n, const EpilogueSpec& spec, O* out) {
@@ -29,11 +37,12 @@ inline bool finish_values(const float* v, int64_t n, const EpilogueSpec& spec, O
       float x = v[j];
       x = x < spec.lo ? spec.lo : x;
       x = x > spec.hi ? spec.hi : x;
-      float q = std::nearbyint(x / spec.out_step);
+      float q = x / spec.out_step;
       if (q != q) {
         nan = true;
         q = 0.f;
       }
+      q = round_even_clamped(q);
       q = q < qlo ? qlo : (q > qhi ? qhi : q);
       out[j] = static_cast<O>(static_cast<int32_t>(q));
     }

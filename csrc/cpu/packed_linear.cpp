@@ -56,7 +56,7 @@ const float* quantize_row(const PackedLinearKernels& k, const c10::BFloat16* x, 
   k.quantize_bf16(x, q, n, step);
   return q;
 }
-// Codes handed over by the previous layer's fused epilogue (issue 17): already quantized, only widened.
+// Codes never take this path (prepare's integer branch); the overload only keeps the template well-formed.
 template <class C, std::enable_if_t<std::is_integral_v<C>, int> = 0>
 const float* quantize_row(const PackedLinearKernels&, const C* x, float* q, int64_t n, float) {
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<float>(x[i]);
@@ -88,6 +88,44 @@ void scatter_row(const float* q, int64_t k_len, int fields, int lanes, float lo,
   *nan = has_nan;
 }
 
+// Codes (uint8/int8) straight into the prepared layout: integer clamp, no float round trip. F fields per byte.
+template <int F, class C, class E>
+void scatter_codes(const C* x, int64_t k_len, int lanes, int32_t lo, int32_t hi, E* out, int64_t out_len,
+                   int32_t* rowsum) {
+  int32_t sum = 0;
+  const int64_t step_codes = static_cast<int64_t>(F) * lanes;
+  int64_t base = 0;
+  for (; base + step_codes <= k_len; base += step_codes) {
+    const C* src = x + base;
+    E* dst = out + base;
+    for (int j = 0; j < lanes; ++j) {
+      for (int f = 0; f < F; ++f) {
+        int32_t v = src[j * F + f];
+        v = v < lo ? lo : (v > hi ? hi : v);
+        sum += v;
+        dst[f * lanes + j] = static_cast<E>(v);
+      }
+    }
+  }
+  const int64_t done = base;
+  for (int64_t i = done; i < out_len; ++i) out[i] = E(0);  // the last, partial step and the padding
+  for (int64_t r = 0; base + r < k_len; ++r) {
+    int32_t v = x[base + r];
+    v = v < lo ? lo : (v > hi ? hi : v);
+    sum += v;
+    out[base + (r % F) * lanes + r / F] = static_cast<E>(v);
+  }
+  *rowsum = sum;
+}
+
+template <class C, class E>
+void scatter_codes(int fields, const C* x, int64_t k_len, int lanes, int32_t lo, int32_t hi, E* out, int64_t out_len,
+                   int32_t* rowsum) {
+  if (fields == 4) return scatter_codes<4>(x, k_len, lanes, lo, hi, out, out_len, rowsum);
+  if (fields == 2) return scatter_codes<2>(x, k_len, lanes, lo, hi, out, out_len, rowsum);
+  return scatter_codes<1>(x, k_len, lanes, lo, hi, out, out_len, rowsum);
+}
+
 template <class T>
 Prepared prepare(const T* x, int64_t m, int64_t k_len, int64_t steps, int fields, const PackedLinearKernels& k,
                  float step, float lo, float hi) {
@@ -101,6 +139,22 @@ Prepared prepare(const T* x, int64_t m, int64_t k_len, int64_t steps, int fields
   p.rowsum.assign(m, 0);
   p.nan.assign(m, 0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k_len));
+  if constexpr (std::is_integral_v<T>) {  // codes from a fused previous layer
+    const int32_t ilo = static_cast<int32_t>(lo), ihi = static_cast<int32_t>(hi);
+    at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        uint8_t* out = p.codes + row * p.stride;
+        const int64_t len = row_bytes / k.elem_bytes;
+        if (k.elem_bytes == 2) {
+          scatter_codes(fields, x + row * k_len, k_len, k.lanes, ilo, ihi, reinterpret_cast<int16_t*>(out), len,
+                        &p.rowsum[row]);
+        } else {
+          scatter_codes(fields, x + row * k_len, k_len, k.lanes, ilo, ihi, out, len, &p.rowsum[row]);
+        }
+      }
+    });
+    return p;
+  }
   at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
     std::vector<float> q(k_len);
     for (int64_t row = b; row < e; ++row) {
@@ -130,7 +184,7 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
   const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
   const int fields = 8 / container;
   const Isa isa = active_isa();
-  const PackedLinearKernels k = packed_linear_kernels(isa);
+  const PackedLinearKernels k = packed_linear_kernels(isa, container);
   // offset_weights marks the VNNI tiles (the avx512 level runs AVX2 tiles on CPUs without VNNI)
   count_packed_path(k.amx_block != nullptr && m > kGemvRows ? PackedPath::kAmx
                     : k.offset_weights                      ? PackedPath::kVnni
@@ -140,7 +194,7 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
   const bool x_u8 = qmax > 127;
   const Prepared p = prepare(data<T>(x), m, k_len, steps, fields, k, x_step, static_cast<float>(qmin),
                              static_cast<float>(qmax));
-  const int32_t weight_offset = (k.offset_weights && !x_u8) ? (1 << (container - 1)) : 0;
+  const int32_t weight_offset = k.offset_all || (k.offset_weights && !x_u8) ? (1 << (container - 1)) : 0;
 
   const int64_t span = steps * k.lanes;  // packed bytes walked per row (whole steps)
   const uint8_t* w = packed_w.const_data_ptr<uint8_t>();

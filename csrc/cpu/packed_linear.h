@@ -89,6 +89,9 @@ struct PackedLinearKernels {
   // (+ bias[j] when bias is not nullptr) for j < n, float32 multiply then add (never fused), as the scalar loop.
   void (*epilogue)(const int32_t* acc, int64_t n, uint32_t correction, const float* scale, const float* bias,
                    float* out);
+  // True when tiles return sum x * (w + 2^(container-1)) for every activation range (the AVX2 byte tiles); the
+  // driver subtracts 2^(container-1) * rowsum(x).
+  bool offset_all = false;
 };
 
 namespace packed_avx512 {
@@ -96,6 +99,7 @@ PackedLinearKernels kernels();  // needs AVX-512 VNNI
 }
 namespace packed_avx2 {
 PackedLinearKernels kernels();
+PackedLinearKernels byte_kernels();  // 2- and 4-bit containers only
 }
 namespace packed_scalar {
 PackedLinearKernels kernels();
@@ -114,6 +118,13 @@ inline PackedLinearKernels packed_linear_kernels(Isa isa) {
     case Isa::kAvx2: return packed_avx2::kernels();
     default: return packed_scalar::kernels();
   }
+}
+
+// The kernels for one weight container: the AVX2 tiles take their byte variant for 2- and 4-bit containers.
+inline PackedLinearKernels packed_linear_kernels(Isa isa, int container_bits) {
+  PackedLinearKernels k = packed_linear_kernels(isa);
+  const bool avx2_tiles = isa != Isa::kScalar && k.elem_bytes == 2;
+  return avx2_tiles && container_bits <= 4 ? packed_avx2::byte_kernels() : k;
 }
 
 }  // namespace lowbit::cpu

@@ -102,10 +102,99 @@ void tile(const PackedTile& t) {
   }
 }
 
+// ---- byte tiles for 2- and 4-bit containers (issue 17) ------------------------------------------------------
+//
+// Prepared activations are bytes (lanes = 32 packed weight bytes per step). The weights' sign bits are flipped
+// (one xor per packed byte), so field f is code + 2^(container-1): unsigned and at most 15. _mm256_maddubs_epi16
+// multiplies unsigned by signed bytes and adds pairs into int16: x_u8 activations (0..255) are the unsigned side,
+// int8 activations the signed side, and the pair sums stay far below 2^15 (2 * 255 * 15). The driver subtracts
+// 2^(container-1) * rowsum(x) (PackedLinearKernels::offset_all). Twice the products per instruction of the
+// int16 tiles above, whose 8-bit containers keep them.
+
+constexpr int kByteLanes = 32;
+
+template <int kC>
+inline __m256i load_flipped(const uint8_t* row, int64_t b, int64_t w_bytes) {
+  constexpr int kSign = kC == 4 ? 0x88 : 0xAA;
+  __m256i raw;
+  if (b + kByteLanes <= w_bytes) {
+    raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b));
+  } else {
+    alignas(32) uint8_t tail[kByteLanes];
+    for (int i = 0; i < kByteLanes; ++i) tail[i] = 0;
+    for (int64_t i = 0; b + i < w_bytes; ++i) tail[i] = row[b + i];
+    raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+  }
+  return _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(kSign)));
+}
+
+// Field f of each flipped byte, as an unsigned byte code + 2^(kC-1).
+template <int kC>
+inline __m256i byte_field(__m256i w, int f) {
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << kC) - 1));
+  return _mm256_and_si256(f ? _mm256_srli_epi16(w, kC * f) : w, mask);
+}
+
+template <int kC, int MR, bool kXu8>
+void micro_bytes(const PackedTile& t, int i0, int j0) {
+  constexpr int kF = 8 / kC;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  const uint8_t* x[MR];
+  for (int i = 0; i < MR; ++i) x[i] = static_cast<const uint8_t*>(t.x[i0 + i]);
+  for (int64_t b = t.b0; b < t.b1; b += kByteLanes) {
+    __m256i xv[MR][kF];
+    for (int i = 0; i < MR; ++i)
+      for (int f = 0; f < kF; ++f)
+        xv[i][f] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + b * kF + f * kByteLanes));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i w = load_flipped<kC>(t.w[j0 + j], b, t.w_bytes);
+      __m256i sums[MR];
+      for (int f = 0; f < kF; ++f) {
+        const __m256i wf = byte_field<kC>(w, f);
+        for (int i = 0; i < MR; ++i) {
+          const __m256i prod = kXu8 ? _mm256_maddubs_epi16(xv[i][f], wf) : _mm256_maddubs_epi16(wf, xv[i][f]);
+          sums[i] = f ? _mm256_add_epi16(sums[i], prod) : prod;
+        }
+      }
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(sums[i], ones));
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < 4 && j0 + j < t.nr; ++j) {
+      int32_t* out = t.acc + (i0 + i) * t.acc_stride + j0 + j;
+      *out = static_cast<int32_t>(static_cast<uint32_t>(*out) + static_cast<uint32_t>(hsum(acc[i][j])));
+    }
+  }
+}
+
+template <int kC, bool kXu8>
+void tile_bytes_impl(const PackedTile& t) {
+  for (int j0 = 0; j0 < t.nr; j0 += 4) {
+    int i0 = 0;
+    for (; i0 + 2 <= t.mr; i0 += 2) micro_bytes<kC, 2, kXu8>(t, i0, j0);
+    if (i0 < t.mr) micro_bytes<kC, 1, kXu8>(t, i0, j0);
+  }
+}
+
+void tile_bytes(const PackedTile& t) {
+  if (t.container_bits == 2) return t.x_u8 ? tile_bytes_impl<2, true>(t) : tile_bytes_impl<2, false>(t);
+  return t.x_u8 ? tile_bytes_impl<4, true>(t) : tile_bytes_impl<4, false>(t);
+}
+
 }  // namespace
 
 PackedLinearKernels kernels() {
   return {kLanes, 2, false, &tile, nullptr, nullptr, &quantize_f32, &quantize_f16, &quantize_bf16, nullptr, nullptr};
+}
+
+PackedLinearKernels byte_kernels() {
+  PackedLinearKernels k{kByteLanes, 1, false, &tile_bytes, nullptr, nullptr, &quantize_f32, &quantize_f16,
+                        &quantize_bf16, nullptr, nullptr};
+  k.offset_all = true;
+  return k;
 }
 
 }  // namespace lowbit::cpu::packed_avx2

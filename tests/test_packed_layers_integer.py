@@ -1,0 +1,289 @@
+"""The integer data path of converted models (issue 17): the kernels against an independent numpy reference,
+and fused models against the same models run on the reference backend and against the fake-quant model.
+
+Contract (docs/decisions.md): a fused packed layer computes clamp(float32(acc) * scale + bias, lo, hi) with the
+batch-norm folded into scale and bias, then (when its only consumer is a packed layer) that layer's codes
+clamp(rint(v / step), qmin, qmax). Every backend gives the same bits; against the unfolded fake-quant model the
+logits agree to 1e-4 of their scale (float32 rounding of the folded affine map can move a value across a
+quantization tie) and the top-1 class is equal.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE
+from torch import nn
+
+import lowbit
+from lowbit.convert import convert, fuse_inference
+from lowbit.models import MODELS, create_model
+from lowbit.nn.layers import QConv2d, QLinear
+from lowbit.nn.packed import FoldedBatchNorm2d, PackedConv2d
+
+INF = math.inf
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the integer data path's kernels are CPU kernels")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# independent reference: numpy int64 sums, float32 epilogue, numpy's own unpacking
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def np_unpack(packed: torch.Tensor, bits: int, k: int) -> np.ndarray:
+    width = {2: 2, 3: 4, 4: 4}.get(bits, 8)
+    raw = packed.numpy().astype(np.int64)
+    fields = np.stack([(raw >> (width * f)) & ((1 << width) - 1) for f in range(8 // width)], axis=-1)
+    fields = fields.reshape(raw.shape[0], -1)[:, :k]
+    return np.where(fields >= 1 << (width - 1), fields - (1 << width), fields)
+
+
+def np_epilogue(acc: np.ndarray, scale, bias, lo, hi, out_step, oqmin, oqmax) -> np.ndarray:
+    v = acc.astype(np.float32) * scale.numpy()
+    if bias is not None:
+        v = v + bias.numpy()
+    v = np.minimum(np.maximum(v, np.float32(lo)), np.float32(hi))
+    if out_step <= 0:
+        return v
+    return np.clip(np.rint(v / np.float32(out_step)), oqmin, oqmax).astype(np.int64)
+
+
+def np_gemm(x, packed, scale, bias, bits, x_step, qmin, qmax, epi):
+    if x.dtype in (torch.uint8, torch.int8):
+        codes = x.numpy().astype(np.int64)
+    else:
+        codes = np.clip(np.rint(x.numpy() / np.float32(x_step)), qmin, qmax).astype(np.int64)
+    acc = codes @ np_unpack(packed, bits, x.shape[1]).T
+    return np_epilogue(acc, scale, bias, *epi)
+
+
+def as_numpy(y: torch.Tensor) -> np.ndarray:
+    return y.numpy().astype(np.int64) if y.dtype in (torch.uint8, torch.int8) else y.numpy()
+
+
+EPILOGUES = [  # (lo, hi, out_step, out_qmin, out_qmax)
+    (-INF, INF, 0.0, 0, 0),  # float out, no clamp
+    (0.0, 6.0, 0.0, 0, 0),  # ReLU6, float out
+    (0.0, INF, 0.05, 0, 255),  # ReLU, unsigned 8-bit codes out
+    (-INF, INF, 0.1, -4, 3),  # signed 3-bit codes out
+    (0.0, 6.0, 0.3, 0, 3),  # ReLU6, unsigned 2-bit codes out
+]
+
+
+@pytest.mark.parametrize("epi", EPILOGUES, ids=range(len(EPILOGUES)))
+@pytest.mark.parametrize(("m", "k", "n", "w_bits"), [(1, 7, 5, 4), (33, 67, 9, 2), (70, 130, 66, 3), (5, 300, 17, 8)])
+@pytest.mark.parametrize("x_kind", ["u8 codes", "s8 codes", "float"])
+def test_packed_gemm_matches_numpy(backend, epi, m, k, n, w_bits, x_kind):
+    gen = torch.Generator().manual_seed(m * k + n)
+    lo_w, hi_w = lowbit.quant_range(w_bits, True)
+    packed = lowbit.pack(torch.randint(lo_w, hi_w + 1, (n, k), generator=gen, dtype=torch.int8), w_bits)
+    scale = 0.001 + 0.01 * torch.rand(n, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    qmin, qmax = (0, 255) if x_kind == "u8 codes" else (-128, 127)
+    if x_kind == "float":
+        x, x_step = torch.randn(m, k, generator=gen) * 3, 0.03
+    else:
+        dtype = torch.uint8 if qmin == 0 else torch.int8
+        x, x_step = torch.randint(qmin, qmax + 1, (m, k), generator=gen).to(dtype), 1.0
+    y = torch.ops.lowbit.packed_gemm(x, packed, scale, bias, w_bits, x_step, qmin, qmax, *epi)
+    want = np_gemm(x, packed, scale, bias, w_bits, x_step, qmin, qmax, epi)
+    np.testing.assert_array_equal(as_numpy(y), want)
+    assert y.dtype == (torch.float32 if epi[2] == 0 else (torch.uint8 if epi[3] >= 0 else torch.int8))
+
+
+def np_depthwise(x, w, scale, bias, kernel, stride, padding, dilation, epi):
+    b, h, wd, c = x.shape
+    xp = np.pad(x.numpy().astype(np.int64), ((0, 0), (padding[0],) * 2, (padding[1],) * 2, (0, 0)))
+    out_h = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (wd + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    acc = np.zeros((b, out_h, out_w, c), np.int64)
+    taps = w.numpy().astype(np.int64).reshape(kernel[0], kernel[1], c)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            rows = slice(i * dilation[0], i * dilation[0] + stride[0] * (out_h - 1) + 1, stride[0])
+            cols = slice(j * dilation[1], j * dilation[1] + stride[1] * (out_w - 1) + 1, stride[1])
+            acc += xp[:, rows, cols, :] * taps[i, j]
+    return np_epilogue(acc, scale, bias, *epi)
+
+
+DEPTHWISE = [  # (batch, h, w, c, kernel, stride, padding, dilation)
+    (1, 7, 5, 3, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 9, 8, 17, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (3, 6, 11, 33, (5, 3), (1, 2), (2, 0), (1, 2)),
+    (0, 5, 5, 4, (3, 3), (1, 1), (1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("epi", EPILOGUES, ids=range(len(EPILOGUES)))
+@pytest.mark.parametrize("case", DEPTHWISE, ids=range(len(DEPTHWISE)))
+@pytest.mark.parametrize("signed", [False, True])
+def test_packed_depthwise_matches_numpy(backend, epi, case, signed):
+    b, h, w, c, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(h * w + c)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    x = torch.randint(lo, hi + 1, (b, h, w, c), generator=gen).to(torch.int8 if signed else torch.uint8)
+    weight = torch.randint(-128, 128, (kernel[0] * kernel[1], c), generator=gen, dtype=torch.int8)
+    scale, bias = 0.0001 + 0.001 * torch.rand(c, generator=gen), torch.randn(c, generator=gen)
+    y = torch.ops.lowbit.packed_depthwise(
+        x, weight, scale, bias, list(kernel), list(stride), list(padding), list(dilation), *epi
+    )
+    np.testing.assert_array_equal(
+        as_numpy(y), np_depthwise(x, weight, scale, bias, kernel, stride, padding, dilation, epi)
+    )
+
+
+def test_quantize_codes_and_nan(backend):
+    x = torch.tensor([[-1.0, 0.25, 0.75, 2.5, 1e9, -0.25]])
+    codes = torch.ops.lowbit.quantize_codes(x, 0.5, 0, 15)
+    assert codes.dtype == torch.uint8 and codes.tolist() == [[0, 0, 2, 5, 15, 0]]  # 0.5 and 1.5 round to even
+    assert torch.ops.lowbit.quantize_codes(x, 0.5, -8, 7).tolist() == [[-2, 0, 2, 5, 7, 0]]
+    with pytest.raises(ValueError, match="NaN"):
+        torch.ops.lowbit.quantize_codes(torch.tensor([1.0, float("nan")]), 0.5, 0, 15)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused models: every packaged model, mixed per-layer bit plans
+# ---------------------------------------------------------------------------------------------------------------
+
+SIZES = {"small_cnn": ({"width": 8}, 8), "resnet18": ({"width_mult": 0.25, "small_input": True}, 16)}
+SIZES.update({name: ({"width_mult": 0.25, "small_input": True}, 16) for name in ("mobilenet_v2", "mobilenet_v3_small")})
+PLANS = {  # (weight bits, activation bits) cycled over the layers; first and last layer at 8 in "first-last-8"
+    "w2-8 a2-8": ((2, 3, 4, 5, 6, 7, 8), (8, 7, 6, 5, 4, 3, 2)),
+    "w4a8 first-last-8": ((4,), (8,)),
+}
+
+
+def calibrated(name: str, plan: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    kwargs, size = SIZES[name]
+    model = create_model(name, num_classes=10, in_channels=3, **kwargs)
+    x = torch.randn(8, 3, size, size)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0
+    model.train()(x)  # BN statistics of a real batch
+    model.eval()
+    lowbit.quantize(model, 4, 8)
+    layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
+    w_bits, a_bits = PLANS[plan]
+    for i, layer in enumerate(layers[1:-1] if plan.endswith("first-last-8") else layers):
+        layer.w_bits = w_bits[i % len(w_bits)]
+        layer.act_quant.bits = a_bits[i % len(a_bits)]
+    with torch.no_grad():
+        model(x)
+    return model, x
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fused_model_is_the_same_on_every_backend_and_keeps_top1(name, plan):
+    model, x = calibrated(name, plan)
+    fused, report = convert(model, return_report=True)
+    assert not report.not_fused
+    with torch.no_grad():
+        ref = model(x)
+        outs = {}
+        for variant in ("reference", "cpu"):
+            with lowbit.use_backend(variant):
+                outs[variant] = fused(x)
+    assert torch.equal(outs["cpu"], outs["reference"]), "the fused model must give the same bits on every backend"
+    assert ref.std() > 0
+    torch.testing.assert_close(outs["cpu"], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert torch.equal(outs["cpu"].argmax(1), ref.argmax(1))
+    if name in ("resnet18", "mobilenet_v2"):  # the chains the integer data path exists for
+        assert any("codes for" in what for _, what in report.fused)
+        assert any(isinstance(m, FoldedBatchNorm2d) for m in fused.modules())
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_fused_model_is_the_same_on_every_isa(isa):
+    if isa not in torch.ops.lowbit_C.cpu_isa_supported():
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    model, x = calibrated("mobilenet_v2", "w2-8 a2-8")
+    fused = convert(model)
+    previous = torch.ops.lowbit_C.cpu_isa()
+    with torch.no_grad():
+        want = fused(x)
+        torch.ops.lowbit_C.set_cpu_isa(isa)
+        try:
+            got = fused(x)
+        finally:
+            torch.ops.lowbit_C.set_cpu_isa(previous)
+    assert torch.equal(got, want)
+
+
+def test_fused_layer_equals_its_folded_fake_quant_chain():
+    """One fused chain (conv -> BN -> ReLU -> next quantizer) against the fake-quant modules it replaces, with the
+    batch-norm folded the same way: codes equal except where float32 rounding of the fold crosses a tie."""
+    model, x = calibrated("resnet18", "w4a8 first-last-8")
+    fused = convert(model)
+    conv, bn, relu = model.layer1[0].conv1, model.layer1[0].bn1, model.layer1[0].relu1
+    consumer = model.layer1[0].conv2.act_quant
+    inputs = {}
+    hook = model.layer1[0].conv1.register_forward_pre_hook(lambda mod, args: inputs.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(x)
+        hook.remove()
+        want = torch.round(relu(bn(conv(inputs["x"]))) / consumer.step).clamp(*lowbit.quant_range(8, False))
+        got = fused.layer1[0].conv1(inputs["x"])
+    assert got.dtype == torch.uint8
+    diff = (got.float() - want).abs()
+    assert diff.max() <= 1 and diff.mean() < 1e-3
+
+
+def test_fused_model_survives_save_load_and_state_dict_reload(tmp_path):
+    model, x = calibrated("mobilenet_v2", "w4a8 first-last-8")
+    fused = convert(model)
+    path = tmp_path / "m.safetensors"
+    lowbit.save(fused, path)
+    loaded = lowbit.load(path)
+    assert any(isinstance(m, FoldedBatchNorm2d) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
+        clone = copy.deepcopy(fused)
+        clone.load_state_dict(fused.state_dict())
+        assert torch.equal(clone(x), fused(x))
+    assert fuse_inference(loaded) == fuse_inference(loaded)  # idempotent
+
+
+def test_unfused_and_fused_convert_agree_and_fuse_false_keeps_batch_norm():
+    model, x = calibrated("resnet18", "w4a8 first-last-8")
+    plain = convert(model, fuse=False)
+    assert not any(isinstance(m, FoldedBatchNorm2d) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), convert(model)(x), rtol=1e-4, atol=1e-4 * float(plain(x).abs().max()))
+    with pytest.raises(TypeError, match="fuse"):
+        convert(model, fuse=1)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_fused_model_batch_sizes(batch):
+    model, _ = calibrated("mobilenet_v2", "w4a8 first-last-8")
+    fused = convert(model)
+    x = torch.randn(batch, 3, 16, 16)
+    with torch.no_grad():
+        out = fused(x)
+        with lowbit.use_backend("reference"):
+            ref = fused(x)
+    assert out.shape == (batch, 10) and torch.equal(out, ref)
+
+
+def test_codes_of_the_wrong_kind_are_rejected():
+    layer = PackedConv2d(4, 6, 3, padding=1, w_bits=4, x_bits=8, x_signed=False)
+    with pytest.raises(TypeError, match="uint8"):
+        layer(torch.zeros(1, 4, 5, 5, dtype=torch.int8))
+    reflect = PackedConv2d(4, 6, 3, padding=1, padding_mode="reflect", w_bits=4, x_bits=8)
+    with pytest.raises(ValueError, match="float input"):
+        reflect(torch.zeros(1, 4, 5, 5, dtype=torch.uint8))
+
+
+def test_fused_model_compiles_fullgraph():
+    model, x = calibrated("mobilenet_v2", "w4a8 first-last-8")
+    fused = convert(model)
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), fused(x))
