@@ -49,7 +49,7 @@ def _extension():
     args = {"cxx": cxx}
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
-        args["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        args["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]  # C++20 for torch's headers here too
         cls = cpp_extension.CUDAExtension
     else:
         cls = cpp_extension.CppExtension

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA kernels: builds every csrc/cuda/*.cu to an object file with nvcc, using the same
 # flags torch.utils.cpp_extension.CUDAExtension passes (its COMMON_NVCC_FLAGS, -fPIC, the extension defines and the
-# torch include dirs) plus setup.py's -O3 -std=c++17 -lineinfo, for sm_90 (H100) and sm_80. Needs no GPU, and works
+# torch include dirs) plus setup.py's -O3 -std=c++20 -lineinfo, for sm_90 (H100) and sm_80. Needs no GPU, and works
 # against the headers of a CPU-only torch wheel, which ship the ATen/c10 CUDA headers.
 #
 # Usage, from the repository root:  PYTHON=.venv/bin/python bash tools/cuda_check.sh
@@ -42,7 +42,7 @@ PY
 [[ ${#TORCH_FLAGS[@]} -gt 0 ]] || { echo "cuda_check: $PYTHON could not report torch's build flags" >&2; exit 2; }
 
 FLAGS=(
-  -std=c++17 -O3 -lineinfo
+  -std=c++20 -O3 -lineinfo
   -gencode arch=compute_90,code=sm_90
   -gencode arch=compute_80,code=sm_80
   --compiler-options -fPIC,-Wall
