@@ -7,8 +7,9 @@ the rounds, at batch 1 and 32:
 
   fp32 eager     the float model
   fake-quant     the quantized model before conversion (QConv2d/QLinear on the fused fake-quant op)
-  lowbit packed  the converted model: packed_linear on the default backend (depthwise convs run as float convs
-                 on dequantized weights, see lowbit.nn.packed)
+  lowbit packed  the converted model (``lowbit.convert``, fused: batch-norm and ReLU folded into the packed layers,
+                 uint8/int8 codes between them, integer depthwise kernel; see lowbit.nn.packed). bench_models.py
+                 adds the 224x224 models, torch.compile and ONNX Runtime.
 
 Writes bench/results/convert_<device>.{md,json}. ``--quick`` runs batch 1 only with 3 repeats and writes nothing
 unless --out is given.

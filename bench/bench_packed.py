@@ -14,8 +14,9 @@ CPU peers (the weight-only low-bit matmuls people use today):
   ORT MatMulNBits W4    ONNX Runtime com.microsoft MatMulNBits, 4-bit, block 32, accuracy_level 4 (x quantized
                         to int8 inside), CPUExecutionProvider, intra-op spinning off; needs the [peers] extra
 
-Writes bench/results/packed_<device>.{md,json} (README links them). `--quick` runs two small shapes, few repeats,
-and writes nothing unless --out is given: a smoke run.
+Writes bench/results/packed_<device>.{md,json} (README links them); ``--peer-shapes`` (M = 1 and 1024 at
+K = N = 4096, issue 17's comparison with ONNX Runtime MatMulNBits) writes packed_peers_<device>.{md,json}.
+`--quick` runs two small shapes, few repeats, and writes nothing unless --out is given: a smoke run.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
     text = markdown(results, meta)
     print(text)
     if out:
-        write_results(out, f"packed_{device.type}", text, {"meta": meta, "results_ms": results})
+        stem = f"packed_peers_{device.type}" if args.peer_shapes else f"packed_{device.type}"
+        write_results(out, stem, text, {"meta": meta, "results_ms": results})
     return 0
 
 
