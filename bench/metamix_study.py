@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-joint", action="store_true", help="MetaMix only (tuning runs)")
     p.add_argument("--out", default=None, help="default bench/results (--quick: a temporary folder)")
     p.add_argument("--report-only", action="store_true", help="rewrite md and plot from the saved JSON")
+    p.add_argument("--merge", nargs="*", default=[], help="--report-only: JSON files whose seeds join the report")
     args = p.parse_args(argv)
     small = args.data == "digits"
     for name, d, m in (
@@ -187,7 +188,15 @@ def frontier_gap(record: dict, run: dict) -> float:
 
 
 def pick(seeds, method, target):
-    return [next(r for r in s["mixed"] if r["method"] == method and r["target"] == target) for s in seeds]
+    """The run of ``method`` at ``target`` of every seed that has it (variants may cover fewer seeds)."""
+    found = [[r for r in s["mixed"] if r["method"] == method and r["target"] == target] for s in seeds]
+    return [rs[0] for rs in found if rs]
+
+
+def pick_pair(seeds, first, second, target):
+    """Top-1 of two methods on the seeds that ran both: the paired comparison."""
+    both = [s for s in seeds if pick([s], first, target) and pick([s], second, target)]
+    return [r["top1"] for r in pick(both, first, target)], [r["top1"] for r in pick(both, second, target)]
 
 
 def fmt(values, digits=2) -> str:
@@ -205,7 +214,7 @@ def pm(values) -> str:
 
 
 def methods_of(seeds) -> list[str]:
-    return list(dict.fromkeys(r["method"] for r in seeds[0]["mixed"]))
+    return list(dict.fromkeys(r["method"] for s in seeds for r in s["mixed"]))
 
 
 def markdown(result: dict) -> str:
@@ -243,14 +252,18 @@ def markdown(result: dict) -> str:
     ]
     for method in methods_of(seeds):
         for target in TARGETS:
-            rs, ref = pick(seeds, method, target), pick(seeds, "metamix", target)
-            wins = sum(r["gap"] > 0 for r in rs)
-            vs = "-" if method == "metamix" else signed(paired([r["top1"] for r in rs], [r["top1"] for r in ref]))
+            rs = pick(seeds, method, target)
+            wins, n = sum(r["gap"] > 0 for r in rs), len(rs)
+            vs = "-" if method == "metamix" else signed(paired(*pick_pair(seeds, method, "metamix", target)))
             lines.append(
                 f"| {method} | {target} | {pm(r['top1'] for r in rs)} | "
                 f"{mean_std([r['bops'] / r['target_bops'] for r in rs])[0]:.3f} | "
                 f"{mean_std([r['avg_bits'] for r in rs])[0]:.2f} | {fmt(r['gap'] for r in rs)} | {wins}/{n} | {vs} |"
             )
+    fewer = [m for m in methods_of(seeds) if len(pick(seeds, m, "A3")) < len(seeds)]
+    if fewer:
+        covered = [s["seed"] for s in seeds if pick([s], fewer[0], "A3")]
+        lines += ["", f"{', '.join(fewer)}: seeds {covered} only (the shared CPU's budget); paired on those seeds."]
     lines += ["", *findings(seeds), "", f"![frontier]({result['figure']})", "", *per_seed(seeds)]
     return "\n".join(lines) + "\n"
 
@@ -279,9 +292,7 @@ def findings(seeds) -> list[str]:
         )
         if "joint" not in methods_of(seeds):
             continue
-        d = paired(
-            [r["top1"] for r in pick(seeds, "metamix", target)], [r["top1"] for r in pick(seeds, "joint", target)]
-        )
+        d = paired(*pick_pair(seeds, "metamix", "joint", target))
         ok = "met" if d[0] >= 0 else "missed"
         out.append(f"- MetaMix >= joint at {target}: **{ok}** (paired top-1 difference {d[0]:+.2f} ± {d[1]:.2f}).")
     best = {
@@ -375,7 +386,14 @@ def main(argv=None) -> None:
     if args.report_only:
         stem = f"metamix_{args.data}{args.tag}"
         with open(os.path.join(args.out, f"{stem}.json")) as f:
-            write(args, json.load(f))
+            result = json.load(f)
+        for path in args.merge:
+            with open(path) as f:
+                extra = json.load(f)
+            result["seeds"] += extra["seeds"]
+            result["seconds"] += extra["seconds"]
+            result["command"] += f" (+ {extra['command']})"
+        write(args, result)
         return
     command = "python bench/metamix_study.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     data = load_data(args.data)
