@@ -13,31 +13,51 @@ kernels, and the number of generated kernels. Writes bench/results/compile_profi
 
 from __future__ import annotations
 
-import argparse
-import copy
-import re
-import sys
+import os
+import tempfile
 
-import torch
-import torch.nn.functional as F
-from common import RESULTS, cpu_name, write_results
-from torch._inductor.utils import run_and_get_code
-from torch.profiler import ProfilerActivity, profile
+# A fresh Inductor cache: its keys do not include the decomposition table, so a warm cache would serve the
+# decomposed graph to the opaque mode too.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit_profile_inductor_"))
 
-import lowbit
-from lowbit.decompositions import use_inductor_decompositions
-from lowbit.models import create_model
-from lowbit.timing import interleaved_median_ms
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import RESULTS, cpu_name, write_results  # noqa: E402
+from torch._inductor.utils import run_and_get_code  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit.decompositions import use_inductor_decompositions  # noqa: E402
+from lowbit.models import create_model  # noqa: E402
+from lowbit.timing import interleaved_median_ms  # noqa: E402
 
 COPIES = ("aten::copy_", "aten::clone", "aten::contiguous")
 
 
-def make_step(model, x, y):
+def run_opaque(model, x):
+    return model(x)
+
+
+def run_decomposed(model, x):
+    return model(x)
+
+
+# Dynamo keeps compiled graphs per code object and, with nn modules inlined, two copies of one model pass each
+# other's guards: the modes get a function each, or the last graph compiled would serve both.
+RUNNERS = {"opaque": run_opaque, "decomposed": run_decomposed}
+
+
+def make_step(model, x, y, run=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(run(model, x) if run else model(x), y).backward()
         opt.step()
 
     return step
@@ -77,7 +97,7 @@ def main(argv=None) -> int:
     for mode in ("opaque", "decomposed"):
         use_inductor_decompositions(mode == "decomposed")
         # no torch._dynamo.reset(): it would drop the opaque graph, recompiled later with the decompositions on
-        steps[mode] = make_step(torch.compile(copy.deepcopy(model), fullgraph=True), x, y)
+        steps[mode] = make_step(copy.deepcopy(model), x, y, torch.compile(RUNNERS[mode], fullgraph=True))
         _, code = run_and_get_code(steps[mode])
         kernels[mode] = len({name for c in code for name in re.findall(r"cpp_fused_\w+", c)})
     use_inductor_decompositions(True)

@@ -168,7 +168,9 @@ def register_inductor_decompositions() -> None:
 
 def use_inductor_decompositions(enabled: bool) -> None:
     """Turns the decompositions off (Inductor then calls the fused kernels as opaque custom ops) or back on, for
-    graphs compiled afterwards: for comparisons and debugging (docs/compile.md)."""
+    graphs compiled afterwards: for comparisons and debugging (docs/compile.md). Inductor's on-disk caches do not
+    key on the decomposition table: compare with a fresh ``TORCHINDUCTOR_CACHE_DIR`` (as bench/profile_compile.py
+    does), or a cached graph of the other mode is served."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     _state["enabled"] = enabled
