@@ -327,8 +327,6 @@ def cmd_mixquant(args) -> int:
         raise ValueError(f"--avg-bits must be in 2..8, got {args.avg_bits}")
     dataset, model, train_loader, test_loader = _prepare(args)
     budget = {"qem": args.qem} if args.qem is not None else {"budget": mixquant.AvgBits(args.avg_bits)}
-    plan = mixquant.search(model, **budget)
-    print(plan)
     quantizers = {
         "minmax": lambda: mixquant.MinMaxPTQ(),
         "lsq": lambda: mixquant.LSQFineTune(
@@ -340,7 +338,10 @@ def cmd_mixquant(args) -> int:
         ),
         "brecq": lambda: mixquant.BRECQ(dataset.train_x, device=args.device, seed=args.seed),
     }
-    quantized = quantizers[args.quantizer]().apply(model, plan)
+    quantizer = quantizers[args.quantizer]()
+    plan = mixquant.search(model, **budget, quantizer=quantizer)  # the QE of the quantizer applied (SPEC 7)
+    print(plan)
+    quantized = quantizer.apply(model, plan)
     acc = train.evaluate(quantized, test_loader, args.device)["acc"]
     print(f"MixQuant plan ({plan.avg_bits:.2f} average weight bits) + {args.quantizer}: top-1 {acc:.2f}%")
     with open(os.path.join(args.out, "plan.json"), "w") as f:
