@@ -149,9 +149,10 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="train, MixQuant, MetaMix, baselines, convert, save and time a model on real data (the main job)",
-        description="End to end on scikit-learn's bundled digits (or --data DIR): fp32 training, a MixQuant weight "
-        "plan, MetaMix activation search + weight training, uniform W4A4/W4A2 LSQ baselines, conversion to packed "
-        "integer layers, save, reload and timing. Writes report.md, metrics.json, pareto.png, bits.png and "
+        description="End to end on scikit-learn's bundled digits (or --data mnist5k, or --data DIR): fp32 training, "
+        "a MixQuant weight plan, MetaMix activation search + weight training, the uniform frontier (LSQ "
+        "W4A2/A3/A4/A8) with each mixed model's distance above or under it, conversion to packed integer layers, "
+        "save, reload and timing. Writes report.md, metrics.json, pareto.png, bits.png and "
         "model.safetensors to --out.",
     )
     _add_model_args(p, d.model, d.width)
