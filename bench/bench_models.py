@@ -298,6 +298,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated input sizes")
     parser.add_argument("--note", default="", help="free text for the report (e.g. machine load)")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
+    parser.add_argument("--stem", default="models_cpu", help="results file name (without .md / .json)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and ORT's) before timing")
     parser.add_argument("--clock", choices=sorted(CLOCK), default="wall", help="wall clock or process CPU time")
     parser.add_argument("--out", default=None, help="folder for the .md and .json results")
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else 10)
     out = args.out or (None if args.quick else RESULTS)
     sizes = (32,) if args.quick else tuple(int(s) for s in args.sizes.split(","))
-    batches = (1,) if args.quick else BATCHES
+    batches = (1,) if args.quick else tuple(int(b) for b in args.batches.split(","))
     if args.threads:
         torch.set_num_threads(args.threads)
     ort_missing = ort_available()
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
     text = markdown(results, profiles, meta)
     print(text)
     if out:
-        write_results(out, "models_cpu", text, {"meta": meta, "results": results, "profiles": profiles})
+        write_results(out, args.stem, text, {"meta": meta, "results": results, "profiles": profiles})
     return 0
 
 
