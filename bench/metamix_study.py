@@ -14,7 +14,7 @@ searched layers; MobileNet-v2 does not fit 5 seeds x 2 data sets x ~20 runs on a
 pooled to 14x14. Writes ``bench/results/metamix_<data>.{md,json}`` and ``metamix_<data>_frontier.png``; the JSON is
 rewritten after every seed, so a partial run still leaves its numbers.
 
-    python bench/metamix_study.py --data digits          # 5 seeds (about 15 min of one free core)
+    python bench/metamix_study.py --data digits          # 5 seeds; the results file records the run time
     python bench/metamix_study.py --data mnist5k
     python bench/metamix_study.py --data digits --report-only   # tables and plot from the saved JSON
     python bench/metamix_study.py --quick                # a smoke run (under a minute), temporary folder
