@@ -360,6 +360,17 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merged(result: dict, paths: list[str]) -> dict:
+    """``result`` with the seeds of the study JSON files at ``paths`` appended (a run split over processes)."""
+    for path in paths:
+        with open(path) as f:
+            extra = json.load(f)
+        result["seeds"] += extra["seeds"]
+        result["seconds"] += extra["seconds"]
+        result["command"] += f" (+ {extra['command']})"
+    return result
+
+
 def machine() -> str:
     try:
         name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
@@ -387,13 +398,7 @@ def main(argv=None) -> None:
         stem = f"metamix_{args.data}{args.tag}"
         with open(os.path.join(args.out, f"{stem}.json")) as f:
             result = json.load(f)
-        for path in args.merge:
-            with open(path) as f:
-                extra = json.load(f)
-            result["seeds"] += extra["seeds"]
-            result["seconds"] += extra["seconds"]
-            result["command"] += f" (+ {extra['command']})"
-        write(args, result)
+        write(args, merged(result, args.merge))
         return
     command = "python bench/metamix_study.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     data = load_data(args.data)

@@ -17,6 +17,8 @@ after every seed); ``--speed`` writes ``mixquant_speed.{md,json,png}`` (QE-table
     python bench/mixquant_study.py --data digits
     python bench/mixquant_study.py --data mnist5k
     python bench/mixquant_study.py --speed
+    python bench/mixquant_study.py --data mnist5k --seeds 3 --tag _s3 --out parts   # one seed per process, then
+    python bench/mixquant_study.py --data mnist5k --report-only --merge parts/mixquant_mnist5k_s3.json
     python bench/mixquant_study.py --quick                # smoke run, temporary folder
 """
 
@@ -40,7 +42,7 @@ from lowbit.frontier import gap, mean_std, paired
 from lowbit.models import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from metamix_study import load_data, machine, study_cnn  # noqa: E402  (the same model and data as MetaMix)
+from metamix_study import load_data, machine, merged, study_cnn  # noqa: E402  (the same model and data as MetaMix)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QEMS = (4, 16, 64, 256, 1024, 4096, 16384)
@@ -64,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the results files (a run split over processes)")
+    p.add_argument("--merge", nargs="*", default=[], help="--report-only: JSON files whose seeds join the report")
     args = p.parse_args(argv)
     small = args.data == "digits"
     args.fp_epochs = args.fp_epochs or (8 if small else 3)
@@ -411,7 +415,7 @@ def speed_markdown(result: dict) -> str:
 
 
 def write(args, result: dict) -> None:
-    stem = f"mixquant_{args.data}" + ("_quick" if args.quick else "")
+    stem = f"mixquant_{args.data}{args.tag}" + ("_quick" if args.quick else "")
     result["figure"] = f"{stem}_frontier.png"
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -436,7 +440,8 @@ def main(argv=None) -> None:
         return
     if args.report_only:
         with open(os.path.join(args.out, f"mixquant_{args.data}.json")) as f:
-            write(args, json.load(f))
+            result = json.load(f)
+        write(args, merged(result, args.merge))
         return
     dataset = load_data(args.data)
     result = {**base, "seeds": []}
