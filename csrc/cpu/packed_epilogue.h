@@ -30,23 +30,23 @@ inline float round_even_clamped(float q) {
 // v[j] (j < n, float32 values of the folded affine map) to out[j] under spec; returns true if a NaN was coded.
 template <class O>
 inline bool finish_values(const float* v, int64_t n, const EpilogueSpec& spec, O* out) {
-  bool nan = false;
   if (spec.out_step > 0.f) {
+    // branch-free, so the compiler vectorises it: NaN is counted, not branched on
     const float qlo = static_cast<float>(spec.out_qmin), qhi = static_cast<float>(spec.out_qmax);
+    const float lo = spec.lo, hi = spec.hi, step = spec.out_step;
+    int32_t nans = 0;
     for (int64_t j = 0; j < n; ++j) {
       float x = v[j];
-      x = x < spec.lo ? spec.lo : x;
-      x = x > spec.hi ? spec.hi : x;
-      float q = x / spec.out_step;
-      if (q != q) {
-        nan = true;
-        q = 0.f;
-      }
+      x = x < lo ? lo : x;
+      x = x > hi ? hi : x;
+      float q = x / step;
+      nans += q != q;
+      q = q == q ? q : 0.f;
       q = round_even_clamped(q);
       q = q < qlo ? qlo : (q > qhi ? qhi : q);
       out[j] = static_cast<O>(static_cast<int32_t>(q));
     }
-    return nan;
+    return nans != 0;
   }
   for (int64_t j = 0; j < n; ++j) {
     float x = v[j];
