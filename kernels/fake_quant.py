@@ -110,12 +110,15 @@ def _round_clamped(v, qmin, qmax):
 def _store_rounded(ptr, offs, y, mask):
     """Stores float32 ``y`` into ``ptr``'s dtype, rounding to nearest even like torch's ``.to()``."""
     if ptr.dtype.element_ty == tl.bfloat16:
-        # GPUs convert to bfloat16 with round to nearest even, but the Triton interpreter truncates. Rounding the
-        # float32 bits here makes the conversion exact, so both give torch's result. NaN keeps its own bits.
+        # GPUs convert to bfloat16 with round to nearest even, but the Triton interpreter truncates (and mangles
+        # subnormals). Rounding the float32 bits here and storing the top half as bits gives torch's result on
+        # both, subnormals included. NaN becomes the canonical bfloat16 NaN.
         bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
-    tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        bits = tl.where(y != y, 0x7FC0, bits).to(tl.uint16)
+        tl.store(ptr + offs, bits.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
