@@ -38,7 +38,7 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, cpu_name, write_results
+from common import RESULTS, cpu_clock_median_ms, cpu_name, write_results
 
 import lowbit
 from lowbit.convert import convert
@@ -163,22 +163,6 @@ def compiled(model: torch.nn.Module, fullgraph: bool, x: torch.Tensor):
     with torch.inference_mode():
         fn(x)
     return fn, time.perf_counter() - start
-
-
-def cpu_clock_median_ms(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """interleaved_median_ms with the process CPU time as the clock (see --clock)."""
-    import statistics
-
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append((time.process_time() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 CLOCK = {"wall": lambda fns, repeats, warmup: interleaved_median_ms(fns, torch.device("cpu"), repeats, warmup)}

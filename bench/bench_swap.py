@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, cpu_name, speedup, write_results
+from common import RESULTS, cpu_clock_median_ms, cpu_name, speedup, write_results
 
 import lowbit
 from lowbit.models import create_model
@@ -44,18 +43,6 @@ def _train_step(model, x, y):
         opt.step()
 
     return step
-
-
-def interleaved_median_cpu_ms(fns: dict, repeats: int) -> dict[str, float]:
-    """Median process CPU time (all threads) per call, round-robin: on a machine shared with other jobs it counts
-    the work done rather than the share of the cores this process got."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append((time.process_time() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run(batch: int, width: float, repeats: int, compiled: bool) -> dict:
@@ -80,7 +67,7 @@ def run(batch: int, width: float, repeats: int, compiled: bool) -> dict:
     ms = interleaved_median_ms(steps, torch.device("cpu"), repeats)
     return {
         "ms": ms,
-        "cpu_ms": interleaved_median_cpu_ms(steps, repeats),
+        "cpu_ms": cpu_clock_median_ms(steps, repeats),
         "swapped": len(report.swapped),
         "kept": len(report.kept),
         "report": str(report),

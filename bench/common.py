@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -36,3 +38,18 @@ def is_lowbit(name: str) -> bool:
 def speedup(baseline: float | None, ms: float, digits: int = 1) -> str:
     """``baseline / ms`` as "3.2x" (above 1: faster than the baseline), or "n/a" when the baseline did not run."""
     return f"{baseline / ms:.{digits}f}x" if baseline else "n/a"
+
+
+def cpu_clock_median_ms(fns: dict, repeats: int, warmup: int = 0) -> dict[str, float]:
+    """Median process CPU time (all threads) per call in ms, round-robin over ``fns`` after ``warmup`` rounds: on a
+    machine shared with other jobs it counts the work done rather than the share of the cores this process got."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            times[name].append((time.process_time() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
