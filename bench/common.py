@@ -29,6 +29,17 @@ def write_results(folder: str, stem: str, markdown: str, data: dict) -> None:
     print(f"wrote {path}.md and .json", file=sys.stderr)
 
 
+def write_study(folder: str, stem: str, result: dict, plot, markdown) -> None:
+    """A method study's ``stem.json`` (every run), and once it has seeds ``stem_frontier.png`` and ``stem.md``."""
+    result["figure"] = f"{stem}_frontier.png"
+    with open(os.path.join(folder, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if result["seeds"]:
+        plot(result, os.path.join(folder, result["figure"]))
+        with open(os.path.join(folder, f"{stem}.md"), "w") as f:
+            f.write(markdown(result))
+
+
 def is_lowbit(name: str) -> bool:
     """A row timing lowbit's own implementation. Its failure is a bug: it propagates and the benchmark exits
     non-zero. Only PyTorch's ops and the peers (absent or unable to run a case) may read "n/a" with the reason."""

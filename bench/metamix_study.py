@@ -41,6 +41,9 @@ from lowbit.frontier import gap, mean_std, paired
 from lowbit.metamix import MetaMix, MetaMixConfig
 from lowbit.train import evaluate, fit, set_seed
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_study  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGETS = {"A3": 3.0, "A2.5": 2.5}  # average activation bits of the searched layers: BOPs of uniform A3 / halfway
 VARIANTS = {
@@ -381,13 +384,7 @@ def machine() -> str:
 
 def write(args, result: dict) -> None:
     stem = f"metamix_{args.data}{args.tag}" + ("_quick" if args.quick else "")
-    result["figure"] = f"{stem}_frontier.png"
-    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    if result["seeds"]:
-        plot(result, os.path.join(args.out, result["figure"]))
-        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
-            f.write(markdown(result))
+    write_study(args.out, stem, result, plot, markdown)
 
 
 def main(argv=None) -> None:

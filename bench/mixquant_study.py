@@ -42,6 +42,7 @@ from lowbit.frontier import gap, mean_std, paired
 from lowbit.models import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_study  # noqa: E402
 from metamix_study import load_data, machine, merged, study_cnn  # noqa: E402  (the same model and data as MetaMix)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -416,13 +417,7 @@ def speed_markdown(result: dict) -> str:
 
 def write(args, result: dict) -> None:
     stem = f"mixquant_{args.data}{args.tag}" + ("_quick" if args.quick else "")
-    result["figure"] = f"{stem}_frontier.png"
-    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    if result["seeds"]:
-        plot(result, os.path.join(args.out, result["figure"]))
-        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
-            f.write(markdown(result))
+    write_study(args.out, stem, result, plot, markdown)
 
 
 def main(argv=None) -> None:
