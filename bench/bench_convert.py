@@ -25,10 +25,10 @@ import torch
 from common import RESULTS, cpu_name, write_results
 
 import lowbit
+from lowbit.app.timing import interleaved_median_ms
 from lowbit.backends import select
-from lowbit.convert import convert
 from lowbit.models import create_model
-from lowbit.timing import interleaved_median_ms
+from lowbit.tools.convert import convert
 
 MODELS = ("resnet18", "mobilenet_v2")
 

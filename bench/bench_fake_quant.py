@@ -26,7 +26,7 @@ import torch
 from common import RESULTS, cpu_name, is_lowbit, speedup, write_results
 
 import lowbit
-from lowbit.timing import interleaved_median_ms
+from lowbit.app.timing import interleaved_median_ms
 
 
 @dataclass(frozen=True)

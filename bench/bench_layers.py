@@ -23,9 +23,9 @@ from common import RESULTS, cpu_name, write_results
 from torch import nn
 
 import lowbit
+from lowbit.app.timing import interleaved_median_ms
 from lowbit.models import create_model
 from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQuantizer, ReferenceLSQ
-from lowbit.timing import interleaved_median_ms
 
 # ---- 1. the multi-branch layer -----------------------------------------------------------------------------
 

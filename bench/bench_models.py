@@ -41,9 +41,9 @@ import torch
 from common import RESULTS, cpu_clock_median_ms, cpu_name, write_results
 
 import lowbit
-from lowbit.convert import convert
+from lowbit.app.timing import interleaved_median_ms
 from lowbit.models import create_model
-from lowbit.timing import interleaved_median_ms
+from lowbit.tools.convert import convert
 
 MODELS = ("resnet18", "mobilenet_v2")
 SIZES = (32, 224)
@@ -295,9 +295,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ort_missing = ort_available()
-    from lowbit.backends import _extension
+    from lowbit.backends import extension
 
-    _extension.load()
+    extension.load()
     meta = {
         "device": "cpu",
         "device_name": cpu_name(),

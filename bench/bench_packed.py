@@ -30,7 +30,7 @@ from bench_models import cpu_clock_median_ms
 from common import RESULTS, cpu_name, speedup, write_results
 
 import lowbit
-from lowbit.timing import interleaved_median_ms
+from lowbit.app.timing import interleaved_median_ms
 
 FULL_SHAPES = [(m, k) for k in (1024, 4096) for m in (1, 16, 256, 1024)]  # (M, K = N)
 PEER_SHAPES = [(1, 4096), (1024, 4096)]  # --peer-shapes: the issue-17 comparison only
@@ -172,9 +172,9 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 15)
     out = args.out or (None if args.quick else RESULTS)
     lowbit.packed_linear  # noqa: B018  (loads the extension, so that torch.ops.lowbit_C exists)
-    from lowbit.backends import _extension
+    from lowbit.backends import extension
 
-    _extension.load()
+    extension.load()
     meta = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),

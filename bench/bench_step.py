@@ -33,10 +33,10 @@ from common import RESULTS, cpu_name, write_results  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.app.timing import interleaved_median_ms  # noqa: E402
 from lowbit.backends import status  # noqa: E402
 from lowbit.models import create_model  # noqa: E402
 from lowbit.nn import LSQQuantizer, ReferenceLSQ  # noqa: E402
-from lowbit.timing import interleaved_median_ms  # noqa: E402
 
 MODELS = {"MobileNet-v2": "mobilenet_v2", "ResNet-18": "resnet18"}
 

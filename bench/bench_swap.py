@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from common import RESULTS, cpu_clock_median_ms, cpu_name, speedup, write_results
 
 import lowbit
+from lowbit.app.timing import interleaved_median_ms
 from lowbit.models import create_model
-from lowbit.timing import interleaved_median_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from lsq_idioms import lsq_net_quantize  # noqa: E402  (the lsq-net-style wrapper shared with the tests)

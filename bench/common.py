@@ -13,7 +13,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def cpu_name() -> str:
-    from lowbit.cli import _cpu_description
+    from lowbit.app.cli import _cpu_description
 
     return _cpu_description()["model"] or platform.processor()
 

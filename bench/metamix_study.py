@@ -8,7 +8,7 @@ weight training) at W4 (first and last layer 8-bit):
 * MetaMix variants, one switch each (``--variants``): float search weights, candidate sets with 3 bits, the
   paper's argmax selection (no repair/fill), no held-out search split.
 
-A mixed run's score is its gap to the uniform frontier interpolated at its own BOPs (``lowbit.frontier``); the
+A mixed run's score is its gap to the uniform frontier interpolated at its own BOPs (``lowbit.app.frontier``); the
 tables give mean ± std over seeds and paired differences on the same seeds. The model is a small 6-layer CNN (5
 searched layers; MobileNet-v2 does not fit 5 seeds x 2 data sets x ~20 runs on a shared 2-core CPU); mnist5k is
 pooled to 14x14. Writes ``bench/results/metamix_<data>.{md,json}`` and ``metamix_<data>_frontier.png``; the JSON is
@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 import lowbit
-import lowbit.data
-from lowbit.frontier import gap, mean_std, paired
+import lowbit.app.data
+from lowbit.app.frontier import gap, mean_std, paired
+from lowbit.app.train import evaluate, fit, set_seed
 from lowbit.metamix import MetaMix, MetaMixConfig
-from lowbit.train import evaluate, fit, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_study  # noqa: E402
@@ -114,7 +114,7 @@ def study_cnn(width: int, classes: int = 10) -> nn.Module:
 
 
 def load_data(name: str):
-    return lowbit.data.digits() if name == "digits" else lowbit.data.mnist5k(image_size=14)
+    return lowbit.app.data.digits() if name == "digits" else lowbit.app.data.mnist5k(image_size=14)
 
 
 def pretrained(args, data, seed: int) -> tuple[nn.Module, dict]:

@@ -9,7 +9,7 @@ reconstruction, LSQ QAT fine-tuning), weight-only:
   of uniform 3-bit and at 2.5 average bits;
 * for PTQ and BRECQ the budget plans from the symmetric table too (the QE of another quantizer: the old default).
 
-Each mixed point's score is its gap to its quantizer's frontier interpolated at its own bytes (``lowbit.frontier``).
+Each mixed point's score is its gap to its quantizer's frontier interpolated at its own bytes (``lowbit.app.frontier``).
 The model is the 6-layer CNN of ``metamix_study.py`` (five convs and a classifier, 0.04M weights); mnist5k is pooled
 to 14x14. Writes ``bench/results/mixquant_<data>.{md,json}`` and ``mixquant_<data>_frontier.png`` (JSON rewritten
 after every seed); ``--speed`` writes ``mixquant_speed.{md,json,png}`` (QE-table time of full-size models).
@@ -37,8 +37,9 @@ import time
 import numpy as np
 import torch
 
-from lowbit import mixquant, train
-from lowbit.frontier import gap, mean_std, paired
+from lowbit import mixquant
+from lowbit.app import train
+from lowbit.app.frontier import gap, mean_std, paired
 from lowbit.models import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

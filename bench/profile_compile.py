@@ -2,7 +2,7 @@
 
 One small model (lowbit.models small_cnn, 3 conv-BN-ReLU blocks, W4A4), one training step (forward + backward
 + SGD) compiled with Inductor in two ways, in one process:
-  opaque        lowbit.decompositions.use_inductor_decompositions(False): Inductor calls lowbit's fused
+  opaque        lowbit.ops.decompositions.use_inductor_decompositions(False): Inductor calls lowbit's fused
                 kernels as custom ops (what lowbit 0.1 did)
   decomposed    the default: Inductor inlines the ops' aten decompositions and fuses them with BN/ReLU
 and eager mode for reference. For each: the median step time, and from torch.profiler over a few steps the
@@ -30,9 +30,9 @@ from common import RESULTS, cpu_name, write_results  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit.decompositions import use_inductor_decompositions  # noqa: E402
+from lowbit.app.timing import interleaved_median_ms  # noqa: E402
 from lowbit.models import create_model  # noqa: E402
-from lowbit.timing import interleaved_median_ms  # noqa: E402
+from lowbit.ops.decompositions import use_inductor_decompositions  # noqa: E402
 
 COPIES = ("aten::copy_", "aten::clone", "aten::contiguous")
 

@@ -55,7 +55,7 @@ if _AUTOTUNE not in ("full", "quick", "off"):
     raise ValueError(f"LOWBIT_TRITON_AUTOTUNE must be full, quick or off; got {_AUTOTUNE!r}")
 _FIXED_CONFIG = _INTERPRET or _AUTOTUNE == "off"
 
-# Container bits per weight bit-width (SPEC section 4: 3 -> 4, 5..7 -> 8); lowbit.packed.CONTAINER_BITS.
+# Container bits per weight bit-width (SPEC section 4: 3 -> 4, 5..7 -> 8); lowbit.core.packing.CONTAINER_BITS.
 _CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 # M at or below this takes the split-K GEMV, above it the tiled GEMM.
 GEMV_MAX_M = 16

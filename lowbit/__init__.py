@@ -9,12 +9,12 @@ in ``lowbit.mixquant`` and ``lowbit.metamix``.
 
 from lowbit import metamix, mixquant
 from lowbit.backends import LowbitFallbackWarning, backends, use_backend
-from lowbit.bops import bops  # noqa: I001  (after the ops: the layers need them)
-from lowbit.convert import convert
 from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
-from lowbit.packed import pack, packed_linear, unpack
-from lowbit.quantize import quantize, register_fake_quant, swap_fused
-from lowbit.serialization import load, load_model, save, save_model
+from lowbit.ops.packed_linear import pack, packed_linear, unpack
+from lowbit.tools.bops import bops  # noqa: I001  (after the ops: the layers need them)
+from lowbit.tools.convert import convert
+from lowbit.tools.quantize import quantize, register_fake_quant, swap_fused
+from lowbit.tools.serialization import load, load_model, save, save_model
 
 __version__ = "0.1.0"
 

@@ -87,8 +87,8 @@ def test_missing_preferred_backend_falls_back_visibly_and_correctly(monkeypatch)
 def test_lowbit_info_lists_every_backend():
     from importlib.metadata import entry_points
 
-    assert any(ep.value == "lowbit.cli:main" for ep in entry_points(group="console_scripts", name="lowbit"))
-    out = subprocess.run([sys.executable, "-m", "lowbit.cli", "info"], capture_output=True, text=True, check=True)
+    assert any(ep.value == "lowbit.app.cli:main" for ep in entry_points(group="console_scripts", name="lowbit"))
+    out = subprocess.run([sys.executable, "-m", "lowbit.app.cli", "info"], capture_output=True, text=True, check=True)
     out = out.stdout
     for name in ("reference", "cpu", "triton", "cuda"):
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(name))
@@ -97,7 +97,7 @@ def test_lowbit_info_lists_every_backend():
 
 
 def test_lowbit_info_json_agrees_with_backends():
-    from lowbit.cli import info_dict
+    from lowbit.app.cli import info_dict
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import data, demo, metamix, mixquant, serialization
+from lowbit import metamix, mixquant
+from lowbit.app import data, demo
 from lowbit.metamix import checkpoint
 from lowbit.models import create_model
 from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQuantizer, PackedLinear, QConv2d, QLinear
+from lowbit.tools import serialization
 
 X = torch.randn(3, 16)
 CODES = torch.randint(-8, 8, (5, 16), dtype=torch.int8)

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import cli, serialization
-from lowbit.demo import DemoConfig
+from lowbit.app import cli
+from lowbit.app.demo import DemoConfig
 from lowbit.metamix import MetaMixConfig
 from lowbit.mixquant import LSQFineTune
 from lowbit.models import create_model
+from lowbit.tools import serialization
 
 TINY = ["--model", "small_cnn", "--epochs", "1", "--no-progress"]
 

@@ -38,9 +38,9 @@ from torch._inductor.compile_fx import select_decomp_table  # imports the loweri
 from torch._inductor.utils import run_and_get_code
 
 import lowbit
-from lowbit.decompositions import use_inductor_decompositions
 from lowbit.models import create_model
 from lowbit.nn import LSQQuantizer, ReferenceLSQ
+from lowbit.ops.decompositions import use_inductor_decompositions
 
 # ---- op level --------------------------------------------------------------------------------------------------
 

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.convert import ConvertReport, convert
 from lowbit.mixquant.quantizers import MinMaxPTQ
 from lowbit.models import create_model
 from lowbit.nn import MultiBranchQConv2d, QConv2d, QLinear
 from lowbit.nn.packed import DequantConv2d, DequantLinear, PackedConv2d, PackedLinear, float_weight_bytes, weight_bytes
-from lowbit.serialization import checksum, load, save
+from lowbit.tools.convert import ConvertReport, convert
+from lowbit.tools.serialization import checksum, load, save
 
 W_BITS = (2, 3, 4, 8, 5, 6, 7)
 A_BITS = (8, 4, 3, 6, 2, 5)

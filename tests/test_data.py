@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowbit import data
+from lowbit.app import data
 
 
 def test_digits_split_is_fixed_stratified_and_standardised():

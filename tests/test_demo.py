@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lowbit import cli
+from lowbit.app import cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

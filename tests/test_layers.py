@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
-from lowbit.bops import bops, expected_bops
 from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear, ReferenceLSQ
-from lowbit.quantize import FusedFakeQuantize, quantize, swap_fused
+from lowbit.tools.bops import bops, expected_bops
+from lowbit.tools.quantize import FusedFakeQuantize, quantize, swap_fused
 
 
 def _relu_input(*shape, seed=0):

@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lowbit
-import lowbit.data
+import lowbit.app.data
 import lowbit.models
-from lowbit.bops import expected_bops
+from lowbit.app.train import make_optimizer
 from lowbit.metamix import (
     CostModel,
     MetaMix,
@@ -39,7 +39,7 @@ from lowbit.metamix import (
 )
 from lowbit.metamix.cost import multi_branch_layers
 from lowbit.metamix.steps import StepContext
-from lowbit.train import make_optimizer
+from lowbit.tools.bops import expected_bops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ def deeper_net(seed: int = 0) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def data():
-    digits = lowbit.data.digits()
+    digits = lowbit.app.data.digits()
     return digits.train_x[:192], digits.train_y[:192], digits.test_x[:64], digits.test_y[:64]
 
 
@@ -375,12 +375,12 @@ _DDP_WORKER = textwrap.dedent(
     import os, sys, torch
     torch.set_num_threads(1)
     from torch.utils.data import DataLoader, TensorDataset
-    import lowbit, lowbit.data, lowbit.models
+    import lowbit, lowbit.app.data, lowbit.models
     from lowbit.metamix import MetaMix, MetaMixConfig
     from lowbit.metamix.cost import multi_branch_layers
 
     out = sys.argv[1]
-    digits = lowbit.data.digits()
+    digits = lowbit.app.data.digits()
     train = DataLoader(TensorDataset(digits.train_x[:128], digits.train_y[:128]), batch_size=16, shuffle=True)
     torch.manual_seed(0)
     model = lowbit.models.SmallCNN(num_classes=10, in_channels=1, width=8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowbit import frontier
+from lowbit.app import frontier
 
 UNIFORM = [(3.0, 80.0), (2.0, 50.0), (4.0, 90.0), (8.0, 91.0)]  # (cost, top-1), deliberately unsorted
 

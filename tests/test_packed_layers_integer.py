@@ -20,10 +20,10 @@ from conftest import DEVICE
 from torch import nn
 
 import lowbit
-from lowbit.convert import convert, fuse_inference
 from lowbit.models import MODELS, create_model
 from lowbit.nn.layers import QConv2d, QLinear
 from lowbit.nn.packed import FoldedBatchNorm2d, PackedConv2d
+from lowbit.tools.convert import convert, fuse_inference
 
 INF = math.inf
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the integer data path's kernels are CPU kernels")

@@ -2,7 +2,7 @@
 
 The NumPy reference below shares no code with lowbit: it packs with its own bit arithmetic, quantizes x with
 float32 NumPy division and round-half-even, accumulates in int64 and applies the float32 epilogue of
-lowbit/packed.py's contract, so every backend must match it bit for bit.
+lowbit/ops/packed_linear.py's contract, so every backend must match it bit for bit.
 """
 
 from __future__ import annotations

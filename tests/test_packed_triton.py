@@ -1,8 +1,9 @@
 """The Triton packed_linear kernels (kernels/packed_linear.py) against an independent NumPy int64 reference.
 
-Exact equality everywhere: the contract (lowbit/packed.py) is bit-exact across backends. On a machine without a GPU
-the kernels run in the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1), which is slow, so the
-shapes stay small but odd: every tail of every tile is hit. On a GPU, test_real_sizes adds model-sized shapes.
+Exact equality everywhere: the contract (lowbit/ops/packed_linear.py) is bit-exact across backends. On a
+machine without a GPU the kernels run in the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1),
+which is slow, so the shapes stay small but odd: every tail of every tile is hit. On a GPU, test_real_sizes
+adds model-sized shapes.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from safetensors import safe_open
 from torch import nn
 
 import lowbit
-import lowbit.data
-from lowbit import serialization
+import lowbit.app.data
 from lowbit.metamix import MetaMix, checkpoint
 from lowbit.models import create_model
 from lowbit.nn import MultiBranchQConv2d
+from lowbit.tools import serialization
 
 X = torch.rand(4, 1, 8, 8)
 
@@ -344,7 +344,7 @@ def test_pickled_checkpoint_migrates_and_resumes_as_the_uninterrupted_run(tmp_pa
     opt-in, and the resumed run ends where the uninterrupted one does."""
     from test_metamix import config, loaders, state_of, tiny_net
 
-    digits = lowbit.data.digits()  # what test_metamix's data fixture holds
+    digits = lowbit.app.data.digits()  # what test_metamix's data fixture holds
     data = digits.train_x[:192], digits.train_y[:192], digits.test_x[:64], digits.test_y[:64]
     train, test = loaders(data)
     ref_model, ref = MetaMix(tiny_net(), train, test, config(checkpoint_dir=str(tmp_path / "a"))).fit()

@@ -26,7 +26,7 @@ from lsq_idioms import (
 from torch import nn
 
 import lowbit
-from lowbit.swap import FusedLSQ, swap_fused
+from lowbit.tools.swap import FusedLSQ, swap_fused
 
 # Training-step agreement: the swapped model computes the same formulas with other roundings of the step
 # gradient sums (SPEC section 1 allows 1e-4 relative) and of ``(g * s) / s``; over a few SGD steps that stays

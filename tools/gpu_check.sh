@@ -266,7 +266,7 @@ needed = {  # module: what its absence costs
     "xdist": "the tests run serially (no pytest -n)",
     "pytest_timeout": "no per-test time limit (a hung test takes the whole phase)",
     "safetensors": "lowbit.save/load fail",
-    "sklearn": "lowbit.data fails",
+    "sklearn": "lowbit.app.data fails",
     "matplotlib": "no plots",
     "tqdm": "no progress bars",
 }

@@ -12,7 +12,7 @@ wheel=$(ls "$work"/dist/lowbit-*.whl)
 "$PYTHON" - "$wheel" <<'PY'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-need = ["lowbit/kernels/__init__.py", "lowbit/kernels/fake_quant.py", "lowbit/ops.py"]
+need = ["lowbit/kernels/__init__.py", "lowbit/kernels/fake_quant.py", "lowbit/ops/fake_quant.py"]
 missing = [n for n in need if n not in names]
 if not any(n.startswith("lowbit/_C") and n.endswith(".so") for n in names):
     missing.append("lowbit/_C*.so")

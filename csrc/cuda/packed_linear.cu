@@ -2,7 +2,7 @@
 //
 //   y[m, n] = float32(acc[m, n]) * float32(x_step * w_scale[n]) + bias[n],   acc = sum_k qx[m, k] * qw[n, k]
 //
-// bit for bit as the reference backend (lowbit/packed.py has the contract). Three steps:
+// bit for bit as the reference backend (lowbit/ops/packed_linear.py has the contract). Three steps:
 //
 // 1. quantize_kernel: x (M, K) -> activation codes, one byte each, and one NaN flag per row. Codes are
 //    clamp(rint(x / x_step), qmin, qmax) with IEEE division and round half to even (cuda/rounding.cuh); unsigned

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.backends import _extension
-from lowbit.backends._compiled import (  # noqa: F401  (the backend's kernel functions)
+from lowbit.backends import extension
+from lowbit.backends.compiled import (  # noqa: F401  (the backend's kernel functions)
     fake_quant_backward,
     fake_quant_forward,
     multi_branch_backward,
@@ -18,7 +18,7 @@ CHECKS_VALUES = True  # the C++ ops reject non-positive/non-finite steps and non
 
 
 def availability() -> tuple[bool, str]:
-    ext, reason = _extension.load()
+    ext, reason = extension.load()
     if ext is None:
         return False, reason
     return True, f"C++ kernels, {torch.ops.lowbit_C.cpu_isa()} selected at run time"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.backends import _extension
-from lowbit.backends._compiled import (  # noqa: F401  (the backend's kernel functions)
+from lowbit.backends import extension
+from lowbit.backends.compiled import (  # noqa: F401  (the backend's kernel functions)
     fake_quant_backward,
     fake_quant_forward,
     multi_branch_backward,
@@ -17,10 +17,10 @@ DEVICES = ("cuda",)
 
 
 def availability() -> tuple[bool, str]:
-    ext, reason = _extension.load()
+    ext, reason = extension.load()
     if ext is None:
         return False, reason
-    if not _extension.has_kernel("fake_quant_forward", "CUDA"):
+    if not extension.has_kernel("fake_quant_forward", "CUDA"):
         return False, "lowbit._C was built without CUDA kernels (no CUDA toolkit or CPU-only torch at build time)"
     if not torch.cuda.is_available():
         return False, "torch.cuda.is_available() is False"

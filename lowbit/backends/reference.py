@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.core.packing import unpack_codes
+
 DEVICES = ("cpu", "cuda")
 
 
@@ -77,11 +79,9 @@ def multi_branch_backward(grad, x, steps, probs, qmin: list[int], qmax: list[int
 def packed_linear(x, packed_w, w_scale, w_bits: int, x_step, qmin: int, qmax: int, bias) -> torch.Tensor:
     """SPEC section 4 as plain ops: quantize x, unpack W, exact integer dot products (float64 holds every
     partial sum of K <= 2^20 8-bit products exactly), then the float32 epilogue every backend shares."""
-    from lowbit.packed import _unpack_impl
-
     xf = x.float()
     qx = torch.clamp(torch.round(xf / x_step), qmin, qmax)
-    qw = _unpack_impl(packed_w, w_bits, x.shape[-1], signed=True)
+    qw = unpack_codes(packed_w, w_bits, x.shape[-1], signed=True)
     acc = (qx.double() @ qw.double().t()).float()
     y = acc * (x_step * w_scale)
     if bias is not None:

@@ -37,15 +37,15 @@ def fake_quant_backward(grad, x, step, offset, qmin: int, qmax: int, inner: int,
 
 
 def multi_branch_forward(x, steps, probs, qmin: list[int], qmax: list[int]) -> torch.Tensor:
-    from lowbit.kernels import multi_branch
+    from lowbit.kernels import multi_branch_fake_quant
 
-    return multi_branch.forward(x, steps, probs, qmin, qmax)
+    return multi_branch_fake_quant.forward(x, steps, probs, qmin, qmax)
 
 
 def multi_branch_backward(grad, x, steps, probs, qmin: list[int], qmax: list[int], grad_scale: list[float]):
-    from lowbit.kernels import multi_branch
+    from lowbit.kernels import multi_branch_fake_quant
 
-    return multi_branch.backward(grad, x, steps, probs, qmin, qmax, grad_scale)
+    return multi_branch_fake_quant.backward(grad, x, steps, probs, qmin, qmax, grad_scale)
 
 
 def packed_linear(x, packed_w, w_scale, w_bits: int, x_step, qmin: int, qmax: int, bias) -> torch.Tensor:

@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 import torch
 
-from lowbit import serialization
+from lowbit.tools import serialization
 
 CHECKPOINT = "metamix.safetensors"
 LEGACY_CHECKPOINT = "metamix.pt"  # pickled by lowbit before the safetensors checkpoints

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from lowbit import _checks
+from lowbit.core import checks
 
 MODES = ("metamix", "joint", "uniform")
 SEARCH_WEIGHTS = ("quantized", "float")
@@ -77,12 +77,12 @@ class MetaMixConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        object.__setattr__(self, "a_bits", tuple(_checks.bit_list("a_bits", self.a_bits)))
+        object.__setattr__(self, "a_bits", tuple(checks.bit_list("a_bits", self.a_bits)))
         _check_w_bits(self.w_bits)
         if self.first_last_bits is not None:
-            _checks.bits("first_last_bits", self.first_last_bits)
+            checks.bits("first_last_bits", self.first_last_bits)
         if self.uniform_bits is not None:
-            _checks.bits("uniform_bits", self.uniform_bits)
+            checks.bits("uniform_bits", self.uniform_bits)
         self._check_target()
         for name in ("fp_epochs", "search_epochs", "finetune_epochs", "seed"):
             _check_count(name, getattr(self, name))
@@ -140,9 +140,9 @@ def _check_w_bits(value) -> None:
         for name, b in value.items():
             if not isinstance(name, str):
                 raise TypeError(f"w_bits keys must be layer names (str), got {type(name).__name__}")
-            _checks.bits(f"w_bits[{name!r}]", b)
+            checks.bits(f"w_bits[{name!r}]", b)
     else:
-        _checks.bits("w_bits", value)
+        checks.bits("w_bits", value)
 
 
 def _check_count(name: str, value) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.bops import bops, expected_bops
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear
+from lowbit.tools.bops import bops, expected_bops
 
 MULTI_BRANCH = (MultiBranchQConv2d, MultiBranchQLinear)
 

@@ -1,4 +1,4 @@
-"""One mini-batch of each mode, as ``lowbit.train`` step functions (``step(x, y) -> StepResult``).
+"""One mini-batch of each mode, as ``lowbit.app.train`` step functions (``step(x, y) -> StepResult``).
 
 Freezing is real, not a matter of which optimizer happens to step:
 
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.bops import expected_bops
+from lowbit.app.train import StepResult
 from lowbit.metamix.cost import CostModel, multi_branch_layers, penalty
-from lowbit.train import StepResult
+from lowbit.tools.bops import expected_bops
 
 
 @contextmanager

@@ -1,5 +1,5 @@
 """The MetaMix trainer: float warm-up (optional) -> bit selection -> selection with budget repair -> weight
-training, for the three modes (metamix, joint, uniform) on one loop (``lowbit.train.run_epoch``) and one cost
+training, for the three modes (metamix, joint, uniform) on one loop (``lowbit.app.train.run_epoch``) and one cost
 model (``lowbit.bops``), with a checkpoint at every epoch boundary and DDP under ``torchrun``.
 
 A run is a sequence of phases, each a fixed structure (float model, quantized search model, single-branch
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from lowbit.app.train import JsonLog, evaluate, make_optimizer, run_epoch, set_seed
 from lowbit.metamix import checkpoint, distributed
 from lowbit.metamix.config import MetaMixConfig
 from lowbit.metamix.cost import CostModel, alpha_parameters, multi_branch_layers, weight_parameters
@@ -27,8 +28,7 @@ from lowbit.metamix.select import LayerChoice, Selection, select_from_model
 from lowbit.metamix.steps import StepContext, frozen_bn_stats, joint_step, metamix_step, weight_step
 from lowbit.nn.layers import QConv2d, QLinear
 from lowbit.nn.quantizers import LSQQuantizer
-from lowbit.quantize import _float_layers, _set_submodule, quantize
-from lowbit.train import JsonLog, evaluate, make_optimizer, run_epoch, set_seed
+from lowbit.tools.quantize import _float_layers, _set_submodule, quantize
 
 PHASES = ("fp", "search", "finetune")
 
@@ -323,7 +323,7 @@ class MetaMix:
         if self.selection is None:  # no finetune phase ran yet (finetune_epochs == 0 is still a phase)
             raise RuntimeError("the run ended before selection")
         final = CostModel.of(self.inner, self.calib[:2], self.searched)
-        from lowbit.bops import bops as bops_report
+        from lowbit.tools.bops import bops as bops_report
 
         self.inner.eval()
         whole = bops_report(self.inner, self.calib[:2])

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from lowbit import _checks
+from lowbit.core import checks
 from lowbit.mixquant.table import QETable, qe_table
 
 
@@ -73,7 +73,7 @@ def _plan(table: QETable, bits: dict[str, int], gap_bound: float | None = None) 
 
 def uniform_plan(model, bits: int, *, quantizer=None) -> Plan:
     """Every layer at ``bits``: the baseline a MixQuant plan is compared with (``model`` or a ``QETable``)."""
-    bits = _checks.bits("bits", bits)
+    bits = checks.bits("bits", bits)
     table = model if isinstance(model, QETable) else qe_table(_module(model), [bits], quantizer)
     if bits not in table.bits:
         raise ValueError(f"bits={bits} is not a width of the QE table {table.bits}")
@@ -90,8 +90,8 @@ def search(model, *, qem: float | None = None, budget=None, base_bits: int = 8, 
     """
     if (qem is None) == (budget is None):
         raise ValueError("search needs exactly one of qem (the QEM rule) or budget (AvgBits or ModelBytes)")
-    base_bits = _checks.bits("base_bits", base_bits)
-    widths = sorted(set(_checks.bit_list("bits", bits)) | {base_bits})
+    base_bits = checks.bits("base_bits", base_bits)
+    widths = sorted(set(checks.bit_list("bits", bits)) | {base_bits})
     table = model if isinstance(model, QETable) else qe_table(_module(model), widths, quantizer)
     if qem is not None:
         return _qem_rule(table, qem, base_bits)

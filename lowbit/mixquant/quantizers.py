@@ -6,7 +6,7 @@ and return the quantized model. Layers the plan does not name stay as they are. 
 quantizer can call too, so every quantizer rejects the same bad plans the same way. Provided:
 
   * ``MinMaxPTQ``: vanilla asymmetric per-channel min-max post-training quantization of the weights;
-  * ``LSQFineTune``: the project's LSQ layers (``lowbit.quantize(bits=plan)``) trained with ``lowbit.train.fit``;
+  * ``LSQFineTune``: the project's LSQ layers (``lowbit.quantize(bits=plan)``) trained with ``lowbit.app.train.fit``;
   * ``BRECQ`` (in ``lowbit.mixquant.brecq``): block reconstruction with AdaRound-style learned rounding.
 """
 
@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from lowbit import _checks
+from lowbit.core import checks
 from lowbit.mixquant.table import SymmetricPerChannel, quantizable_layers
 
 
@@ -44,7 +44,7 @@ def check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, int]:
     unknown = sorted(str(n) for n in set(plan) - set(layers))
     if unknown:
         raise ValueError(f"plan names layers that are not convs or linears of the model: {unknown}")
-    return {name: _checks.bits(f"plan[{name!r}]", bits) for name, bits in plan.items()}
+    return {name: checks.bits(f"plan[{name!r}]", bits) for name, bits in plan.items()}
 
 
 def apply_plan(model: nn.Module, plan: Mapping[str, int], quantizer: PlanQuantizer) -> nn.Module:
@@ -91,7 +91,7 @@ class LSQFineTune:
     """LSQ quantization-aware fine-tuning at the plan's weight bits.
 
     ``apply`` swaps the planned layers for ``QConv2d``/``QLinear`` (``lowbit.quantize(bits=plan)``; weights LSQ,
-    signed, per output channel) and trains the whole model with ``lowbit.train.fit`` (cross-entropy, cosine
+    signed, per output channel) and trains the whole model with ``lowbit.app.train.fit`` (cross-entropy, cosine
     schedule). Layers outside the plan stay float.
 
     Args:
@@ -100,7 +100,7 @@ class LSQFineTune:
         lr: initial learning rate (weights and steps).
         a_bits: ``None`` (default) keeps activations float, a weight-only quantization like the plan itself;
             an int quantizes every planned layer's input with LSQ at that width.
-        weight_decay, optimizer, device, progress: passed to ``lowbit.train.fit``.
+        weight_decay, optimizer, device, progress: passed to ``lowbit.app.train.fit``.
         test_loader, log: optional per-epoch evaluation and JSON-lines log, as in ``fit``.
     """
 
@@ -124,7 +124,7 @@ class LSQFineTune:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
-        self.a_bits = None if a_bits is None else _checks.bits("a_bits", a_bits)
+        self.a_bits = None if a_bits is None else checks.bits("a_bits", a_bits)
         self.train_loader, self.test_loader = train_loader, test_loader
         self.epochs, self.lr, self.weight_decay, self.optimizer = epochs, float(lr), weight_decay, optimizer
         self.device, self.progress, self.log = device, progress, log
@@ -132,7 +132,7 @@ class LSQFineTune:
 
     def apply(self, model: nn.Module, plan: Mapping[str, int]) -> nn.Module:
         import lowbit
-        from lowbit.train import fit
+        from lowbit.app.train import fit
 
         plan = check_plan(model, plan)
         others = set(quantizable_layers(model)) - set(plan)

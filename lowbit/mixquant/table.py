@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lowbit import _checks
+from lowbit.core import checks
 from lowbit.ops import fake_quant, quant_range
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
@@ -76,7 +76,7 @@ def qe_table(model: nn.Module, bits=range(2, 9), quantizer: WeightQuantizer | No
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    widths = _checks.bit_list("bits", bits)
+    widths = checks.bit_list("bits", bits)
     quantizer = getattr(quantizer, "qe_quantizer", quantizer) or SymmetricPerChannel()
     if not callable(quantizer):
         raise TypeError(f"quantizer must be callable as quantizer(weight, bits), got {type(quantizer).__name__}")

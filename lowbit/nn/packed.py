@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import _checks
+from lowbit.core import checks
+from lowbit.core.packing import CODE_DTYPES, packed_width
 from lowbit.ops import quant_range
-from lowbit.packed import CODE_DTYPES, pack, packed_width, unpack
+from lowbit.ops.packed_linear import pack, unpack
 
 Tensor = torch.Tensor
 
@@ -140,11 +141,11 @@ class _PackedBase(nn.Module):
     _runs_float = False
 
     def _init_storage(self, *, out_channels: int, k: int, w_bits: int, x_bits, x_signed, bias: bool, device) -> None:
-        self.w_bits = _checks.bits("w_bits", w_bits)
+        self.w_bits = checks.bits("w_bits", w_bits)
         self.k = k
-        self.x_bits = None if x_bits is None else _checks.bits("x_bits", x_bits)
-        self.x_signed = _checks.flag("x_signed", x_signed)
-        bias = _checks.flag("bias", bias)
+        self.x_bits = None if x_bits is None else checks.bits("x_bits", x_bits)
+        self.x_signed = checks.flag("x_signed", x_signed)
+        bias = checks.flag("bias", bias)
         width = packed_width(k, self.w_bits)
         self.register_buffer("packed_weight", torch.zeros(out_channels, width, dtype=torch.uint8, device=device))
         self.register_buffer("w_scale", torch.ones(out_channels, device=device))
@@ -258,11 +259,11 @@ class _PackedBase(nn.Module):
             raise ValueError(
                 f"{name}: packed_weight holds codes outside the signed {self.w_bits}-bit range [{lo}, {hi}]"
             )
-        _checks.step_values(f"{name}.w_scale", self.w_scale)
+        checks.step_values(f"{name}.w_scale", self.w_scale)
         if self.x_bits is not None:
-            _checks.step_values(f"{name}.x_step", self.x_step)
+            checks.step_values(f"{name}.x_step", self.x_step)
         if self.bias is not None:
-            _checks.finite_values(f"{name}.bias", self.bias)
+            checks.finite_values(f"{name}.bias", self.bias)
 
     # -- config (what lowbit.save records to rebuild the layer) -----------------------------------------------
 
@@ -299,7 +300,7 @@ class _LinearBase(_PackedBase):
         return {**cfg, **self._act_config(), "bias": self.bias is not None}
 
     def _check_input(self, x: Tensor) -> None:
-        _checks.float_tensor("x", x)
+        checks.float_tensor("x", x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
 
@@ -421,7 +422,7 @@ class _ConvBase(_PackedBase):
 
     def _batched(self, x: Tensor) -> tuple[Tensor, bool]:
         """x as (B, C, H, W) (a 3-d input is one unbatched image, as for ``nn.Conv2d``)."""
-        _checks.float_tensor("x", x)
+        checks.float_tensor("x", x)
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"x must have shape (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W), got {tuple(x.shape)}"

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from lowbit import _checks
+from lowbit.core import checks
 from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
 
 
@@ -43,9 +43,9 @@ class LSQQuantizer(nn.Module):
 
     def __init__(self, bits: int, *, signed: bool | None = None, channels: int | None = None, axis: int = 0):
         super().__init__()
-        self._bits = _checks.bits("bits", bits)
+        self._bits = checks.bits("bits", bits)
         if signed is not None:
-            _checks.flag("signed", signed)
+            checks.flag("signed", signed)
         self.signed = signed
         self.axis = axis if channels is not None else None
         self.step = nn.Parameter(torch.ones(channels if channels is not None else 1))
@@ -57,7 +57,7 @@ class LSQQuantizer(nn.Module):
 
     @bits.setter
     def bits(self, value: int) -> None:
-        self._bits = _checks.bits("bits", value)
+        self._bits = checks.bits("bits", value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.initialized:
@@ -92,9 +92,9 @@ class MultiBranchQuantizer(nn.Module):
 
     def __init__(self, bits=(2, 4, 8), *, signed: bool | None = None):
         super().__init__()
-        self.bits = _checks.bit_list("bits", bits)
+        self.bits = checks.bit_list("bits", bits)
         if signed is not None:
-            _checks.flag("signed", signed)
+            checks.flag("signed", signed)
         self.signed = signed
         self.steps = nn.Parameter(torch.ones(len(self.bits)))
         self.alpha = nn.Parameter(torch.zeros(len(self.bits)))

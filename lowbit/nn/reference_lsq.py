@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from lowbit import _checks
+from lowbit.core import checks
 from lowbit.ops import quant_range
 
 # Both tricks are written so that the forward value is exact: the usual `(x - x * g).detach() + x * g` and
@@ -36,8 +36,8 @@ class ReferenceLSQ(nn.Module):
 
     def __init__(self, bits: int, *, signed: bool = False, channels: int | None = None, axis: int = 0):
         super().__init__()
-        self.bits = _checks.bits("bits", bits)
-        self.signed = _checks.flag("signed", signed)
+        self.bits = checks.bits("bits", bits)
+        self.signed = checks.flag("signed", signed)
         self.axis = axis if channels is not None else None
         self.step = nn.Parameter(torch.ones(channels if channels is not None else 1))
 

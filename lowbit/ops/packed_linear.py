@@ -21,53 +21,13 @@ import math
 
 import torch
 
-from lowbit import _checks
 from lowbit.backends import select
-from lowbit.ops import _define, _values_checked_by, quant_range
+from lowbit.core import checks
+from lowbit.core.packing import CODE_DTYPES, code_dtype, codes_per_byte, pack_codes, packed_width, unpack_codes
+from lowbit.core.ranges import quant_range
+from lowbit.ops.library import define, values_checked_by
 
 Tensor = torch.Tensor
-
-CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # SPEC section 4: 3 -> 4, 5..7 -> 8
-
-
-def codes_per_byte(bits: int) -> int:
-    return 8 // CONTAINER_BITS[bits]
-
-
-def packed_width(k: int, bits: int) -> int:
-    """Bytes per row of a packed tensor with ``k`` codes per row."""
-    per_byte = codes_per_byte(bits)
-    return (k + per_byte - 1) // per_byte
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# pack / unpack: the canonical layout, in plain tensor ops (one pass each; they run once per model, at conversion)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _pack_impl(codes: Tensor, bits: int) -> Tensor:
-    width = CONTAINER_BITS[bits]
-    per_byte = 8 // width
-    k = codes.shape[-1]
-    padded = packed_width(k, bits) * per_byte
-    as_bytes = codes.view(torch.uint8) if codes.dtype == torch.int8 else codes
-    if padded != k:
-        as_bytes = torch.nn.functional.pad(as_bytes, (0, padded - k))
-    # explicit sizes (not -1), so that tensors with no rows reshape too
-    fields = as_bytes.reshape(*codes.shape[:-1], padded // per_byte, per_byte).to(torch.int32) & ((1 << width) - 1)
-    shifts = torch.arange(0, 8, width, device=codes.device, dtype=torch.int32)
-    return (fields << shifts).sum(dim=-1).to(torch.uint8)
-
-
-def _unpack_impl(packed: Tensor, bits: int, k: int, signed: bool) -> Tensor:
-    width = CONTAINER_BITS[bits]
-    shifts = torch.arange(0, 8, width, device=packed.device, dtype=torch.int32)
-    fields = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << width) - 1)
-    fields = fields.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // width))[..., :k]
-    if signed:  # two's complement in the container: sign-extend from its top bit
-        fields = fields - ((fields >> (width - 1)) << width)
-        return fields.to(torch.int8)
-    return fields.to(torch.uint8)
 
 
 def _check_codes_values(codes: Tensor, bits: int) -> None:
@@ -79,10 +39,10 @@ def _check_codes_values(codes: Tensor, bits: int) -> None:
         raise ValueError(f"codes must lie in [{lo}, {hi}] for {bits}-bit {kind} codes, got values in {list(found)}")
 
 
-_define("pack(Tensor codes, int bits) -> Tensor", _pack_impl, lambda codes, bits: _pack_fake(codes, bits))
-_define(
+define("pack(Tensor codes, int bits) -> Tensor", pack_codes, lambda codes, bits: _pack_fake(codes, bits))
+define(
     "unpack(Tensor packed, int bits, int k, bool signed) -> Tensor",
-    _unpack_impl,
+    unpack_codes,
     lambda packed, bits, k, signed: packed.new_empty(
         (*packed.shape[:-1], k), dtype=torch.int8 if signed else torch.uint8
     ),
@@ -109,7 +69,7 @@ def pack(codes: Tensor, bits: int) -> Tensor:
         raise TypeError(f"codes must be int8 (signed codes) or uint8 (unsigned codes), got {codes.dtype}")
     if codes.dim() == 0:
         raise ValueError("codes must have at least one dimension (the packed one, K), got a 0-d tensor")
-    bits = _checks.bits("bits", bits)
+    bits = checks.bits("bits", bits)
     _check_codes_values(codes, bits)
     return torch.ops.lowbit.pack(codes.contiguous(), bits)
 
@@ -122,7 +82,7 @@ def unpack(packed: Tensor, bits: int, k: int, *, signed: bool = True) -> Tensor:
         raise TypeError(f"packed must be uint8 (the output of lowbit.pack), got {packed.dtype}")
     if packed.dim() == 0:
         raise ValueError("packed must have at least one dimension, got a 0-d tensor")
-    bits = _checks.bits("bits", bits)
+    bits = checks.bits("bits", bits)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 0 or packed_width(k, bits) != packed.shape[-1]:
@@ -131,7 +91,7 @@ def unpack(packed: Tensor, bits: int, k: int, *, signed: bool = True) -> Tensor:
             f"{packed.shape[-1] * codes_per_byte(bits)} or fewer {bits}-bit codes (k={k} needs "
             f"{packed_width(max(k, 0), bits)} bytes)"
         )
-    signed = _checks.flag("signed", signed)
+    signed = checks.flag("signed", signed)
     return torch.ops.lowbit.unpack(packed.contiguous(), bits, k, signed)
 
 
@@ -147,9 +107,9 @@ def _packed_linear_impl(x, packed_w, w_scale, w_bits, x_step, x_bits, x_signed, 
     if x2d.shape[0] == 0 or n == 0:
         return x.new_empty(out_shape)
     backend = select(x.device)
-    if not _values_checked_by(backend):
-        _checks.step_values("x_step", x_step)
-        _checks.step_values("w_scale", w_scale)
+    if not values_checked_by(backend):
+        checks.step_values("x_step", x_step)
+        checks.step_values("w_scale", w_scale)
     qmin, qmax = quant_range(x_bits, x_signed)
     y = backend.packed_linear(
         x2d.contiguous(), packed_w.contiguous(), w_scale.contiguous(), w_bits, x_step, qmin, qmax, bias
@@ -161,7 +121,7 @@ def _packed_linear_fake(x, packed_w, w_scale, w_bits, x_step, x_bits, x_signed, 
     return x.new_empty((*x.shape[:-1], packed_w.shape[0]))
 
 
-_define(
+define(
     "packed_linear(Tensor x, Tensor packed_w, Tensor w_scale, int w_bits, Tensor x_step, int x_bits, bool x_signed, "
     "Tensor? bias) -> Tensor",
     _packed_linear_impl,
@@ -177,14 +137,14 @@ def _check_packed_weight(packed_w, w_scale, w_bits: int, k: int, x: Tensor) -> N
             "packed_w must be a 2-d uint8 tensor (N, packed K) from lowbit.pack, "
             f"got a {packed_w.dim()}-d {packed_w.dtype} tensor"
         )
-    _checks.same_device("packed_w", packed_w, x)
+    checks.same_device("packed_w", packed_w, x)
     if packed_w.shape[1] != packed_width(k, w_bits):
         raise ValueError(
             f"packed_w must have {packed_width(k, w_bits)} bytes per row for K={k} (x.shape[-1]) at w_bits={w_bits}, "
             f"got shape {tuple(packed_w.shape)}"
         )
-    _checks.float_tensor("w_scale", w_scale)
-    _checks.same_device("w_scale", w_scale, x)
+    checks.float_tensor("w_scale", w_scale)
+    checks.same_device("w_scale", w_scale, x)
     if w_scale.numel() != packed_w.shape[0]:
         raise ValueError(
             f"w_scale must have one entry per output channel ({packed_w.shape[0]}), got shape {tuple(w_scale.shape)}"
@@ -194,8 +154,8 @@ def _check_packed_weight(packed_w, w_scale, w_bits: int, k: int, x: Tensor) -> N
 def _check_bias(bias, n: int, x: Tensor) -> Tensor | None:
     if bias is None:
         return None
-    _checks.float_tensor("bias", bias)
-    _checks.same_device("bias", bias, x)
+    checks.float_tensor("bias", bias)
+    checks.same_device("bias", bias, x)
     if bias.numel() != n:
         raise ValueError(f"bias must have one entry per output channel ({n}), got shape {tuple(bias.shape)}")
     return bias.reshape(-1).float().contiguous()
@@ -225,15 +185,15 @@ def packed_linear(
 
     Returns (..., N) in x's dtype. Inference only: no gradient flows through it.
     """
-    _checks.float_tensor("x", x)
+    checks.float_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., K), got a 0-d tensor")
-    w_bits = _checks.bits("w_bits", w_bits)
-    x_bits = _checks.bits("x_bits", x_bits)
-    x_signed = _checks.flag("x_signed", x_signed)
+    w_bits = checks.bits("w_bits", w_bits)
+    x_bits = checks.bits("x_bits", x_bits)
+    x_signed = checks.flag("x_signed", x_signed)
     _check_packed_weight(packed_w, w_scale, w_bits, x.shape[-1], x)
-    _checks.float_tensor("x_step", x_step)
-    _checks.same_device("x_step", x_step, x)
+    checks.float_tensor("x_step", x_step)
+    checks.same_device("x_step", x_step, x)
     if x_step.numel() != 1:
         raise ValueError(f"x_step must have one element (activations are quantized per tensor), got {x_step.numel()}")
     bias = _check_bias(bias, packed_w.shape[0], x)
@@ -253,13 +213,6 @@ def packed_linear(
 # x is float (quantized on the fly, as packed_linear) or uint8/int8 codes that a previous layer emitted at this
 # layer's step. The C++ CPU backend runs lowbit_C kernels; every other backend runs the plain-torch reference
 # below (exact integer sums in float64), which is also what the tests hold the kernels to, bit for bit.
-
-CODE_DTYPES = (torch.uint8, torch.int8)
-
-
-def code_dtype(qmin: int) -> torch.dtype:
-    """uint8 for an unsigned code range, int8 for a signed one."""
-    return torch.uint8 if qmin >= 0 else torch.int8
 
 
 def _codes_reference(x: Tensor, x_step: float, qmin: int, qmax: int) -> tuple[Tensor, Tensor | None]:
@@ -286,7 +239,7 @@ def _epilogue_reference(acc: Tensor, scale, bias, lo, hi, out_step, out_qmin, ou
 
 def _packed_gemm_reference(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
     codes, nan = _codes_reference(x, x_step, qmin, qmax)
-    qw = _unpack_impl(packed_w, w_bits, x.shape[-1], signed=True)
+    qw = unpack_codes(packed_w, w_bits, x.shape[-1], signed=True)
     acc = codes @ qw.double().t()
     if nan is not None:
         acc = torch.where(nan.any(dim=1, keepdim=True), float("nan"), acc)
@@ -346,19 +299,19 @@ def _quantize_codes_impl(x, step, qmin, qmax):
     return codes.to(code_dtype(qmin))
 
 
-_define(
+define(
     "packed_gemm(Tensor x, Tensor packed_w, Tensor scale, Tensor? bias, int w_bits, float x_step, int qmin, "
     "int qmax, float lo, float hi, float out_step, int out_qmin, int out_qmax) -> Tensor",
     _packed_gemm_impl,
     _packed_gemm_fake,
 )
-_define(
+define(
     "packed_depthwise(Tensor x, Tensor w, Tensor scale, Tensor? bias, int[] kernel, int[] stride, int[] padding, "
     "int[] dilation, float lo, float hi, float out_step, int out_qmin, int out_qmax) -> Tensor",
     _packed_depthwise_impl,
     _packed_depthwise_fake,
 )
-_define(
+define(
     "quantize_codes(Tensor x, float step, int qmin, int qmax) -> Tensor",
     _quantize_codes_impl,
     lambda x, step, qmin, qmax: torch.empty_like(x, dtype=code_dtype(qmin)),

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.convert import fuse_inference
 from lowbit.models import ARCH_ATTR, create_model
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
 from lowbit.nn.packed import _PackedBase, from_config
+from lowbit.tools.convert import fuse_inference
 
 FORMAT = "lowbit.packed"
 VERSION = 1
@@ -550,15 +550,15 @@ def _same_arch(skeleton: nn.Module, arch, path: str) -> None:
 
 def _check_quantizers(model: nn.Module, path: str) -> None:
     """What a module's extra state set must be a valid quantizer: bits in 2..8, a flag for signedness."""
-    from lowbit import _checks
+    from lowbit.core import checks
     from lowbit.nn.quantizers import LSQQuantizer, MultiBranchQuantizer
 
     for name, m in model.named_modules():
         try:
             if isinstance(m, LSQQuantizer):
-                _checks.bits("bits", m.bits)
+                checks.bits("bits", m.bits)
             elif isinstance(m, MultiBranchQuantizer):
-                _checks.bit_list("bits", m.bits)
+                checks.bit_list("bits", m.bits)
             if isinstance(m, (LSQQuantizer, MultiBranchQuantizer)) and m.signed not in (True, False, None):
                 raise ValueError(f"signed must be True, False or None, got {m.signed!r}")
         except (TypeError, ValueError) as exc:

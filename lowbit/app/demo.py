@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import data as data_lib
-from lowbit import train
+from lowbit.app import data as data_lib
+from lowbit.app import train
 from lowbit.models import create_model
 
 
@@ -220,7 +220,7 @@ class Demo:
         }
 
     def _latency(self, qat_model: nn.Module, packed: nn.Module) -> dict:
-        from lowbit.timing import interleaved_median_ms
+        from lowbit.app.timing import interleaved_median_ms
 
         fp = self._float_twin(qat_model)
         out = {}
@@ -265,7 +265,7 @@ class Demo:
         return self.metrics
 
     def write(self) -> None:
-        from lowbit import demo_report
+        from lowbit.app import demo_report
 
         out = self.cfg.out
         with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -281,7 +281,7 @@ UNIFORM_A_BITS = (2, 3, 4, 8)  # the uniform W4 frontier: every mixed point of t
 
 def frontier_scores(results: list[dict]) -> dict:
     """Each mixed model's top-1 minus the uniform W4 frontier at its BOPs (``None`` outside the frontier's range)."""
-    from lowbit.frontier import frontier_at
+    from lowbit.app.frontier import frontier_at
 
     points = [(r["bops"], r["acc"]) for r in results if r["name"].startswith("uniform W4A")]
     scores = {}

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from lowbit import _checks
+from lowbit.core import checks
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
-from lowbit.swap import FusedFakeQuantize, FusedLSQ, SwapReport, register_fake_quant, swap_fused
+from lowbit.tools.swap import FusedFakeQuantize, FusedLSQ, SwapReport, register_fake_quant, swap_fused
 
 __all__ = ["FusedFakeQuantize", "FusedLSQ", "SwapReport", "quantize", "register_fake_quant", "swap_fused"]
 
@@ -54,17 +54,17 @@ def quantize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    w_bits, a_bits = _checks.bits("w_bits", w_bits), _checks.bits("a_bits", a_bits)
-    branches = None if multi_branch is None else _checks.bit_list("multi_branch", multi_branch)
+    w_bits, a_bits = checks.bits("w_bits", w_bits), checks.bits("a_bits", a_bits)
+    branches = None if multi_branch is None else checks.bit_list("multi_branch", multi_branch)
     if first_last_bits is not None:
-        first_last_bits = _checks.bits("first_last_bits", first_last_bits)
+        first_last_bits = checks.bits("first_last_bits", first_last_bits)
     plan = dict(bits or {})
     names = _float_layers(model)
     unknown = sorted(set(plan) - set(names))
     if unknown:
         raise ValueError(f"bits names layers that are not convs or linears of the model: {unknown}")
     for name, b in plan.items():
-        _checks.bits(f"bits[{name!r}]", b)
+        checks.bits(f"bits[{name!r}]", b)
     skipped = skip if callable(skip) else (lambda n, m, _names=frozenset(skip): n in _names)
     edges = {names[0], names[-1]} if names and first_last_bits is not None else set()
     for name in names:

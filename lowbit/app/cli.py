@@ -99,7 +99,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-from lowbit.demo import DemoConfig  # noqa: E402  (light: no torch work at import)
+from lowbit.app.demo import DemoConfig  # noqa: E402  (light: no torch work at import)
 from lowbit.metamix.config import MODES, MetaMixConfig  # noqa: E402
 from lowbit.mixquant import LSQFineTune  # noqa: E402
 
@@ -122,7 +122,7 @@ LSQ_FINETUNE_DEFAULTS = signature_defaults(LSQFineTune)
 
 
 def cmd_demo(args) -> int:
-    from lowbit import demo, demo_report
+    from lowbit.app import demo, demo_report
 
     config = demo.DemoConfig(
         model=args.model,
@@ -236,8 +236,8 @@ def _load_float(model, path: str, args) -> None:
     ``weights_only=True``: tensors only, no code runs)."""
     import torch
 
-    from lowbit import serialization
-    from lowbit.quantize import QUANT_LAYERS
+    from lowbit.tools import serialization
+    from lowbit.tools.quantize import QUANT_LAYERS
 
     fmt = serialization.file_format(path)
     if fmt == serialization.MODEL_FORMAT:
@@ -261,7 +261,7 @@ def _load_float(model, path: str, args) -> None:
 def _float_model(args, dataset, out: str):
     """The packaged model, from ``--checkpoint`` or trained here for ``--epochs`` (then saved as fp32.safetensors)."""
     import lowbit
-    from lowbit import train
+    from lowbit.app import train
     from lowbit.models import create_model
 
     kwargs = {"num_classes": dataset.num_classes, "in_channels": dataset.in_channels}
@@ -301,7 +301,7 @@ def _check_out_folder(out: str) -> None:
 
 
 def _prepare(args):
-    from lowbit import data, train
+    from lowbit.app import data, train
 
     _check_out_folder(args.out)
     os.makedirs(args.out, exist_ok=True)
@@ -319,7 +319,8 @@ def _save_quantized(model, args) -> None:
 
 
 def cmd_mixquant(args) -> int:
-    from lowbit import mixquant, train
+    from lowbit import mixquant
+    from lowbit.app import train
 
     _check_out_folder(args.out)
     if args.qem is not None and not args.qem >= 1:  # fail before training, not after
@@ -487,7 +488,7 @@ def _load_module(path: str, allow_pickle: bool, packed: bool = True):
     import torch
 
     import lowbit
-    from lowbit import serialization
+    from lowbit.tools import serialization
 
     if not os.path.isfile(path) and not os.path.isdir(path):
         raise ValueError(f"{path!r}: no such file")
@@ -529,7 +530,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lowbit import data, train
+    from lowbit.app import data, train
 
     model = _load_module(args.model_file, args.allow_pickle).to(args.device)
     dataset = data.load(args.data, image_size=args.image_size)

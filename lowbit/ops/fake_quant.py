@@ -1,0 +1,178 @@
+"""``lowbit.fake_quant``: the fused LSQ / LSQ+ fake quantizer (SPEC section 1) as the custom op ``lowbit::fake_quant``.
+
+The public function checks its arguments (SPEC section 6); the op picks a backend per call (``lowbit.backends.select``)
+and has a fake kernel for tracing and an autograd formula whose backward is a custom op of its own. Inductor replaces
+both by their aten decompositions (``lowbit.ops.decompositions``) so they fuse with their neighbours.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.backends import select
+from lowbit.core import checks
+from lowbit.core.ranges import quant_range
+from lowbit.ops.library import (
+    LIB,
+    define,
+    in_logical_order,
+    in_memory_order,
+    inner_size,
+    memory_order,
+    values_checked_by,
+)
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fake_quant: the fused LSQ / LSQ+ quantizer (SPEC section 1)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale):
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    backend = select(x.device)
+    if not values_checked_by(backend):
+        checks.step_values("step", step)
+        if offset is not None:
+            checks.finite_values("offset", offset)
+    qmin, qmax = quant_range(bits, signed)
+    offset = None if offset is None else offset.contiguous()
+    order = memory_order(x)
+    xm = in_memory_order(x, order)
+    axis = axis if order is None else order.index(axis)
+    inner = inner_size(xm, step.numel(), axis)
+    return in_logical_order(backend.fake_quant_forward(xm, step.contiguous(), offset, qmin, qmax, inner), order)
+
+
+def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_scale):
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.zeros_like(step), torch.zeros_like(step)
+    qmin, qmax = quant_range(bits, signed)
+    backend = select(x.device)
+    order = memory_order(x)
+    xm, gm = in_memory_order(x, order), in_memory_order(grad, order)
+    axis = axis if order is None else order.index(axis)
+    inner = inner_size(xm, step.numel(), axis)
+    offset = None if offset is None else offset.contiguous()
+    dx, dstep, doffset = backend.fake_quant_backward(gm, xm, step.contiguous(), offset, qmin, qmax, inner, grad_scale)
+    return in_logical_order(dx, order), dstep, doffset
+
+
+define(
+    "fake_quant(Tensor x, Tensor step, Tensor? offset, int bits, bool signed, int axis, float grad_scale) -> Tensor",
+    _fake_quant_impl,
+    lambda x, step, offset, bits, signed, axis, grad_scale: torch.empty_like(x),
+)
+define(
+    "fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int bits, bool signed, int axis, "
+    "float grad_scale) -> (Tensor, Tensor, Tensor)",
+    _fake_quant_backward_impl,
+    lambda grad, x, step, offset, bits, signed, axis, grad_scale: (
+        torch.empty_like(x),
+        torch.empty_like(step),
+        torch.empty_like(step),
+    ),
+)
+
+
+def _fake_quant_setup_context(ctx, inputs, output):
+    x, step, offset, bits, signed, axis, grad_scale = inputs
+    ctx.save_for_backward(x, step, offset)
+    ctx.config = (bits, signed, axis, grad_scale)
+
+
+def _fake_quant_grad(ctx, grad):
+    x, step, offset = ctx.saved_tensors
+    dx, dstep, doffset = torch.ops.lowbit.fake_quant_backward(grad, x, step, offset, *ctx.config)
+    return dx, dstep, (doffset if offset is not None else None), None, None, None, None
+
+
+torch.library.register_autograd(
+    "lowbit::fake_quant", _fake_quant_grad, setup_context=_fake_quant_setup_context, lib=LIB
+)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """The public op's autograd: the same forward and backward ops as the registration above, through a plain
+    autograd.Function, whose eager overhead is about a third of register_autograd's (it counts on the many small
+    tensors of a network). torch.compile traces it into the same two custom-op nodes."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        _fake_quant_setup_context(ctx, inputs, None)
+        return torch.ops.lowbit.fake_quant(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _fake_quant_grad(ctx, grad)
+
+
+def _channel_params(x: Tensor, step: Tensor, offset: Tensor | None, axis) -> tuple[Tensor, Tensor | None, int]:
+    """Checks step/offset/axis against x; returns float32 (C,) step and offset and a non-negative axis.
+
+    C is 1 for per-tensor quantization. With ``axis=None`` a step of more than one element means per-channel
+    along axis 0 (SPEC section 1), as for conv and linear weights.
+    """
+    checks.float_tensor("step", step)
+    checks.same_device("step", step, x)
+    if axis is None:
+        axis = 0 if step.numel() > 1 else None
+    if axis is not None:
+        axis = checks.axis(axis, x.dim())
+    channels = x.shape[axis] if axis is not None else 1
+    if step.numel() not in (1, channels):
+        where = f"x.shape[{axis}]={channels} elements (per-channel along axis {axis})" if axis is not None else ""
+        raise ValueError(
+            f"step must have 1 element (per-tensor){' or ' + where if where else ''}, got shape {tuple(step.shape)}"
+        )
+    if step.numel() == 1 and channels != 1:
+        axis = None  # a single step is per-tensor, whatever the axis
+    step = step.reshape(-1).float()
+    if offset is not None:
+        checks.float_tensor("offset", offset)
+        checks.same_device("offset", offset, x)
+        if offset.numel() not in (1, step.numel()):
+            raise ValueError(
+                f"offset must have 1 element or as many as step ({step.numel()}), got shape {tuple(offset.shape)}"
+            )
+        offset = offset.reshape(-1).float().expand(step.numel()).contiguous()
+    return step, offset, (axis if axis is not None else 0)
+
+
+def fake_quant(
+    x: Tensor,
+    step: Tensor,
+    bits: int,
+    *,
+    signed: bool = False,
+    offset: Tensor | None = None,
+    axis: int | None = None,
+    grad_scale: float | None = None,
+) -> Tensor:
+    """LSQ fake quantization ``y = clamp(round((x - offset) / step), Qn, Qp) * step + offset`` (SPEC section 1).
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape.
+        step: positive step size: 1 element (per-tensor) or ``x.shape[axis]`` elements (per-channel).
+        bits: bit-width, 2..8.
+        signed: signed range ``[-2^(b-1), 2^(b-1)-1]`` instead of ``[0, 2^b-1]``.
+        offset: optional LSQ+ offset, 1 element or one per channel.
+        axis: channel axis for a per-channel step (default 0 when step has more than one element).
+        grad_scale: LSQ gradient scale for step and offset; default ``1/sqrt(n * Qp)``, n = elements per step.
+
+    Returns ``y`` in x's dtype. Gradients flow to x (straight-through inside the range), step and offset.
+    """
+    checks.float_tensor("x", x)
+    bits = checks.bits("bits", bits)
+    signed = checks.flag("signed", signed)
+    grad_scale = checks.grad_scale(grad_scale)
+    step, offset, axis = _channel_params(x, step, offset, axis)
+    if grad_scale is None:
+        per_step = x.numel() // max(step.numel(), 1)
+        grad_scale = 1.0 / math.sqrt(per_step * quant_range(bits, signed)[1]) if per_step else 1.0
+    return _FakeQuant.apply(x, step, offset, bits, signed, axis, grad_scale)

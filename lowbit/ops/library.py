@@ -1,0 +1,67 @@
+"""The ``torch.library`` namespace ``lowbit`` and what every op file shares: declaring an op with its per-device
+kernel and fake kernel, and running kernels on permuted dense tensors (channels-last, transposes) without copies.
+
+The ops are declared with ``torch.library.Library`` (schema string + per-device Python kernels) rather than the
+``torch.library.custom_op`` decorator: same registrations (fake, autograd), about half the per-call overhead,
+which matters for the many small tensors of a real network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.ops.decompositions import register_inductor_decompositions
+
+Tensor = torch.Tensor
+
+LIB = torch.library.Library("lowbit", "DEF")  # noqa: TOR901  (kept alive for the life of the process)
+
+
+def define(schema: str, impl, fake):
+    """Declares ``lowbit::<schema>`` with ``impl`` for CPU and CUDA tensors and ``fake`` for tracing."""
+    name = schema.split("(", 1)[0]
+    LIB.define(schema)
+    for key in ("CPU", "CUDA"):
+        LIB.impl(name, impl, key)
+    torch.library.register_fake(f"lowbit::{name}", _tracing(fake), lib=LIB)
+    return name
+
+
+def _tracing(fake):
+    """The fake kernel, which runs whenever a graph holding the op is traced: it also hands Inductor the op's
+    aten decomposition (lowbit.decompositions), so a compiled graph fuses the op with its neighbours."""
+
+    def run(*args):
+        register_inductor_decompositions()
+        return fake(*args)
+
+    return run
+
+
+def values_checked_by(backend) -> bool:
+    """Backends whose kernels validate step/offset values themselves (cheaply, without a device sync)."""
+    return getattr(backend, "CHECKS_VALUES", False)
+
+
+def memory_order(x: Tensor) -> list[int] | None:
+    """The dims of x from outermost to innermost in memory when x is a permuted dense tensor (channels-last, a
+    transpose), so the kernels can run on ``x.permute(order)`` without a copy; None when x is contiguous."""
+    if x.is_contiguous():
+        return None
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def in_memory_order(t: Tensor, order: list[int] | None) -> Tensor:
+    return t.contiguous() if order is None else t.permute(order).contiguous()  # no copy when t is laid out so
+
+
+def in_logical_order(t: Tensor, order: list[int] | None) -> Tensor:
+    return t if order is None else t.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
+def inner_size(x: Tensor, channels: int, axis: int) -> int:
+    """Elements after ``axis`` in x: the stride of the channel index when x is viewed as (outer, C, inner)."""
+    return math.prod(x.shape[axis + 1 :]) if channels > 1 else 1

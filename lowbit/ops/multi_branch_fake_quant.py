@@ -1,0 +1,154 @@
+"""``lowbit.multi_branch_fake_quant``: MetaMix's mixture of bit-widths of one activation (SPEC section 2) as the custom
+op ``lowbit::multi_branch_fake_quant``, wired like ``lowbit.ops.fake_quant``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.backends import select
+from lowbit.core import checks
+from lowbit.core.ranges import quant_range
+from lowbit.ops.library import (
+    LIB,
+    define,
+    in_logical_order,
+    in_memory_order,
+    memory_order,
+    values_checked_by,
+)
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multi_branch_fake_quant: MetaMix's mixture of bit-widths of one activation (SPEC section 2)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _branch_ranges(bits: list[int], signed: bool) -> tuple[list[int], list[int]]:
+    ranges = [quant_range(b, signed) for b in bits]
+    return [lo for lo, _ in ranges], [hi for _, hi in ranges]
+
+
+def _multi_branch_impl(x, steps, probs, bits, signed, grad_scale):
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    backend = select(x.device)
+    if not values_checked_by(backend):
+        checks.step_values("steps", steps)
+        checks.finite_values("probs", probs)
+    qmin, qmax = _branch_ranges(bits, signed)
+    order = memory_order(x)
+    y = backend.multi_branch_forward(in_memory_order(x, order), steps.contiguous(), probs.contiguous(), qmin, qmax)
+    return in_logical_order(y, order)
+
+
+def _multi_branch_backward_impl(grad, x, steps, probs, bits, signed, grad_scale):
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.zeros_like(steps), torch.zeros_like(probs)
+    qmin, qmax = _branch_ranges(bits, signed)
+    order = memory_order(x)
+    dx, dsteps, dprobs = select(x.device).multi_branch_backward(
+        in_memory_order(grad, order),
+        in_memory_order(x, order),
+        steps.contiguous(),
+        probs.contiguous(),
+        qmin,
+        qmax,
+        grad_scale,
+    )
+    return in_logical_order(dx, order), dsteps, dprobs
+
+
+define(
+    "multi_branch_fake_quant(Tensor x, Tensor steps, Tensor probs, int[] bits, bool signed, float[] grad_scale) "
+    "-> Tensor",
+    _multi_branch_impl,
+    lambda x, steps, probs, bits, signed, grad_scale: torch.empty_like(x),
+)
+define(
+    "multi_branch_fake_quant_backward(Tensor grad, Tensor x, Tensor steps, Tensor probs, int[] bits, bool signed, "
+    "float[] grad_scale) -> (Tensor, Tensor, Tensor)",
+    _multi_branch_backward_impl,
+    lambda grad, x, steps, probs, bits, signed, grad_scale: (
+        torch.empty_like(x),
+        torch.empty_like(steps),
+        torch.empty_like(probs),
+    ),
+)
+
+
+def _multi_branch_setup_context(ctx, inputs, output):
+    x, steps, probs, bits, signed, grad_scale = inputs
+    ctx.save_for_backward(x, steps, probs)
+    ctx.config = (bits, signed, grad_scale)
+
+
+def _multi_branch_grad(ctx, grad):
+    x, steps, probs = ctx.saved_tensors
+    dx, dsteps, dprobs = torch.ops.lowbit.multi_branch_fake_quant_backward(grad, x, steps, probs, *ctx.config)
+    return dx, dsteps, dprobs, None, None, None
+
+
+torch.library.register_autograd(
+    "lowbit::multi_branch_fake_quant", _multi_branch_grad, setup_context=_multi_branch_setup_context, lib=LIB
+)
+
+
+def _branch_grad_scales(grad_scale, bits: list[int], signed: bool, per_step: int) -> list[float]:
+    if grad_scale is None or isinstance(grad_scale, (int, float)):
+        gs = checks.grad_scale(grad_scale)
+        if gs is not None:
+            return [gs] * len(bits)
+        return [1.0 / math.sqrt(per_step * quant_range(b, signed)[1]) if per_step else 1.0 for b in bits]
+    scales = [checks.grad_scale(g) for g in grad_scale]
+    if len(scales) != len(bits):
+        raise ValueError(f"grad_scale must be a float or have one entry per branch ({len(bits)}), got {len(scales)}")
+    return scales
+
+
+def multi_branch_fake_quant(
+    x: Tensor,
+    steps: Tensor,
+    probs: Tensor,
+    bits,
+    *,
+    signed: bool = False,
+    grad_scale=None,
+) -> Tensor:
+    """Multi-branch quantizer ``y = sum_i probs[i] * Q(x; steps[i], bits[i])`` (SPEC section 2).
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape.
+        steps: positive per-tensor step of each branch, shape ``(B,)``.
+        probs: weight of each branch, shape ``(B,)`` (usually ``softmax(alpha)``; need not sum to 1).
+        bits: the B bit-widths, distinct, each in 2..8, in any order.
+        signed: signedness shared by every branch.
+        grad_scale: LSQ gradient scale, one float for all branches or one per branch; default
+            ``1/sqrt(numel * Qp_i)`` per branch.
+
+    Gradients flow to x, steps (``p_i * gs_i * sum g dQ_i/ds_i``) and probs (``sum g * Q_i``).
+    """
+    checks.float_tensor("x", x)
+    bits = checks.bit_list("bits", bits)
+    signed = checks.flag("signed", signed)
+    steps = checks.branch_vector("steps", steps, x, len(bits))
+    probs = checks.branch_vector("probs", probs, x, len(bits))
+    scales = _branch_grad_scales(grad_scale, bits, signed, x.numel())
+    return _MultiBranch.apply(x, steps, probs, bits, signed, scales)
+
+
+class _MultiBranch(torch.autograd.Function):
+    """Eager fast path of the op's autograd, as ``_FakeQuant``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        _multi_branch_setup_context(ctx, inputs, None)
+        return torch.ops.lowbit.multi_branch_fake_quant(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _multi_branch_grad(ctx, grad)
