@@ -28,6 +28,7 @@ import test_fake_quant as tfq  # noqa: E402
 import test_multi_branch as tmb  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.backends import cpu as cpu_backend
 
 U = 2.0**-24
 
@@ -58,7 +59,7 @@ class Recorder:
 def gradient_errors(variant: str, rec: Recorder) -> None:
     name, _, isa = variant.partition("-")
     if isa:
-        torch.ops.lowbit_C.set_cpu_isa(isa)
+        cpu_backend.set_isa(isa)
     with lowbit.use_backend(name):
         for (shape, axis), dtype, signed, off in itertools.product(tfq.CASES, tfq.DTYPES, [False, True], [False, True]):
             rec.case = "fake_quant"

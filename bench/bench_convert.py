@@ -26,6 +26,7 @@ from common import RESULTS, cpu_name, write_results
 
 import lowbit
 from lowbit.app.timing import interleaved_median_ms
+from lowbit.backends import cpu as cpu_backend
 from lowbit.backends import select
 from lowbit.models import create_model
 from lowbit.tools.convert import convert
@@ -84,7 +85,7 @@ def markdown(results: dict, meta: dict) -> str:
 
 def _backend_name() -> str:
     backend = select(torch.device("cpu")).__name__.rsplit(".", 1)[-1]
-    return f"cpu ({torch.ops.lowbit_C.cpu_isa()})" if backend == "cpu" else backend
+    return f"cpu ({cpu_backend.isa()})" if backend == "cpu" else backend
 
 
 def main(argv=None) -> int:

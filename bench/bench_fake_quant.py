@@ -27,6 +27,7 @@ from common import RESULTS, cpu_name, is_lowbit, speedup, write_results
 
 import lowbit
 from lowbit.app.timing import interleaved_median_ms
+from lowbit.backends import cpu as cpu_backend
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def implementations(device: torch.device) -> dict:
         if name == "triton" and device.type == "cpu":
             continue  # the interpreter is a test tool, not a contender
         if name == "cpu":
-            for isa in torch.ops.lowbit_C.cpu_isa_supported():
+            for isa in cpu_backend.supported_isas():
                 impls[f"lowbit cpu ({isa})"] = _with_isa(isa, lowbit_op("cpu"))
         else:
             impls[f"lowbit {name}"] = lowbit_op(name)
@@ -206,12 +207,12 @@ def _devices(name: str):
 
 def _with_isa(isa: str, fn):
     def run(x, step, case):
-        before = torch.ops.lowbit_C.cpu_isa()
-        torch.ops.lowbit_C.set_cpu_isa(isa)
+        before = cpu_backend.isa()
+        cpu_backend.set_isa(isa)
         try:
             return fn(x, step, case)
         finally:
-            torch.ops.lowbit_C.set_cpu_isa(before)
+            cpu_backend.set_isa(before)
 
     return run
 
@@ -303,7 +304,7 @@ def main(argv=None) -> int:
     out = args.out or (None if args.quick else RESULTS)
     impls = implementations(device)
     missing = peer_implementations()[1]
-    isa = torch.ops.lowbit_C.cpu_isa() if "cpu" in lowbit.backends() else "no C++ backend"
+    isa = cpu_backend.isa() if "cpu" in lowbit.backends() else "no C++ backend"
     meta = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),

@@ -42,6 +42,7 @@ from common import RESULTS, cpu_clock_median_ms, cpu_name, write_results
 
 import lowbit
 from lowbit.app.timing import interleaved_median_ms
+from lowbit.backends import cpu as cpu_backend
 from lowbit.models import create_model
 from lowbit.tools.convert import convert
 
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
     meta = {
         "device": "cpu",
         "device_name": cpu_name(),
-        "cpu_isa": torch.ops.lowbit_C.cpu_isa(),
+        "cpu_isa": cpu_backend.isa(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "onnxruntime": ort_missing or __import__("onnxruntime").__version__,

@@ -31,6 +31,7 @@ from common import RESULTS, cpu_name, speedup, write_results
 
 import lowbit
 from lowbit.app.timing import interleaved_median_ms
+from lowbit.backends import cpu as cpu_backend
 
 FULL_SHAPES = [(m, k) for k in (1024, 4096) for m in (1, 16, 256, 1024)]  # (M, K = N)
 PEER_SHAPES = [(1, 4096), (1024, 4096)]  # --peer-shapes: the issue-17 comparison only
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "lowbit": lowbit.__version__,
-        "cpu_isa": torch.ops.lowbit_C.cpu_isa(),
+        "cpu_isa": cpu_backend.isa(),
         "repeats": repeats,
         "note": args.note + (" Clock: process CPU time." if args.clock == "cpu" else ""),
         "command": "python bench/bench_packed.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),

@@ -33,6 +33,8 @@ from lowbit.models import create_model
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from lsq_idioms import lsq_net_quantize  # noqa: E402  (the lsq-net-style wrapper shared with the tests)
 
+from lowbit.backends import cpu as cpu_backend
+
 
 def _train_step(model, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.batch, args.width, args.repeats, compiled=not args.no_compile)
-    isa = torch.ops.lowbit_C.cpu_isa() if "cpu" in lowbit.backends() else "no C++ backend"
+    isa = cpu_backend.isa() if "cpu" in lowbit.backends() else "no C++ backend"
     meta = {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),

@@ -17,6 +17,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.backends import cpu as cpu_backend
 
 # Tests run on this device; `make gpu-check` sets LOWBIT_TEST_DEVICE=cuda.
 DEVICE = torch.device(os.environ.get("LOWBIT_TEST_DEVICE", "cpu"))
@@ -40,7 +41,7 @@ def backend_variants() -> list[str]:
         if DEVICE.type not in _devices(name) or (only and name not in only):
             continue
         if name == "cpu":
-            variants += [f"cpu-{isa}" for isa in torch.ops.lowbit_C.cpu_isa_supported()]
+            variants += [f"cpu-{isa}" for isa in cpu_backend.supported_isas()]
         else:
             variants.append(name)
     return variants
@@ -56,12 +57,12 @@ def _devices(name: str) -> tuple[str, ...]:
 def backend(request):
     """Runs the test body under one backend (and, for the C++ CPU backend, one instruction set)."""
     name, _, isa = request.param.partition("-")
-    previous_isa = torch.ops.lowbit_C.cpu_isa() if isa else None
+    previous_isa = cpu_backend.isa() if isa else None
     if isa:
-        torch.ops.lowbit_C.set_cpu_isa(isa)
+        cpu_backend.set_isa(isa)
     try:
         with lowbit.use_backend(name):
             yield request.param
     finally:
         if previous_isa:
-            torch.ops.lowbit_C.set_cpu_isa(previous_isa)
+            cpu_backend.set_isa(previous_isa)

@@ -20,6 +20,7 @@ from conftest import DEVICE
 from torch import nn
 
 import lowbit
+from lowbit.backends import cpu as cpu_backend
 from lowbit.models import MODELS, create_model
 from lowbit.nn.layers import QConv2d, QLinear
 from lowbit.nn.packed import FoldedBatchNorm2d, PackedConv2d
@@ -201,18 +202,18 @@ def test_fused_model_is_the_same_on_every_backend_and_keeps_top1(name, plan):
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_fused_model_is_the_same_on_every_isa(isa):
-    if isa not in torch.ops.lowbit_C.cpu_isa_supported():
+    if isa not in cpu_backend.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} path")
     model, x = calibrated("mobilenet_v2", "w2-8 a2-8")
     fused = convert(model)
-    previous = torch.ops.lowbit_C.cpu_isa()
+    previous = cpu_backend.isa()
     with torch.no_grad():
         want = fused(x)
-        torch.ops.lowbit_C.set_cpu_isa(isa)
+        cpu_backend.set_isa(isa)
         try:
             got = fused(x)
         finally:
-            torch.ops.lowbit_C.set_cpu_isa(previous)
+            cpu_backend.set_isa(previous)
     assert torch.equal(got, want)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, backend_variants, interpreted
 
 import lowbit
+from lowbit.backends import cpu as cpu_backend
 
 CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 W_BITS = list(range(2, 9))
@@ -463,7 +464,7 @@ def expected_packed_path(isa: str, m: int) -> str:
     """The path packed_linear must take at ISA level `isa` for M = m (csrc/cpu/packed_linear.h)."""
     if isa != "avx512":
         return isa
-    features = torch.ops.lowbit_C.cpu_features()
+    features = cpu_backend.features()
     if "amx_int8" in features and m > 16:
         return "amx"
     return "vnni" if "avx512_vnni" in features else "avx2"
@@ -477,9 +478,9 @@ def test_packed_linear_runs_the_expected_cpu_path(backend, m):
     gen = torch.Generator().manual_seed(m)
     qw, w_scale = _weights(130, 301, 4, gen)
     x, x_step = _activations(m, 301, 8, True, gen)
-    before = torch.ops.lowbit_C.packed_linear_path_counts()
+    before = cpu_backend.packed_path_counts()
     y = run_packed_linear(x, qw, w_scale, 4, x_step, 8, True)
-    after = torch.ops.lowbit_C.packed_linear_path_counts()
+    after = cpu_backend.packed_path_counts()
     ran = {path: after[path] - before[path] for path in after}
     assert ran == {path: int(path == expected_packed_path(isa, m)) for path in after}
     check_packed_linear_exact(y, x, qw, w_scale, x_step, 8, True)
@@ -498,13 +499,13 @@ def test_cpu_isa_and_features_match_the_cpu():
         best = "scalar"
     cap = os.environ.get("LOWBIT_CPU_ISA", best)
     best = ISA_ORDER[min(ISA_ORDER.index(best), ISA_ORDER.index(cap))]
-    assert torch.ops.lowbit_C.cpu_isa_supported() == ISA_ORDER[: ISA_ORDER.index(best) + 1][::-1]
+    assert cpu_backend.supported_isas() == ISA_ORDER[: ISA_ORDER.index(best) + 1][::-1]
     want = []
     if best == "avx512" and "avx512_vnni" in flags and os.environ.get("LOWBIT_CPU_VNNI") != "0":
         want.append("avx512_vnni")
         if {"amx_tile", "amx_int8"} <= flags and os.environ.get("LOWBIT_CPU_AMX") != "0" and amx_permitted():
             want.append("amx_int8")
-    assert torch.ops.lowbit_C.cpu_features() == want
+    assert cpu_backend.features() == want
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU code paths")
@@ -531,7 +532,7 @@ def test_cpu_paths_without_amx_or_vnni(switch, feature):
     """The AVX-512 level runs AMX tiles for GEMM blocks when the CPU has them, else VNNI, else AVX2 tiles; the
     in-process runs above cover only the best path, so run the GEMM-shaped cases and the path check again in a
     process with `feature` switched off, where the path check proves that the next path down ran."""
-    if feature not in torch.ops.lowbit_C.cpu_features():
+    if feature not in cpu_backend.features():
         pytest.skip(f"this CPU has no {feature} (or it is off here): {switch}=0 would change nothing")
     env = {**os.environ, switch: "0", "OMP_NUM_THREADS": "1"}
     select = "(cpu-avx512 and (33x130 or expected_cpu_path)) or match_the_cpu"

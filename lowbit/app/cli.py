@@ -51,7 +51,7 @@ def info_dict() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    kernels_isa = torch.ops.lowbit_C.cpu_isa() if status("cpu").available else None
+    kernels_isa = cpu_backend.isa() if status("cpu").available else None
     rows = [status(name) for name in NAMES]
     default = {}
     for device, order in PREFERENCE.items():
@@ -100,6 +100,7 @@ def cmd_info(args) -> int:
 
 
 from lowbit.app.demo import DemoConfig  # noqa: E402  (light: no torch work at import)
+from lowbit.backends import cpu as cpu_backend  # noqa: E402
 from lowbit.metamix.config import MODES, MetaMixConfig  # noqa: E402
 from lowbit.mixquant import LSQFineTune  # noqa: E402
 

@@ -21,4 +21,32 @@ def availability() -> tuple[bool, str]:
     ext, reason = extension.load()
     if ext is None:
         return False, reason
-    return True, f"C++ kernels, {torch.ops.lowbit_C.cpu_isa()} selected at run time"
+    return True, f"C++ kernels, {isa()} selected at run time"
+
+
+# Queries and switches of the C++ CPU code paths (tests, benchmarks and `lowbit info` use them).
+
+
+def isa() -> str:
+    """The instruction-set path the C++ kernels run now: "avx512", "avx2" or "scalar"."""
+    return torch.ops.lowbit_C.cpu_isa()
+
+
+def supported_isas() -> list[str]:
+    """The paths this CPU can run, fastest first."""
+    return list(torch.ops.lowbit_C.cpu_isa_supported())
+
+
+def set_isa(name: str) -> None:
+    """Caps the path (as LOWBIT_CPU_ISA does at start-up); for tests and benchmarks."""
+    torch.ops.lowbit_C.set_cpu_isa(name)
+
+
+def features() -> list[str]:
+    """The optional CPU features in use (avx512_vnni, amx_int8)."""
+    return list(torch.ops.lowbit_C.cpu_features())
+
+
+def packed_path_counts() -> dict[str, int]:
+    """How many packed GEMM calls each path (scalar, avx2, vnni, amx) has run in this process."""
+    return dict(torch.ops.lowbit_C.packed_linear_path_counts())
