@@ -105,7 +105,7 @@ CASES = [
     ("qlinear-a-bits-float", lambda: QLinear(3, 4, a_bits=4.5), TypeError, "bits"),
     ("mb-quantizer-empty", lambda: MultiBranchQuantizer(()), ValueError, "bits"),
     ("mb-conv-duplicate-bits", lambda: MultiBranchQConv2d(3, 4, 1, a_bits_choices=(4, 4)), ValueError, "bits"),
-    ("packed-linear-w-bits", lambda: PackedLinear(4, 4, w_bits=9, x_bits=8), ValueError, "w_bits"),
+    ("packed-linear-w-bits", lambda: PackedLinear(4, 4, w_bits=9, a_bits=8), ValueError, "w_bits"),
     # model surgery
     ("quantize-model-not-module", lambda: lowbit.quantize("resnet"), TypeError, "model"),
     ("quantize-w-bits-high", lambda: lowbit.quantize(tiny_cnn(), w_bits=9), ValueError, "w_bits"),

@@ -10,9 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pathlib
+import warnings
 
 import pytest
 import torch
+from packed_models import calibrated_model
 from torch import nn
 
 import lowbit
@@ -42,31 +45,10 @@ def _close(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
 
 
 def _calibrated(name: str, *, seed: int = 0, first_float: bool = False) -> tuple[nn.Module, torch.Tensor]:
-    """A tiny packaged model, quantized at mixed per-layer bits, steps initialised on one batch, in eval mode.
-
-    BN running statistics are set from one float batch first (momentum 1), so that eval-mode activations have a
-    realistic scale and the logits are not degenerate.
-    """
-    torch.manual_seed(seed)
+    """A tiny packaged model at mixed per-layer bits (W_BITS, A_BITS cycled), calibrated, in eval mode;
+    ``first_float``: its second layer takes a float input (DequantConv2d)."""
     kwargs, size = MODELS[name]
-    model = create_model(name, num_classes=10, in_channels=3, **kwargs)
-    x = torch.randn(8, 3, size, size)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = 1.0
-    model.train()
-    model(x)
-    model.eval()
-    lowbit.quantize(model, 4, 8)
-    layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
-    for i, layer in enumerate(layers):
-        layer.w_bits = W_BITS[i % len(W_BITS)]
-        layer.act_quant.bits = A_BITS[i % len(A_BITS)]
-    if first_float:
-        layers[1].act_quant = nn.Identity()  # a float-input layer: DequantConv2d
-    with torch.no_grad():
-        model(x)  # calibration: LSQ steps and activation signedness from this batch
-    return model, x
+    return calibrated_model(name, kwargs, size, W_BITS, A_BITS, seed=seed, float_input_layer=1 if first_float else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,7 +69,7 @@ def test_convert_packaged_model_matches_fake_quant(name):
     assert any(isinstance(m, (QConv2d, QLinear)) for m in model.modules()), "convert must not touch its input"
     kinds = {type(m) for m in packed.modules()}
     assert {PackedConv2d, PackedLinear, DequantConv2d} <= kinds
-    signs = {m.x_signed for m in packed.modules() if isinstance(m, (PackedConv2d, PackedLinear))}
+    signs = {m.a_signed for m in packed.modules() if isinstance(m, (PackedConv2d, PackedLinear))}
     assert signs == {True, False}
     assert {m.w_bits for m in packed.modules() if hasattr(m, "w_bits")} >= {2, 3, 4, 8}
     assert len(report.converted) == sum(isinstance(m, (QConv2d, QLinear)) for m in model.modules())
@@ -199,7 +181,7 @@ def test_packed_layers_return_the_input_dtype(dtype):
 
 
 def test_weight_codes_are_the_lsq_codes():
-    """codes * w_scale reproduces lowbit.fake_quant's weight bit for bit, for every width."""
+    """codes * w_step reproduces lowbit.fake_quant's weight bit for bit, for every width."""
     x = torch.randn(2, 5, 6, 6)
     for bits in range(2, 9):
         q = _q_layer(nn.Conv2d(5, 7, 3), x, bits, 8, True)
@@ -232,7 +214,7 @@ def test_convert_multi_branch_policy():
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         _close(packed(x), single(x), rel=1e-4)
-    assert packed[2].x_bits == model[2].selected_bits()
+    assert packed[2].a_bits == model[2].selected_bits()
 
 
 def test_convert_inplace_and_report_lists_float_layers():
@@ -266,13 +248,14 @@ def test_convert_minmax_ptq_layers_stay_float():
         (lambda: convert(_calibrated("small_cnn")[0], multi_branch="mix"), ValueError, "multi_branch must be"),
         (lambda: convert(_calibrated("small_cnn")[0], return_report="y"), TypeError, "return_report"),
         (lambda: convert(convert(_calibrated("small_cnn")[0])), ValueError, "already converted"),
-        (lambda: PackedConv2d(4, 6, 3, groups=4, w_bits=4, x_bits=8), ValueError, "groups must divide"),
-        (lambda: PackedConv2d(4, 6, 3, w_bits=9, x_bits=8), ValueError, "w_bits must be in 2..8"),
-        (lambda: PackedConv2d(4, 6, 3, w_bits=4, x_bits=None), ValueError, "x_bits"),
-        (lambda: PackedLinear(4, 0, w_bits=4, x_bits=8), ValueError, "out_features must be >= 1"),
-        (lambda: PackedConv2d(4, 6, 3, w_bits=4, x_bits=8, padding_mode="mirror"), ValueError, "padding_mode"),
-        (lambda: PackedConv2d(4, 6, 3, w_bits=4, x_bits=8)(torch.rand(1, 3, 5, 5)), ValueError, "x must have shape"),
-        (lambda: PackedLinear(4, 2, w_bits=4, x_bits=8)(torch.rand(1, 3)), ValueError, r"x must have shape"),
+        (lambda: PackedConv2d(4, 6, 3, groups=4, w_bits=4, a_bits=8), ValueError, "groups must divide"),
+        (lambda: PackedConv2d(4, 6, 3, w_bits=9, a_bits=8), ValueError, "w_bits must be in 2..8"),
+        (lambda: PackedConv2d(4, 6, 3, w_bits=4, a_bits=None), ValueError, "a_bits must be an int"),
+        (lambda: DequantLinear(4, 6, w_bits=4, a_bits=8), ValueError, "a_bits must be None"),
+        (lambda: PackedLinear(4, 0, w_bits=4, a_bits=8), ValueError, "out_features must be >= 1"),
+        (lambda: PackedConv2d(4, 6, 3, w_bits=4, a_bits=8, padding_mode="mirror"), ValueError, "padding_mode"),
+        (lambda: PackedConv2d(4, 6, 3, w_bits=4, a_bits=8)(torch.rand(1, 3, 5, 5)), ValueError, "x must have shape"),
+        (lambda: PackedLinear(4, 2, w_bits=4, a_bits=8)(torch.rand(1, 3)), ValueError, r"x must have shape"),
         (lambda: DequantLinear(4, 2, w_bits=4)(torch.ones(1, 4, dtype=torch.int32)), TypeError, "x must be float"),
     ],
 )
@@ -343,6 +326,68 @@ def test_w4_weights_take_an_eighth_of_fp32(tmp_path):
     save(packed, path)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert os.path.getsize(path) < 0.25 * fp32_bytes  # steps, BN and the JSON header on top of the codes
+
+
+def test_a_version_1_file_loads_and_gives_the_logits_it_gave():
+    """tests/data/packed_v1_small_cnn.safetensors: format version 1 (x_bits, x_signed, w_scale, x_step), written by
+    the lowbit before version 2 (tests/data/make_packed_v1.py); read under the new names, same logits bit for bit."""
+    data = pathlib.Path(__file__).parent / "data"
+    expected = json.loads((data / "packed_v1_small_cnn.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the translation uses no deprecated path
+        model = load(data / "packed_v1_small_cnn.safetensors")
+    x = torch.randn(
+        *expected["input"]["shape"], generator=torch.Generator().manual_seed(expected["input"]["generator_seed"])
+    )
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.tensor(expected["logits"]))
+    first, head = model.features[0][0], model.classifier
+    assert (type(first), first.w_bits, first.a_bits, first.a_signed) == (PackedConv2d, 8, 8, True)
+    assert type(head) is DequantLinear and head.a_bits is None and "a_step" not in head.state_dict()
+    assert {"packed_weight", "w_step", "a_step"} <= set(first.state_dict())
+
+
+def test_save_writes_version_2_under_the_training_names(small_file):
+    from safetensors import safe_open
+
+    path, _ = small_file
+    with safe_open(str(path), "pt") as f:
+        metadata, keys = f.metadata(), set(f.keys())
+    configs = json.loads(metadata["layers"]).values()
+    assert metadata["format_version"] == "2"
+    assert all({"a_bits", "a_signed"} <= set(c) and not {"x_bits", "x_signed"} & set(c) for c in configs)
+    assert "classifier.w_step" in keys and "classifier.a_step" in keys
+    assert not any(k.endswith((".w_scale", ".x_step")) for k in keys)
+
+
+def test_old_names_still_work_and_warn():
+    with pytest.warns(DeprecationWarning) as warned:
+        layer = PackedLinear(4, 3, w_bits=4, x_bits=6, x_signed=True)
+    assert [str(w.message) for w in warned] == [
+        "PackedLinear: x_bits= is deprecated, use a_bits=",
+        "PackedLinear: x_signed= is deprecated, use a_signed=",
+    ]
+    assert all(w.filename == __file__ for w in warned)  # the warning points at the caller
+    assert (layer.a_bits, layer.a_signed) == (6, True)
+    with pytest.warns(DeprecationWarning, match=r"PackedLinear.x_step is deprecated, use .a_step"):
+        assert layer.x_step is layer.a_step
+    with pytest.warns(DeprecationWarning, match=r"w_scale is deprecated, use .w_step"):
+        assert layer.w_scale is layer.w_step
+    with pytest.warns(DeprecationWarning, match="x_bits"):
+        assert layer.x_bits == 6
+    codes = torch.randint(-8, 8, (3, 4), dtype=torch.int8)
+    with pytest.warns(DeprecationWarning) as warned:
+        layer.set_weight(codes, w_scale=torch.full((3,), 0.5), x_step=torch.tensor([0.25]))
+    assert [str(w.message).split(": ")[1] for w in warned] == ["w_scale= is deprecated, use w_step=",
+                                                                "x_step= is deprecated, use a_step="]  # fmt: skip
+    assert all(w.filename == __file__ for w in warned)
+    assert torch.equal(layer.w_step, torch.full((3,), 0.5)) and float(layer.a_step) == 0.25
+    with pytest.raises(TypeError, match="both 'a_bits' and its deprecated name 'x_bits'"):
+        PackedLinear(4, 3, w_bits=4, a_bits=6, x_bits=6)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'y_bits'"):
+        PackedConv2d(4, 3, 1, w_bits=4, a_bits=6, y_bits=6)
+    with pytest.raises(ValueError, match="codes outside the signed 2-bit range"):
+        PackedLinear(4, 3, w_bits=2, a_bits=8).set_weight(codes.clamp(-8, -3), torch.ones(3))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,7 +461,7 @@ def test_tampered_metadata_fails_the_checksum(small_file, tmp_path):
 
     def more_bits(metadata):
         layers = json.loads(metadata["layers"])
-        layers["classifier"]["x_bits"] = 4
+        layers["classifier"]["a_bits"] = 4
         metadata["layers"] = json.dumps(layers)
 
     with pytest.raises(ValueError, match="failed its checksum"):
@@ -434,8 +479,8 @@ def test_wrong_version_format_and_missing_metadata(small_file, tmp_path):
 
         return _rewrite(data, change)
 
-    with pytest.raises(ValueError, match="format version '2'; this lowbit reads version 1"):
-        load(_write(tmp_path, resign(format_version="2")))
+    with pytest.raises(ValueError, match="format version '3'; this lowbit reads versions 1, 2"):
+        load(_write(tmp_path, resign(format_version="3")))
     with pytest.raises(ValueError, match="format 'gguf'"):
         load(_write(tmp_path, resign(format="gguf")))
     with pytest.raises(ValueError, match=r"lacks \['layers'\]"):

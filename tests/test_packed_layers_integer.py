@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
+from packed_models import calibrated_model
 from torch import nn
 
 import lowbit
 from lowbit.backends import cpu as cpu_backend
-from lowbit.models import MODELS, create_model
-from lowbit.nn.layers import QConv2d, QLinear
+from lowbit.models import MODELS
 from lowbit.nn.packed import FoldedBatchNorm2d, PackedConv2d
 from lowbit.tools.convert import convert, fuse_inference
 
@@ -159,24 +159,11 @@ PLANS = {  # (weight bits, activation bits) cycled over the layers; first and la
 
 
 def calibrated(name: str, plan: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(seed)
     kwargs, size = SIZES[name]
-    model = create_model(name, num_classes=10, in_channels=3, **kwargs)
-    x = torch.randn(8, 3, size, size)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = 1.0
-    model.train()(x)  # BN statistics of a real batch
-    model.eval()
-    lowbit.quantize(model, 4, 8)
-    layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
     w_bits, a_bits = PLANS[plan]
-    for i, layer in enumerate(layers[1:-1] if plan.endswith("first-last-8") else layers):
-        layer.w_bits = w_bits[i % len(w_bits)]
-        layer.act_quant.bits = a_bits[i % len(a_bits)]
-    with torch.no_grad():
-        model(x)
-    return model, x
+    return calibrated_model(
+        name, kwargs, size, w_bits, a_bits, seed=seed, keep_first_last=plan.endswith("first-last-8")
+    )
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
@@ -274,10 +261,10 @@ def test_fused_model_batch_sizes(batch):
 
 
 def test_codes_of_the_wrong_kind_are_rejected():
-    layer = PackedConv2d(4, 6, 3, padding=1, w_bits=4, x_bits=8, x_signed=False)
+    layer = PackedConv2d(4, 6, 3, padding=1, w_bits=4, a_bits=8, a_signed=False)
     with pytest.raises(TypeError, match="uint8"):
         layer(torch.zeros(1, 4, 5, 5, dtype=torch.int8))
-    reflect = PackedConv2d(4, 6, 3, padding=1, padding_mode="reflect", w_bits=4, x_bits=8)
+    reflect = PackedConv2d(4, 6, 3, padding=1, padding_mode="reflect", w_bits=4, a_bits=8)
     with pytest.raises(ValueError, match="float input"):
         reflect(torch.zeros(1, 4, 5, 5, dtype=torch.uint8))
 

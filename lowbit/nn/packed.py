@@ -2,7 +2,7 @@
 
 Every layer here stores its weight as signed integer codes packed in the canonical layout of SPEC section 4
 (``lowbit.pack``): one row per output channel, ``K`` = ``in_features`` (linear) or ``in_channels / groups * kh * kw``
-(conv, in ``F.unfold`` order) packed along the row, plus one step per output channel (``w_scale``) and the bias.
+(conv, in ``F.unfold`` order) packed along the row, plus one step per output channel (``w_step``) and the bias.
 A saved model therefore holds ``bits / 32`` of the float weight bytes, whatever the layer runs on.
 
 * ``PackedLinear``: ``lowbit.packed_linear`` (activations quantized on the fly, exact int32 accumulation).
@@ -12,7 +12,7 @@ A saved model therefore holds ``bits / 32`` of the float weight bytes, whatever 
   (as many groups as input and output channels) run an integer depthwise kernel on the codes; other grouped
   convs run one GEMM per group on ``F.unfold`` patches.
 * The epilogue of ``PackedLinear`` / ``PackedConv2d`` is ``clamp(float32(acc) * scale + bias, lo, hi)``, by
-  default ``scale = x_step * w_scale`` and the layer's bias (``packed_linear``'s epilogue). ``lowbit.convert``
+  default ``scale = a_step * w_step`` and the layer's bias (``packed_linear``'s epilogue). ``lowbit.convert``
   folds a following batch-norm and ReLU/ReLU6 into it (``fold``) and, when the layer's only consumer is another
   packed layer, that layer's activation quantizer too: the layer then returns uint8/int8 codes (a channels-last
   (B, C, H, W) view) that the next layer takes as they are. These run-time forms are never saved.
@@ -22,11 +22,17 @@ A saved model therefore holds ``bits / 32`` of the float weight bytes, whatever 
 
 The layers compute in float32 or in the input's float dtype and return the input's dtype; keep them in float32
 (``model.half()`` would round the steps). They are inference-only: no parameters, no gradient to the codes.
+
+Names are the training layers' (``QConv2d`` / ``QLinear``, ``lowbit.quantize``): ``w_bits``, ``w_step`` (per output
+channel), ``a_bits``, ``a_step`` (per tensor), ``a_signed``. The names before format version 2 (``x_bits``,
+``x_signed``, ``w_scale``, ``x_step``; see ``RENAMED``) still work as constructor / ``set_weight`` keywords and as
+attributes, with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import checks
-from lowbit.core.packing import CODE_DTYPES, packed_width
-from lowbit.ops import quant_range
-from lowbit.ops.packed_linear import pack, unpack
+from lowbit.core.packing import CODE_DTYPES, pack_codes, packed_width, unpack_codes
+from lowbit.core.ranges import quant_range
 
 Tensor = torch.Tensor
 
@@ -101,6 +106,37 @@ class FoldedActivation(nn.Module):
         return f"{self.kind}, folded into the packed layer before it"
 
 
+RENAMED = {"x_bits": "a_bits", "x_signed": "a_signed", "w_scale": "w_step", "x_step": "a_step"}
+"""Names of format version 1 (and lowbit before it) -> the current names: constructor and ``set_weight``
+keywords, attributes, config keys (``x_bits``, ``x_signed``) and state-dict entries (``w_scale``, ``x_step``)."""
+
+
+def _renamed_keywords(where: str, given: dict, values: dict, defaults: dict, stacklevel: int = 3) -> dict:
+    """``values`` with the deprecated keywords in ``given`` moved to their new names (DeprecationWarning);
+    TypeError for any other keyword, or for an old name passed together with its new one."""
+    for old, value in given.items():
+        new = RENAMED.get(old)
+        if new not in values:
+            raise TypeError(f"{where}() got an unexpected keyword argument {old!r}")
+        if values[new] is not defaults[new]:
+            raise TypeError(f"{where}() got both {new!r} and its deprecated name {old!r}: pass {new} only")
+        warnings.warn(f"{where}: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=stacklevel)
+        values = {**values, new: value}
+    return values
+
+
+def _deprecated_alias(old: str, new: str) -> property:
+    def get(self):
+        warnings.warn(f"{type(self).__name__}.{old} is deprecated, use .{new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    def set_(self, value):
+        warnings.warn(f"{type(self).__name__}.{old} is deprecated, use .{new}", DeprecationWarning, stacklevel=2)
+        setattr(self, new, value)
+
+    return property(get, set_, doc=f"Deprecated name of ``{new}`` (before format version 2).")
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -130,27 +166,45 @@ def _padding4(value) -> tuple[int, int, int, int]:
     return _int_tuple("padding", value, 4, 0)
 
 
-class _PackedBase(nn.Module):
+def _check_code_range(name: str, codes: Tensor, bits: int) -> None:
+    """Signed ``bits``-bit codes only (a 3-bit layer's 4-bit container cannot hold -8)."""
+    lo, hi = quant_range(bits, True)
+    if codes.numel() and not bool(((codes >= lo) & (codes <= hi)).all()):
+        raise ValueError(f"{name} holds codes outside the signed {bits}-bit range [{lo}, {hi}]")
+
+
+_ACT_DEFAULTS = {"a_bits": None, "a_signed": False}
+
+
+class PackedBase(nn.Module):
     """Weight storage shared by the packed layers: packed codes, per-channel steps, bias, activation config.
 
-    ``x_bits=None`` marks a layer whose input stays float (the ``Dequant*`` layers). Layers that run on float
-    weights (``_runs_float``) keep a non-persistent ``dequant_weight`` buffer, rebuilt whenever the codes are
-    loaded, so it follows ``.to(device)`` and never reaches a saved file.
+    ``quantized_input`` (a class attribute) says which kind a layer is: ``True`` for ``PackedLinear`` /
+    ``PackedConv2d`` (input quantized at ``a_bits``, step ``a_step``), ``False`` for the ``Dequant*`` layers,
+    whose input stays float (``a_bits`` None) and which keep a non-persistent ``dequant_weight`` buffer, rebuilt
+    whenever the codes are loaded, so it follows ``.to(device)`` and never reaches a saved file.
+
+    The constructors are the entry point where ``w_bits`` / ``a_bits`` / ``a_signed`` are checked; everything
+    below them (packing, the epilogue, the GEMM) receives the checked values.
     """
 
-    _runs_float = False
+    quantized_input = True
 
-    def _init_storage(self, *, out_channels: int, k: int, w_bits: int, x_bits, x_signed, bias: bool, device) -> None:
+    x_bits = _deprecated_alias("x_bits", "a_bits")
+    x_signed = _deprecated_alias("x_signed", "a_signed")
+    w_scale = _deprecated_alias("w_scale", "w_step")
+    x_step = _deprecated_alias("x_step", "a_step")
+
+    def _init_storage(self, *, out_channels: int, k: int, w_bits: int, a_bits, a_signed, bias, device) -> None:
         self.w_bits = checks.bits("w_bits", w_bits)
         self.k = k
-        self.x_bits = None if x_bits is None else checks.bits("x_bits", x_bits)
-        self.x_signed = checks.flag("x_signed", x_signed)
+        self._init_activation(a_bits, a_signed)
         bias = checks.flag("bias", bias)
         width = packed_width(k, self.w_bits)
         self.register_buffer("packed_weight", torch.zeros(out_channels, width, dtype=torch.uint8, device=device))
-        self.register_buffer("w_scale", torch.ones(out_channels, device=device))
-        if self.x_bits is not None:
-            self.register_buffer("x_step", torch.ones(1, device=device))
+        self.register_buffer("w_step", torch.ones(out_channels, device=device))
+        if self.quantized_input:
+            self.register_buffer("a_step", torch.ones(1, device=device))
         self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
         self.register_buffer("dequant_weight", None, persistent=False)
         self.register_buffer("gemm_weight", None, persistent=False)
@@ -159,31 +213,55 @@ class _PackedBase(nn.Module):
         self._fold: Fold | None = None
         self._refresh()
 
+    def _init_activation(self, a_bits, a_signed) -> None:
+        name = type(self).__name__
+        if not self.quantized_input:
+            if a_bits is not None or a_signed is not False:
+                raise ValueError(
+                    f"a_bits must be None for a {name} (its input stays float; a quantized input is a "
+                    f"{name.replace('Dequant', 'Packed')}), got a_bits={a_bits!r}, a_signed={a_signed!r}"
+                )
+            self.a_bits, self.a_signed = None, False
+            return
+        if a_bits is None:
+            twin = name.replace("Packed", "Dequant")
+            raise ValueError(f"a_bits must be an int in 2..8 (use {twin} for a float input), got None")
+        self.a_bits = checks.bits("a_bits", a_bits)
+        self.a_signed = checks.flag("a_signed", a_signed)
+
     # -- weights ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def set_weight(self, codes: Tensor, w_scale: Tensor, bias: Tensor | None = None, x_step: Tensor | None = None):
-        """Stores int8 codes (N, K) (packed here), steps (N,), the bias and the activation step."""
-        self.packed_weight.copy_(pack(codes.to(torch.int8).reshape(self.packed_weight.shape[0], self.k), self.w_bits))
-        self.w_scale.copy_(w_scale.reshape(-1))
+    def set_weight(self, codes: Tensor, w_step: Tensor | None = None, bias: Tensor | None = None,
+                   a_step: Tensor | None = None, **renamed):  # fmt: skip
+        """Stores int8 codes (N, K) (packed here), the weight steps (N,), the bias and the activation step."""
+        defaults = {"w_step": None, "a_step": None}
+        values = {"w_step": w_step, "a_step": a_step}  # stacklevel 4: the caller, past torch.no_grad's wrapper
+        values = _renamed_keywords(f"{type(self).__name__}.set_weight", renamed, values, defaults, stacklevel=4)
+        if values["w_step"] is None:
+            raise TypeError(f"{type(self).__name__}.set_weight() missing the argument w_step")
+        codes = codes.to(torch.int8).reshape(self.packed_weight.shape[0], self.k)
+        _check_code_range("codes", codes, self.w_bits)
+        self.packed_weight.copy_(pack_codes(codes, self.w_bits))
+        self.w_step.copy_(values["w_step"].reshape(-1))
         if self.bias is not None and bias is not None:
             self.bias.copy_(bias.reshape(-1))
-        if x_step is not None:
-            self.x_step.copy_(x_step.reshape(1))
+        if values["a_step"] is not None:
+            self.a_step.copy_(values["a_step"].reshape(1))
         self._refresh()
         return self
 
     def weight_codes(self) -> Tensor:
         """The signed int8 codes (N, K)."""
-        return unpack(self.packed_weight, self.w_bits, self.k, signed=True)
+        return unpack_codes(self.packed_weight, self.w_bits, self.k, signed=True)
 
     def dequantized_weight(self) -> Tensor:
-        """float32 (N, K) ``codes * w_scale``: bit-identical to ``lowbit.fake_quant`` of the original weight."""
-        return self.weight_codes().float() * self.w_scale.float().reshape(-1, 1)
+        """float32 (N, K) ``codes * w_step``: bit-identical to ``lowbit.fake_quant`` of the original weight."""
+        return self.weight_codes().float() * self.w_step.float().reshape(-1, 1)
 
     def _refresh(self) -> None:
         """Rebuilds the run-time weight forms (never saved) from the stored codes."""
-        if self._runs_float:
+        if not self.quantized_input:
             self.dequant_weight = self.dequantized_weight().reshape(self._float_weight_shape())
         self.refresh_epilogue()
 
@@ -191,7 +269,7 @@ class _PackedBase(nn.Module):
 
     def fold(self, fold: Fold | None) -> None:
         """Folds batch-norm / activation / the next layer's quantizer into this layer's epilogue (None: unfold)."""
-        if fold is not None and self.x_bits is None:
+        if fold is not None and not self.quantized_input:
             raise ValueError("only layers with a quantized input (PackedConv2d / PackedLinear) take a fold")
         self._fold = fold
         self.refresh_epilogue()
@@ -204,9 +282,11 @@ class _PackedBase(nn.Module):
     def refresh_epilogue(self) -> None:
         """Recomputes ``epi_scale`` / ``epi_bias`` and the clamp / output-code constants from the stored values
         and the fold (called after loads of this layer, its batch-norm or its consumer)."""
-        if self.x_bits is None:
+        if not self.quantized_input:
             return
-        scale = (self.x_step.float() * self.w_scale.float()).reshape(-1)  # packed_linear's float32 x_step * w_scale
+        scale = (self.a_step.float() * self.w_step.float()).reshape(
+            -1
+        )  # packed_linear's float32 x_step * w_scale epilogue
         bias = None if self.bias is None else self.bias.float()
         fold = self._fold or Fold()
         if fold.bn is not None:
@@ -216,26 +296,28 @@ class _PackedBase(nn.Module):
         out = (0.0, 0, 0)
         if fold.consumer is not None:
             consumer = fold.consumer
-            out = (float(consumer.x_step), *quant_range(consumer.x_bits, consumer.x_signed))
+            out = (float(consumer.a_step), *quant_range(consumer.a_bits, consumer.a_signed))
         self.epi_scale = scale.contiguous()
         self.epi_bias = None if bias is None else bias.contiguous()
         self._epi = (float(fold.lo), float(fold.hi), *out)
-        self._quant = (float(self.x_step), *quant_range(self.x_bits, self.x_signed))
+        self._quant = (float(self.a_step), *quant_range(self.a_bits, self.a_signed))
 
     @property
     def emits_codes(self) -> bool:
         return self._fold is not None and self._fold.consumer is not None
 
-    def _gemm(self, rows: Tensor, weight: Tensor) -> Tensor:
-        """The integer GEMM with this layer's epilogue: rows (M, K) float or codes -> (M, N)."""
+    def _gemm(self, rows: Tensor, weight: Tensor, channels: slice | None = None) -> Tensor:
+        """The integer GEMM with this layer's epilogue: rows (M, K) float or codes -> (M, N); ``channels``: the
+        output channels ``weight`` holds (one group of a grouped conv), all by default."""
         step, qmin, qmax = self._quant
-        return torch.ops.lowbit.packed_gemm(
-            rows, weight, self.epi_scale, self.epi_bias, self.w_bits, step, qmin, qmax, *self._epi
-        )
+        scale, bias = self.epi_scale, self.epi_bias
+        if channels is not None:
+            scale, bias = scale[channels], None if bias is None else bias[channels]
+        return torch.ops.lowbit.packed_gemm(rows, weight, scale, bias, self.w_bits, step, qmin, qmax, *self._epi)
 
     def _check_codes(self, x: Tensor) -> None:
         """Codes must be what a fused previous layer emits for this layer: its signedness."""
-        want = torch.int8 if self.x_signed else torch.uint8
+        want = torch.int8 if self.a_signed else torch.uint8
         if x.dtype != want:
             raise TypeError(f"x holds {x.dtype} codes, this layer takes {want} codes (or a float tensor)")
 
@@ -248,20 +330,15 @@ class _PackedBase(nn.Module):
         if self._producer is not None:  # a fused producer quantizes to this layer's (new) step
             self._producer.refresh_epilogue()
 
-    _producer: _PackedBase | None = None
+    _producer: PackedBase | None = None
 
     def validate(self, name: str = "layer") -> None:
         """Raises ValueError if the stored values cannot come from a quantized layer: codes outside the
         ``w_bits`` range (e.g. a 3-bit layer's 4-bit container holding -8), steps not positive and finite."""
-        lo, hi = quant_range(self.w_bits, True)
-        codes = self.weight_codes()
-        if codes.numel() and not bool(((codes >= lo) & (codes <= hi)).all()):
-            raise ValueError(
-                f"{name}: packed_weight holds codes outside the signed {self.w_bits}-bit range [{lo}, {hi}]"
-            )
-        checks.step_values(f"{name}.w_scale", self.w_scale)
-        if self.x_bits is not None:
-            checks.step_values(f"{name}.x_step", self.x_step)
+        _check_code_range(f"{name}: packed_weight", self.weight_codes(), self.w_bits)
+        checks.step_values(f"{name}.w_step", self.w_step)
+        if self.quantized_input:
+            checks.step_values(f"{name}.a_step", self.a_step)
         if self.bias is not None:
             checks.finite_values(f"{name}.bias", self.bias)
 
@@ -269,15 +346,17 @@ class _PackedBase(nn.Module):
 
     def config(self) -> dict:
         """JSON-able constructor arguments plus ``type``: ``from_config(config())`` rebuilds the empty layer."""
-        return {"type": type(self).__name__, **self._config()}
+        act = {"a_bits": self.a_bits, "a_signed": self.a_signed} if self.quantized_input else {}
+        return {"type": type(self).__name__, **self._geometry_config(), "w_bits": self.w_bits, **act,
+                "bias": self.bias is not None}  # fmt: skip
 
-    def _config(self) -> dict:
+    def _geometry_config(self) -> dict:
         raise NotImplementedError
 
     def _act_repr(self) -> str:
-        if self.x_bits is None:
+        if not self.quantized_input:
             return "a=float"
-        return f"a{self.x_bits} {'signed' if self.x_signed else 'unsigned'}"
+        return f"a{self.a_bits} {'signed' if self.a_signed else 'unsigned'}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,19 +364,29 @@ class _PackedBase(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _LinearBase(_PackedBase):
-    def __init__(self, in_features: int, out_features: int, *, w_bits: int, x_bits, x_signed, bias, device):
+class _LinearBase(PackedBase):
+    """The linear geometry and the constructor of ``PackedLinear`` / ``DequantLinear``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        w_bits: int,
+        a_bits: int | None = None,
+        a_signed: bool = False,
+        bias: bool = True,
+        device=None,
+        **renamed,
+    ):
         super().__init__()
+        act = _renamed_keywords(type(self).__name__, renamed, {"a_bits": a_bits, "a_signed": a_signed}, _ACT_DEFAULTS)
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
-        self._init_storage(
-            out_channels=out_features, k=in_features, w_bits=w_bits, x_bits=x_bits, x_signed=x_signed, bias=bias,
-            device=device,
-        )  # fmt: skip
+        self._init_storage(out_channels=out_features, k=in_features, w_bits=w_bits, bias=bias, device=device, **act)
 
-    def _config(self) -> dict:
-        cfg = {"in_features": self.in_features, "out_features": self.out_features, "w_bits": self.w_bits}
-        return {**cfg, **self._act_config(), "bias": self.bias is not None}
+    def _geometry_config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features}
 
     def _check_input(self, x: Tensor) -> None:
         checks.float_tensor("x", x)
@@ -309,29 +398,12 @@ class _LinearBase(_PackedBase):
 
 
 class PackedLinear(_LinearBase):
-    """``QLinear`` for inference: ``lowbit.packed_linear`` on packed ``w_bits`` codes, input quantized on the fly
-    at ``x_bits`` (per tensor, step ``x_step``; signed range if ``x_signed``). Matches the fake-quant layer to
-    float32 rounding (SPEC section 4); build it with ``lowbit.convert`` or fill it with ``set_weight``."""
+    """``QLinear`` for inference: ``lowbit.packed_linear``'s GEMM on packed ``w_bits`` codes, input quantized on
+    the fly at ``a_bits`` (per tensor, step ``a_step``; signed range if ``a_signed``). Matches the fake-quant layer
+    to float32 rounding (SPEC section 4); build it with ``lowbit.convert`` or fill it with ``set_weight``.
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        w_bits: int,
-        x_bits: int,
-        x_signed: bool = False,
-        bias: bool = True,
-        device=None,
-    ):
-        if x_bits is None:
-            raise ValueError("x_bits must be an int in 2..8 (use DequantLinear for a float input), got None")
-        super().__init__(
-            in_features, out_features, w_bits=w_bits, x_bits=x_bits, x_signed=x_signed, bias=bias, device=device
-        )
-
-    def _act_config(self) -> dict:
-        return {"x_bits": self.x_bits, "x_signed": self.x_signed}
+    ``PackedLinear(in_features, out_features, *, w_bits, a_bits, a_signed=False, bias=True, device=None)``.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in CODE_DTYPES:
@@ -346,17 +418,12 @@ class PackedLinear(_LinearBase):
 
 class DequantLinear(_LinearBase):
     """A linear layer with a float input (``a_bits=None``) and packed weights, dequantized once at load:
-    ``F.linear(x, codes * w_scale, bias)``, the fake-quant layer's computation."""
+    ``F.linear(x, codes * w_step, bias)``, the fake-quant layer's computation.
 
-    _runs_float = True
+    ``DequantLinear(in_features, out_features, *, w_bits, bias=True, device=None)``.
+    """
 
-    def __init__(self, in_features: int, out_features: int, *, w_bits: int, bias: bool = True, device=None):
-        super().__init__(
-            in_features, out_features, w_bits=w_bits, x_bits=None, x_signed=False, bias=bias, device=device
-        )
-
-    def _act_config(self) -> dict:
-        return {}
+    quantized_input = False
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -369,23 +436,41 @@ class DequantLinear(_LinearBase):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _ConvBase(_PackedBase):
-    """Conv geometry (``nn.Conv2d``'s, with ``padding`` stored as (left, right, top, bottom)) and the shared
-    padding / output-size logic."""
+class _ConvBase(PackedBase):
+    """Conv geometry (``nn.Conv2d``'s, with ``padding`` stored as (left, right, top, bottom)), the constructor of
+    ``PackedConv2d`` / ``DequantConv2d`` and the shared padding / output-size logic."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, *, geometry: dict, quant: dict, device):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        *,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        w_bits: int,
+        a_bits: int | None = None,
+        a_signed: bool = False,
+        bias: bool = True,
+        device=None,
+        **renamed,
+    ):
         super().__init__()
+        act = _renamed_keywords(type(self).__name__, renamed, {"a_bits": a_bits, "a_signed": a_signed}, _ACT_DEFAULTS)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.kernel_size = _int_tuple("kernel_size", kernel_size, 2, 1)
-        self.stride = _int_tuple("stride", geometry.get("stride", 1), 2, 1)
-        self.padding = _padding4(geometry.get("padding", 0))
-        self.dilation = _int_tuple("dilation", geometry.get("dilation", 1), 2, 1)
-        self.groups = _positive_int("groups", geometry.get("groups", 1))
-        self.padding_mode = geometry.get("padding_mode", "zeros")
+        self.stride = _int_tuple("stride", stride, 2, 1)
+        self.padding = _padding4(padding)
+        self.dilation = _int_tuple("dilation", dilation, 2, 1)
+        self.groups = _positive_int("groups", groups)
+        self.padding_mode = padding_mode
         self._check_geometry()
         k = in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
-        self._init_storage(out_channels=out_channels, k=k, device=device, **quant)
+        self._init_storage(out_channels=out_channels, k=k, w_bits=w_bits, bias=bias, device=device, **act)
 
     def _check_geometry(self) -> None:
         if self.in_channels % self.groups or self.out_channels % self.groups:
@@ -416,9 +501,6 @@ class _ConvBase(_PackedBase):
             "groups": self.groups,
             "padding_mode": self.padding_mode,
         }
-
-    def _config(self) -> dict:
-        return {**self._geometry_config(), "w_bits": self.w_bits, **self._act_config(), "bias": self.bias is not None}
 
     def _batched(self, x: Tensor) -> tuple[Tensor, bool]:
         """x as (B, C, H, W) (a 3-d input is one unbatched image, as for ``nn.Conv2d``)."""
@@ -469,33 +551,10 @@ class PackedConv2d(_ConvBase):
     agree with the fake-quant conv to float32 rounding (SPEC section 4) until ``lowbit.convert`` folds batch-norm
     and activations into them (see ``fold``). ``padding`` is an int, (pad_h, pad_w) or (left, right, top, bottom).
     The input is float (B, C, H, W) or the codes a fused previous layer emits.
-    """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        *,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        w_bits: int,
-        x_bits: int,
-        x_signed: bool = False,
-        bias: bool = True,
-        device=None,
-    ):
-        if x_bits is None:
-            raise ValueError("x_bits must be an int in 2..8 (use DequantConv2d for a float input), got None")
-        geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
-        quant = {"w_bits": w_bits, "x_bits": x_bits, "x_signed": x_signed, "bias": bias}
-        super().__init__(
-            in_channels, out_channels, kernel_size, geometry={**geometry, "padding_mode": padding_mode}, quant=quant,
-            device=device,
-        )  # fmt: skip
+    ``PackedConv2d(in_channels, out_channels, kernel_size, *, stride=1, padding=0, dilation=1, groups=1,
+    padding_mode="zeros", w_bits, a_bits, a_signed=False, bias=True, device=None)``.
+    """
 
     @property
     def _channels_last_patches(self) -> bool:
@@ -510,7 +569,7 @@ class PackedConv2d(_ConvBase):
     def _refresh(self) -> None:
         if self._channels_last_patches:  # the codes repacked once in (kh, kw, C) order, as the patches come
             codes = self.weight_codes().view(self.out_channels, self.in_channels, *self.kernel_size)
-            self.gemm_weight = pack(codes.permute(0, 2, 3, 1).reshape(self.out_channels, -1), self.w_bits)
+            self.gemm_weight = pack_codes(codes.permute(0, 2, 3, 1).reshape(self.out_channels, -1), self.w_bits)
         if self.depthwise_kernel:  # (kh * kw, C) int8: one vector of channels per tap
             self.gemm_weight = self.weight_codes().t().contiguous()
         super()._refresh()
@@ -528,9 +587,6 @@ class PackedConv2d(_ConvBase):
         left, right, top, bottom = self.padding
         symmetric = left == right and top == bottom
         return self.path != "grouped-gemm" and self.padding_mode == "zeros" and symmetric
-
-    def _act_config(self) -> dict:
-        return {"x_bits": self.x_bits, "x_signed": self.x_signed}
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in CODE_DTYPES:
@@ -614,49 +670,22 @@ class PackedConv2d(_ConvBase):
         per_group = self.out_channels // self.groups
         ys = []
         for g in range(self.groups):
-            rows = slice(g * per_group, (g + 1) * per_group)
-            bias = None if self.epi_bias is None else self.epi_bias[rows]
-            step, qmin, qmax = self._quant
-            ys.append(
-                torch.ops.lowbit.packed_gemm(
-                    cols[:, g].transpose(1, 2).reshape(-1, self.k), self.packed_weight[rows],
-                    self.epi_scale[rows], bias, self.w_bits, step, qmin, qmax, *self._epi,
-                ).view(batch, -1, per_group)
-            )  # fmt: skip
+            channels = slice(g * per_group, (g + 1) * per_group)
+            patches = cols[:, g].transpose(1, 2).reshape(-1, self.k)
+            ys.append(self._gemm(patches, self.packed_weight[channels], channels).view(batch, -1, per_group))
         y = torch.cat(ys, dim=-1)
         return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
 
 class DequantConv2d(_ConvBase):
     """A conv with a float input (``a_bits=None``) and packed weights, dequantized once at load:
-    ``F.conv2d(x, codes * w_scale, bias, ...)``, the fake-quant layer's computation."""
+    ``F.conv2d(x, codes * w_step, bias, ...)``, the fake-quant layer's computation.
 
-    _runs_float = True
+    ``DequantConv2d(in_channels, out_channels, kernel_size, *, stride=1, padding=0, dilation=1, groups=1,
+    padding_mode="zeros", w_bits, bias=True, device=None)``.
+    """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        *,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        w_bits: int,
-        bias: bool = True,
-        device=None,
-    ):
-        geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
-        quant = {"w_bits": w_bits, "x_bits": None, "x_signed": False, "bias": bias}
-        super().__init__(
-            in_channels, out_channels, kernel_size, geometry={**geometry, "padding_mode": padding_mode}, quant=quant,
-            device=device,
-        )  # fmt: skip
-
-    def _act_config(self) -> dict:
-        return {}
+    quantized_input = False
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._batched(x)
@@ -665,12 +694,12 @@ class DequantConv2d(_ConvBase):
         return y.squeeze(0) if unbatched else y
 
 
-PACKED_LAYERS: dict[str, type[_PackedBase]] = {
+PACKED_LAYERS: dict[str, type[PackedBase]] = {
     cls.__name__: cls for cls in (PackedLinear, DequantLinear, PackedConv2d, DequantConv2d)
 }
 
 
-def from_config(config: dict) -> _PackedBase:
+def from_config(config: dict) -> PackedBase:
     """An empty packed layer (zero codes) built from ``layer.config()``; raises ValueError on a bad config."""
     if not isinstance(config, dict) or config.get("type") not in PACKED_LAYERS:
         found = config.get("type") if isinstance(config, dict) else type(config).__name__
@@ -690,11 +719,11 @@ def from_config(config: dict) -> _PackedBase:
         raise ValueError(f"config does not describe a {cls.__name__}: {exc}") from exc
 
 
-def weight_bytes(layer: _PackedBase) -> int:
+def weight_bytes(layer: PackedBase) -> int:
     """Bytes of the packed weight codes (what the saved file holds for the weight)."""
     return layer.packed_weight.numel() * layer.packed_weight.element_size()
 
 
-def float_weight_bytes(layer: _PackedBase) -> int:
+def float_weight_bytes(layer: PackedBase) -> int:
     """Bytes the same weight takes as float32."""
     return math.prod(layer._float_weight_shape()) * 4

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.core import checks
+from lowbit.core.steps import positive_step as _positive  # the step the ops see: |step|
 from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
 
 
@@ -22,12 +23,6 @@ def lsq_initial_step(x: torch.Tensor, bits: int, signed: bool, axis: int | None 
     x = x.detach().float().abs()
     mean = x.mean() if axis is None else x.transpose(0, axis).reshape(x.shape[axis], -1).mean(dim=1)
     return (2 * mean / math.sqrt(qp)).clamp_min(1e-8)
-
-
-def _positive(step: torch.Tensor) -> torch.Tensor:
-    """The step the ops see: |step|. An optimizer step can push a learned step below zero; its magnitude keeps
-    the quantizer working with the same gradient magnitude. (A step of exactly 0.0 still raises ValueError.)"""
-    return step.abs()
 
 
 class LSQQuantizer(nn.Module):

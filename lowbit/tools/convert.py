@@ -3,7 +3,8 @@
 The weight codes are the LSQ codes the fake-quant model uses, taken from ``lowbit.fake_quant`` itself (the same
 float32 division and round-half-to-even; see ``lsq_weight_codes``), so the packed model computes on exactly the
 weights the trained model used. Activation steps, bit-widths and signedness are copied from each layer's
-``act_quant``. Everything that is not a lowbit quantized layer (BN, pooling, plain float layers) is left as it is.
+``act_quant``; the packed layers use the training layers' names (``w_bits``, ``w_step``, ``a_bits``, ``a_step``,
+``a_signed``). Everything that is not a lowbit quantized layer (BN, pooling, plain float layers) is left as it is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit.core.steps import positive_step
 from lowbit.nn.layers import QConv2d, QLinear
 from lowbit.nn.packed import (
     DequantConv2d,
@@ -21,11 +23,11 @@ from lowbit.nn.packed import (
     Fold,
     FoldedActivation,
     FoldedBatchNorm2d,
+    PackedBase,
     PackedConv2d,
     PackedLinear,
-    _PackedBase,
 )
-from lowbit.nn.quantizers import LSQQuantizer, _positive
+from lowbit.nn.quantizers import LSQQuantizer
 from lowbit.ops import fake_quant
 
 MULTI_BRANCH_POLICIES = ("error", "selected")
@@ -68,7 +70,7 @@ def lsq_weight_codes(layer: QConv2d | QLinear) -> tuple[torch.Tensor, torch.Tens
     checked: ``codes * s`` must reproduce the op's output bit for bit.
     """
     quantizer = layer.weight_quant
-    steps = _positive(quantizer.step.detach()).float().reshape(-1)
+    steps = positive_step(quantizer.step.detach()).float().reshape(-1)
     weight = layer.weight.detach().float()
     fq = fake_quant(weight, steps, quantizer.bits, signed=True, axis=0 if steps.numel() > 1 else None)
     shaped = steps.reshape(-1, *([1] * (weight.dim() - 1)))
@@ -104,13 +106,26 @@ def _check_layer(name: str, layer: nn.Module) -> None:
         raise ValueError(f"layer {name!r}: act_quant must be per-tensor (one step), got {aq.step.numel()} steps")
 
 
-def _packed(layer: QConv2d | QLinear) -> _PackedBase:
-    """The packed replacement of one quantized layer, on the layer's device."""
+# (is a conv, has a quantized input) -> the packed layer class
+_PACKED_CLASSES = {
+    (True, True): PackedConv2d,
+    (True, False): DequantConv2d,
+    (False, True): PackedLinear,
+    (False, False): DequantLinear,
+}
+
+
+def _packed(layer: QConv2d | QLinear) -> PackedBase:
+    """The packed replacement of one quantized layer, on the layer's device. ``_check_layer`` has checked its
+    quantizers, whose bits their constructors checked: the packed layer's constructor is the one check here."""
     aq = layer.act_quant
+    quantized_input = isinstance(aq, LSQQuantizer)  # else nn.Identity: a float input
     quant = {"w_bits": layer.weight_quant.bits, "bias": layer.bias is not None, "device": layer.weight.device}
-    if isinstance(aq, LSQQuantizer):
-        quant.update(x_bits=aq.bits, x_signed=bool(aq.signed))
-    if isinstance(layer, QConv2d):
+    if quantized_input:
+        quant.update(a_bits=aq.bits, a_signed=bool(aq.signed))
+    is_conv = isinstance(layer, QConv2d)
+    cls = _PACKED_CLASSES[is_conv, quantized_input]
+    if is_conv:
         geometry = {
             "stride": tuple(layer.stride),
             "padding": tuple(layer._reversed_padding_repeated_twice),  # (left, right, top, bottom), "same" too
@@ -118,19 +133,17 @@ def _packed(layer: QConv2d | QLinear) -> _PackedBase:
             "groups": layer.groups,
             "padding_mode": layer.padding_mode,
         }
-        cls = PackedConv2d if "x_bits" in quant else DequantConv2d
         packed = cls(layer.in_channels, layer.out_channels, tuple(layer.kernel_size), **geometry, **quant)
     else:
-        cls = PackedLinear if "x_bits" in quant else DequantLinear
         packed = cls(layer.in_features, layer.out_features, **quant)
-    codes, steps = lsq_weight_codes(layer)
-    x_step = _positive(aq.step.detach()).float() if isinstance(aq, LSQQuantizer) else None
+    codes, w_step = lsq_weight_codes(layer)
+    a_step = positive_step(aq.step.detach()).float() if quantized_input else None
     bias = None if layer.bias is None else layer.bias.detach().float()
-    return packed.set_weight(codes, steps, bias, x_step)
+    return packed.set_weight(codes, w_step, bias, a_step)
 
 
-def _how(layer: _PackedBase) -> str:
-    act = "float input" if layer.x_bits is None else f"A{layer.x_bits} {'signed' if layer.x_signed else 'unsigned'}"
+def _how(layer: PackedBase) -> str:
+    act = f"A{layer.a_bits} {'signed' if layer.a_signed else 'unsigned'}" if layer.quantized_input else "float input"
     if isinstance(layer, PackedConv2d) and layer.path == "depthwise":
         run = "integer depthwise kernel"
     elif isinstance(layer, (PackedConv2d, PackedLinear)):
@@ -166,7 +179,7 @@ def _quantized_layers(model: nn.Module) -> list[str]:
     names = [name for name, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))]
     if names:
         return names
-    if any(isinstance(m, _PackedBase) for m in model.modules()):
+    if any(isinstance(m, PackedBase) for m in model.modules()):
         raise ValueError("model has no QConv2d/QLinear layers left to convert: it is already converted")
     raise ValueError(
         "model has no QConv2d/QLinear layers to convert: quantize it with lowbit.quantize and train or calibrate "
@@ -261,12 +274,12 @@ def fuse_inference(model: nn.Module, *, strict: bool = True) -> list[tuple[str, 
 
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_PackedBase, FoldedBatchNorm2d, FoldedActivation)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (PackedBase, FoldedBatchNorm2d, FoldedActivation)) or super().is_leaf_module(m, qualname)
 
 
 def _fuse(model: nn.Module) -> tuple[list[tuple[str, str]], str]:
     """(fused layers, "") or ([], why the model was left unfused)."""
-    if isinstance(model, _PackedBase) or not any(isinstance(m, _PackedBase) for m in model.modules()):
+    if isinstance(model, PackedBase) or not any(isinstance(m, PackedBase) for m in model.modules()):
         return [], "no packed layer inside a model to fuse"
     try:
         graph = _LeafTracer().trace(model)
@@ -301,7 +314,7 @@ def _only_user(model: nn.Module, calls: dict, node):
     return users[0], _called(model, calls, users[0])
 
 
-def _fold_chain(model: nn.Module, calls: dict, node, layer: _PackedBase) -> str:
+def _fold_chain(model: nn.Module, calls: dict, node, layer: PackedBase) -> str:
     """Folds the BN / activation / next quantizer after ``layer`` (at ``node``) into it; returns what it folded."""
     fold, what, last = Fold(), [], node
     user, module = _only_user(model, calls, last)

@@ -27,11 +27,12 @@ from torch import nn
 
 from lowbit.models import ARCH_ATTR, create_model
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
-from lowbit.nn.packed import _PackedBase, from_config
+from lowbit.nn.packed import RENAMED, PackedBase, from_config
 from lowbit.tools.convert import fuse_inference
 
 FORMAT = "lowbit.packed"
-VERSION = 1
+VERSION = 2  # 2: the training layers' names (a_bits, a_signed, w_step, a_step); version 1 files are translated on read
+READ_VERSIONS = (1, 2)
 REQUIRED_METADATA = ("format", "format_version", "arch", "layers", "checksum")
 MODEL_FORMAT = "lowbit.model"  # float and fake-quant models (the input of lowbit.convert)
 MODEL_VERSION = 1
@@ -126,7 +127,7 @@ def _arch(model: nn.Module) -> dict | None:
 def _metadata(model: nn.Module) -> dict[str, str]:
     import lowbit
 
-    layers = {name: m.config() for name, m in model.named_modules() if isinstance(m, _PackedBase)}
+    layers = {name: m.config() for name, m in model.named_modules() if isinstance(m, PackedBase)}
     cls = type(model)
     return {
         "format": FORMAT,
@@ -195,7 +196,7 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def save(model: nn.Module, path) -> None:
-    """Writes a converted model to ``path`` (safetensors, format ``lowbit.packed`` version 1), atomically.
+    """Writes a converted model to ``path`` (safetensors, format ``lowbit.packed`` version 2), atomically.
 
     Args:
         model: a model from ``lowbit.convert`` (any ``nn.Module`` whose state dict is all tensors; fake-quant
@@ -237,9 +238,7 @@ def _header(data: bytes, path: str) -> dict:
     return header
 
 
-def _checked_metadata(
-    header: dict, path: str, fmt: str = FORMAT, version: int = VERSION, required=REQUIRED_METADATA
-) -> dict[str, str]:
+def _checked_metadata(header: dict, path: str, fmt: str, versions: tuple[int, ...], required) -> dict[str, str]:
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict):
         raise ValueError(f"{path!r} has no lowbit metadata: it was not written by lowbit")
@@ -249,10 +248,9 @@ def _checked_metadata(
         raise ValueError(f"{path!r} has format {found!r} in its metadata, expected {fmt!r}{hint}")
     if "format_version" not in metadata:
         raise ValueError(f"{path!r}: the metadata lacks 'format_version'")
-    if metadata["format_version"] != str(version):
-        raise ValueError(
-            f"{path!r} has format version {metadata['format_version']!r}; this lowbit reads version {version} only"
-        )
+    if metadata["format_version"] not in [str(v) for v in versions]:
+        readable = f"version {versions[0]} only" if len(versions) == 1 else f"versions {', '.join(map(str, versions))}"
+        raise ValueError(f"{path!r} has format version {metadata['format_version']!r}; this lowbit reads {readable}")
     missing = [key for key in required if key not in metadata]
     if missing:
         raise ValueError(f"{path!r}: the metadata lacks {missing}")
@@ -296,21 +294,50 @@ def _skeleton(arch, model, path: str, model_class: str) -> nn.Module:
         raise ValueError(f"{path!r}: metadata 'arch' {arch['name']!r} cannot be built ({exc})") from exc
 
 
-def _install_layers(skeleton: nn.Module, layers, path: str) -> nn.Module:
-    """Puts an empty packed layer, built from its recorded config, at every recorded name."""
+def _layer_configs(layers, path: str) -> dict:
     if not isinstance(layers, dict):
         raise ValueError(f"{path!r}: metadata 'layers' must map layer names to configs, got {type(layers).__name__}")
-    for name, config in layers.items():
+    return layers
+
+
+def _from_version_1(layers, tensors: dict[str, torch.Tensor], path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A version 1 file's layer configs and tensors under the version 2 names (``RENAMED``: ``x_bits`` ->
+    ``a_bits``, ``x_signed`` -> ``a_signed``, ``<layer>.w_scale`` -> ``<layer>.w_step``, ``<layer>.x_step`` ->
+    ``<layer>.a_step``); the values are unchanged, and the checksum was checked on the file as written."""
+    layers = {name: _renamed_config(config) for name, config in _layer_configs(layers, path).items()}
+    renamed = {}
+    for name in layers:
+        prefix = f"{name}." if name else ""
+        for old, new in RENAMED.items():
+            if prefix + old in tensors:
+                renamed[prefix + old] = prefix + new
+    return layers, {renamed.get(key, key): value for key, value in tensors.items()}
+
+
+def _renamed_config(config):
+    if not isinstance(config, dict):
+        return config  # from_config names what is wrong with it
+    return {RENAMED.get(key, key): value for key, value in config.items()}
+
+
+def _put_layer(skeleton: nn.Module, name: str, layer: nn.Module, path: str, kind: str) -> None:
+    """Sets ``layer`` at ``name`` of ``skeleton``, which must already have a module there."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
+        getattr(parent, child)
+    except AttributeError as exc:
+        raise ValueError(f"{path!r} has a {kind} layer {name!r} that the model does not have") from exc
+    setattr(parent, child, layer)
+
+
+def _install_layers(skeleton: nn.Module, layers, path: str) -> nn.Module:
+    """Puts an empty packed layer, built from its recorded config, at every recorded name."""
+    for name, config in _layer_configs(layers, path).items():
         layer = from_config(config)
         if not name:
             return layer
-        parent_name, _, child = name.rpartition(".")
-        try:
-            parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
-            getattr(parent, child)
-        except AttributeError as exc:
-            raise ValueError(f"{path!r} has a packed layer {name!r} that the model does not have") from exc
-        setattr(parent, child, layer)
+        _put_layer(skeleton, name, layer, path, "packed")
     return skeleton
 
 
@@ -344,12 +371,13 @@ def _load_state(skeleton: nn.Module, tensors: dict[str, torch.Tensor], path: str
         raise ValueError(f"{path!r}: the model rejects the file's module state ({exc})") from exc
 
 
-def _read(path, fmt: str, version: int, required) -> tuple[dict[str, str], dict[str, torch.Tensor], str]:
-    """Metadata and tensors of a lowbit safetensors file of format ``fmt``, every check done, checksum last."""
+def _read(path, fmt: str, versions: tuple[int, ...], required) -> tuple[dict[str, str], dict[str, torch.Tensor], str]:
+    """Metadata and tensors of a lowbit safetensors file of format ``fmt`` (one of ``versions``), every check done,
+    checksum last."""
     path = _check_path(path, must_exist=True)
     with open(path, "rb") as f:
         data = f.read()
-    metadata = _checked_metadata(_header(data, path), path, fmt, version, required)
+    metadata = _checked_metadata(_header(data, path), path, fmt, versions, required)
     tensors = _tensors(data, path)
     found = checksum(tensors, metadata)
     if found != metadata["checksum"]:
@@ -370,17 +398,20 @@ def load(path, *, model: nn.Module | Callable[[], nn.Module] | None = None, devi
             layers at the recorded names are replaced by packed layers; every other tensor must match the file.
         device: where to put the model (default: CPU).
 
-    Raises ``ValueError`` saying what is wrong when the file is truncated or corrupted (checksum mismatch),
-    has no lowbit metadata, another format version, or does not fit ``model``; ``FileNotFoundError`` for a
-    missing file.
+    Reads format versions 1 and 2 (a version 1 file's names are translated, see ``_from_version_1``). Raises
+    ``ValueError`` saying what is wrong when the file is truncated or corrupted (checksum mismatch), has no lowbit
+    metadata, another format version, or does not fit ``model``; ``FileNotFoundError`` for a missing file.
     """
-    metadata, tensors, path = _read(path, FORMAT, VERSION, REQUIRED_METADATA)
+    metadata, tensors, path = _read(path, FORMAT, READ_VERSIONS, REQUIRED_METADATA)
     arch = _json_field(metadata, "arch", path)
+    layers = _json_field(metadata, "layers", path)
+    if metadata["format_version"] == "1":
+        layers, tensors = _from_version_1(layers, tensors, path)
     skeleton = _skeleton(arch, model, path, metadata.get("model_class", "model"))
-    skeleton = _install_layers(skeleton, _json_field(metadata, "layers", path), path)
+    skeleton = _install_layers(skeleton, layers, path)
     _load_state(skeleton, tensors, path)
     for name, layer in skeleton.named_modules():
-        if isinstance(layer, _PackedBase):
+        if isinstance(layer, PackedBase):
             layer.validate(name or "model")
     fuse_inference(skeleton, strict=False)  # the run-time integer data path (never saved), as convert builds it
     if arch is not None and model is None:
@@ -433,20 +464,12 @@ def fake_quant_from_config(config) -> nn.Module:
 
 def _install_fake_quant(skeleton: nn.Module, layers, path: str) -> nn.Module:
     """Puts an untrained fake-quant layer, built from its recorded config, at every recorded name."""
-    if not isinstance(layers, dict):
-        raise ValueError(f"{path!r}: metadata 'layers' must map layer names to configs, got {type(layers).__name__}")
-    for name, config in layers.items():
+    for name, config in _layer_configs(layers, path).items():
         try:
             layer = fake_quant_from_config(config)
         except ValueError as exc:
             raise ValueError(f"{path!r}: layer {name!r}: {exc}") from exc
-        parent_name, _, child = name.rpartition(".")
-        try:
-            parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
-            getattr(parent, child)
-        except AttributeError as exc:
-            raise ValueError(f"{path!r} has a fake-quant layer {name!r} that the model does not have") from exc
-        setattr(parent, child, layer)
+        _put_layer(skeleton, name, layer, path, "fake-quant")
     return skeleton
 
 
@@ -511,7 +534,7 @@ def save_model(model: nn.Module, path) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = _check_path(path, must_exist=False)
-    packed = [n or "(root)" for n, m in model.named_modules() if isinstance(m, _PackedBase)]
+    packed = [n or "(root)" for n, m in model.named_modules() if isinstance(m, PackedBase)]
     if packed:
         raise ValueError(f"model has packed layers ({', '.join(packed[:5])}): save converted models with lowbit.save")
     tensors, extra = _split_state(model)
@@ -578,7 +601,7 @@ def load_model(path, *, model: nn.Module | Callable[[], nn.Module] | None = None
     Raises ``ValueError`` saying what is wrong when the file is not a ``lowbit.model`` file, is truncated or
     corrupted, records an architecture or layers that cannot be built, or does not fit ``model``.
     """
-    metadata, tensors, path = _read(path, MODEL_FORMAT, MODEL_VERSION, REQUIRED_MODEL_METADATA)
+    metadata, tensors, path = _read(path, MODEL_FORMAT, (MODEL_VERSION,), REQUIRED_MODEL_METADATA)
     arch = _json_field(metadata, "arch", path)
     skeleton = _skeleton(arch, model, path, metadata.get("model_class", "model"))
     if model is not None:
@@ -675,7 +698,7 @@ def state_bytes(state: dict) -> bytes:
 
 def read_state(path) -> dict:
     """The state written by ``state_bytes`` to ``path``, checked as every lowbit file (format, version, checksum)."""
-    metadata, tensors, path = _read(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, REQUIRED_CHECKPOINT_METADATA)
+    metadata, tensors, path = _read(path, CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,), REQUIRED_CHECKPOINT_METADATA)
     state = _decode(_json_field(metadata, "state", path), tensors, path)
     if not isinstance(state, dict):
         raise ValueError(f"{path!r} is corrupted: its state is a {type(state).__name__}, not a dict")
