@@ -195,10 +195,13 @@ class PackedBase(nn.Module):
     w_scale = _deprecated_alias("w_scale", "w_step")
     x_step = _deprecated_alias("x_step", "a_step")
 
-    def _init_storage(self, *, out_channels: int, k: int, w_bits: int, a_bits, a_signed, bias, device) -> None:
+    def _init_storage(self, *, out_channels: int, k: int, w_bits, a_bits, a_signed, bias, renamed, device) -> None:
+        """Checks the quantization arguments (``renamed``: deprecated keywords) and creates the buffers."""
         self.w_bits = checks.bits("w_bits", w_bits)
         self.k = k
-        self._init_activation(a_bits, a_signed)
+        act = _renamed_keywords(type(self).__name__, renamed, {"a_bits": a_bits, "a_signed": a_signed}, _ACT_DEFAULTS,
+                                stacklevel=4)  # fmt: skip
+        self._init_activation(**act)
         bias = checks.flag("bias", bias)
         width = packed_width(k, self.w_bits)
         self.register_buffer("packed_weight", torch.zeros(out_channels, width, dtype=torch.uint8, device=device))
@@ -380,10 +383,10 @@ class _LinearBase(PackedBase):
         **renamed,
     ):
         super().__init__()
-        act = _renamed_keywords(type(self).__name__, renamed, {"a_bits": a_bits, "a_signed": a_signed}, _ACT_DEFAULTS)
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
-        self._init_storage(out_channels=out_features, k=in_features, w_bits=w_bits, bias=bias, device=device, **act)
+        quant = {"w_bits": w_bits, "a_bits": a_bits, "a_signed": a_signed, "bias": bias, "renamed": renamed}
+        self._init_storage(out_channels=out_features, k=in_features, device=device, **quant)
 
     def _geometry_config(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features}
@@ -459,7 +462,6 @@ class _ConvBase(PackedBase):
         **renamed,
     ):
         super().__init__()
-        act = _renamed_keywords(type(self).__name__, renamed, {"a_bits": a_bits, "a_signed": a_signed}, _ACT_DEFAULTS)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.kernel_size = _int_tuple("kernel_size", kernel_size, 2, 1)
@@ -470,7 +472,8 @@ class _ConvBase(PackedBase):
         self.padding_mode = padding_mode
         self._check_geometry()
         k = in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
-        self._init_storage(out_channels=out_channels, k=k, w_bits=w_bits, bias=bias, device=device, **act)
+        quant = {"w_bits": w_bits, "a_bits": a_bits, "a_signed": a_signed, "bias": bias, "renamed": renamed}
+        self._init_storage(out_channels=out_channels, k=k, device=device, **quant)
 
     def _check_geometry(self) -> None:
         if self.in_channels % self.groups or self.out_channels % self.groups:
