@@ -221,8 +221,8 @@ class PackedBase(nn.Module):
         if not self.quantized_input:
             if a_bits is not None or a_signed is not False:
                 raise ValueError(
-                    f"a_bits must be None for a {name} (its input stays float; a quantized input is a "
-                    f"{name.replace('Dequant', 'Packed')}), got a_bits={a_bits!r}, a_signed={a_signed!r}"
+                    f"a_bits / a_signed must be left out for a {name} (its input stays float; a quantized input "
+                    f"is a {name.replace('Dequant', 'Packed')}), got a_bits={a_bits!r}, a_signed={a_signed!r}"
                 )
             self.a_bits, self.a_signed = None, False
             return
