@@ -12,7 +12,7 @@ from torch import nn
 
 import lowbit
 from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear, ReferenceLSQ
-from lowbit.tools.bops import bops, expected_bops
+from lowbit.tools.bops import bops, expected_bops, ideal_weight_bytes, layer_macs, model_bytes, weight_bytes
 from lowbit.tools.quantize import FusedFakeQuantize, quantize, swap_fused
 
 
@@ -92,8 +92,9 @@ def test_multi_branch_conv_equals_per_branch_form(bits):
 
 def test_expected_bops_is_differentiable_in_alpha():
     layer = MultiBranchQLinear(10, 3, w_bits=4, a_bits_choices=(2, 4, 8))
-    layer(torch.randn(5, 10))
-    cost = layer.expected_bops()
+    macs = layer_macs(layer, torch.randn(5, 10))
+    assert macs == {"": 30}  # the layer is the model: its name is ""
+    cost = expected_bops(layer, macs)
     assert cost.item() == pytest.approx(30 * 4 * (2 + 4 + 8) / 3)
     cost.backward()
     assert layer.act_quant.alpha.grad.abs().sum() > 0
@@ -231,11 +232,64 @@ def test_bops_of_a_hand_counted_network():
 
 def test_expected_bops_of_multi_branch_model_follows_alpha():
     model = quantize(Net(), multi_branch=(2, 8))
-    bops(model, torch.randn(1, 1, 8, 8))
-    low = expected_bops(model)
+    macs = layer_macs(model, torch.randn(1, 1, 8, 8))
+    low = expected_bops(model, macs)
+    # alpha = 0: the body conv's expected bits are (2 + 8) / 2; stem and head fixed at 8x8
+    assert float(low.detach()) == pytest.approx(4608 * 64 + 36864 * 4 * 5 + 80 * 64)
     with torch.no_grad():
         model.body[1].act_quant.alpha.copy_(torch.tensor([0.0, 10.0]))
-    assert expected_bops(model) > low
+    assert expected_bops(model, macs) > low
+
+
+def test_expected_bops_rejects_a_table_of_another_model():
+    model = quantize(Net(), multi_branch=(2, 8))
+    with pytest.raises(ValueError, match="not convs or linears"):
+        expected_bops(model, {"body.1": 100, "nope": 5})
+    with pytest.raises(TypeError, match="macs must be a mapping"):
+        expected_bops(model, [100])
+
+
+def test_bops_has_no_side_effect_on_the_model():
+    model = quantize(Net(), w_bits=4, a_bits=2)
+    model.train()
+    model.body.eval()  # a mixed-mode model keeps each module's own mode
+    before = copy.deepcopy(model.state_dict())
+    report = bops(model, torch.randn(1, 1, 8, 8))
+    assert report.total_macs == 4608 + 36864 + 80
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert not any(hasattr(m, "macs") for m in layers)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert model.training and not model.body.training and model.stem.training
+    # LSQ steps stay uninitialised: training starts them from its first batch, not from the example
+    assert not any(m.act_quant.initialized or m.weight_quant.initialized for m in layers)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
+
+
+def test_weight_bytes_use_the_packed_containers():
+    assert weight_bytes((3, 10)) == 120  # float32
+    assert weight_bytes((3, 10), 4) == 3 * 5  # two codes a byte
+    assert weight_bytes((3, 10), 3) == 3 * 5  # 3 bits live in a 4-bit container
+    assert weight_bytes((3, 10), 2) == 3 * 3  # four a byte, each row padded to whole bytes
+    assert weight_bytes((3, 10), 5) == 3 * 10
+    assert weight_bytes((10, 3, 3, 3), 4) == 10 * 14  # a conv: K = 3 * 3 * 3 = 27 codes a row
+    with pytest.raises(ValueError, match="bits must be 32"):
+        weight_bytes((3, 10), 9)
+    with pytest.raises(ValueError, match="shape must be"):
+        weight_bytes((), 4)
+
+
+def test_model_bytes_float_own_bits_and_a_plan():
+    model = Net()
+    stem, body, head = 8 * 9, 8 * 8 * 9, 10 * 8  # weight elements
+    assert model_bytes(model) == 4 * (stem + body + head)
+    quantize(model, w_bits=4, a_bits=2, first_last_bits=8)
+    assert model_bytes(model) == 8 * 9 + 8 * 36 + 10 * 8  # stem and head at 8 bits, the body at 4
+    assert model_bytes(model, 32) == 4 * (stem + body + head)
+    assert model_bytes(model, {"body.1": 2}) == 8 * 9 + 8 * 18 + 10 * 8
+    with pytest.raises(ValueError, match="not convs or linears"):
+        model_bytes(model, {"nope": 4})
+    assert ideal_weight_bytes({"a": 10, "b": 3}, {"a": 4, "b": 3}) == (40 + 9) / 8
 
 
 def test_bops_leaves_batch_norm_statistics_and_mode_alone():

@@ -39,7 +39,6 @@ from lowbit.metamix import (
 )
 from lowbit.metamix.cost import multi_branch_layers
 from lowbit.metamix.steps import StepContext
-from lowbit.tools.bops import expected_bops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +82,7 @@ def config(**kw) -> MetaMixConfig:
 def search_model(data, net=tiny_net):
     model = lowbit.quantize(net(), 4, multi_branch=(2, 4, 8))
     model.train()
-    model(data[0][:32])  # initialise the LSQ steps and learn the MACs
+    model(data[0][:32])  # initialise the LSQ steps
     return model
 
 
@@ -147,10 +146,19 @@ def test_penalty_gradient_drives_expected_bops_to_target(data, target_bits):
     opt = torch.optim.Adam(ctx.alphas, lr=0.05)
     for _ in range(300):
         opt.zero_grad()
-        penalty(model, target, 1.0).backward()
+        penalty(model, ctx.cost, target, 1.0).backward()
         opt.step()
-    expected = float(expected_bops(model).detach())
+    expected = float(ctx.cost.expected_bops(model).detach())
     assert abs(expected / target - 1) < 0.01
+
+
+def test_cost_model_prices_expected_bops_with_its_own_macs(data):
+    model = search_model(data, deeper_net)
+    ctx = context(model)
+    # alpha = 0: every searched layer at the mean of its branches (2, 4, 8); first and last fixed
+    assert float(ctx.cost.expected_bops(model).detach()) == pytest.approx(ctx.cost.bops(14 / 3), rel=1e-6)
+    assert set(ctx.cost.macs) == {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert not any(hasattr(m, "macs") for m in model.modules())  # the layers hold no cost state
 
 
 # --------------------------------------------------------------------------------------------- selection

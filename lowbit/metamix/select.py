@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lowbit.metamix.cost import CostModel, multi_branch_layers
+from lowbit.tools.bops import layer_bops
 
 FILL = ("both", "repair", "none")
 
@@ -125,7 +126,7 @@ def _lower_until(cost, bits, alphas, candidates, order, target) -> None:
             if j is None:
                 continue
             i = candidates[layer.name].index(bits[layer.name])
-            saving = layer.macs * layer.w_bits * (bits[layer.name] - candidates[layer.name][j])
+            saving = layer_bops(layer.macs, layer.w_bits, bits[layer.name] - candidates[layer.name][j])
             margin = alphas[layer.name][i] - alphas[layer.name][j]
             score = math.inf if margin <= 0 else saving / margin
             key = (score, saving)
@@ -143,7 +144,7 @@ def _raise_while(cost, bits, alphas, candidates, order, target) -> None:
             j = _neighbour(layer.name, bits, candidates, order, +1)
             if j is None:
                 continue
-            extra = layer.macs * layer.w_bits * (candidates[layer.name][j] - bits[layer.name])
+            extra = layer_bops(layer.macs, layer.w_bits, candidates[layer.name][j] - bits[layer.name])
             if total + extra > target:
                 continue
             i = candidates[layer.name].index(bits[layer.name])

@@ -24,7 +24,6 @@ from torch import nn
 
 from lowbit.app.train import StepResult
 from lowbit.metamix.cost import CostModel, multi_branch_layers, penalty
-from lowbit.tools.bops import expected_bops
 
 
 @contextmanager
@@ -76,7 +75,7 @@ class StepContext:
         if not self.alphas:
             return {}
         with torch.no_grad():
-            ebops = float(expected_bops(self.inner))
+            ebops = float(self.cost.expected_bops(self.inner))
             bits = {n: float(m.expected_bits()) for n, m in multi_branch_layers(self.inner)}
         return {"ebops_M": ebops / 1e6, "ebops/target": ebops / self.target, "bits": self.cost.avg_bits(bits)}
 
@@ -86,7 +85,7 @@ def _forward_loss(ctx: StepContext, x, y, with_penalty: bool):
     logits = ctx.model(x)
     loss = F.cross_entropy(logits, y)
     if with_penalty:
-        loss = loss + penalty(ctx.inner, ctx.target, ctx.lam)
+        loss = loss + penalty(ctx.inner, ctx.cost, ctx.target, ctx.lam)
     ctx.inner.zero_grad(set_to_none=True)
     loss.backward()
     return float(loss.detach()), int((logits.argmax(dim=1) == y).sum()), len(y)
@@ -133,24 +132,24 @@ def metamix_step(ctx: StepContext, search_batches: Callable[[], Iterator]) -> Ca
 
 def joint_step(ctx: StepContext) -> Callable:
     """EdMIPS-style: one forward/backward of task loss + penalty updates W, steps and alpha together."""
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        ctx.model.train()
-        loss, correct, count = _forward_loss(ctx, x, y, with_penalty=True)
-        ctx.w_opt.step()
-        ctx.a_opt.step()
-        return StepResult(loss, correct, count, ctx.extras())
-
-    return step
+    return _one_pass_step(ctx, with_penalty=True)
 
 
 def weight_step(ctx: StepContext) -> Callable:
     """Plain (QAT or float) training of every parameter: the FP warm-up, uniform LSQ and the weight phase."""
+    return _one_pass_step(ctx, with_penalty=False)
+
+
+def _one_pass_step(ctx: StepContext, with_penalty: bool) -> Callable:
+    """One forward/backward on the loop's batch, then the weight optimizer steps (and, with the penalty, the alpha
+    optimizer too: the penalty is what alpha learns from)."""
+    optimizers = [ctx.w_opt, ctx.a_opt] if with_penalty else [ctx.w_opt]
 
     def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
         ctx.model.train()
-        loss, correct, count = _forward_loss(ctx, x, y, with_penalty=False)
-        ctx.w_opt.step()
-        return StepResult(loss, correct, count)
+        loss, correct, count = _forward_loss(ctx, x, y, with_penalty)
+        for optimizer in optimizers:
+            optimizer.step()
+        return StepResult(loss, correct, count, ctx.extras() if with_penalty else {})
 
     return step

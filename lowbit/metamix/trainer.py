@@ -28,7 +28,8 @@ from lowbit.metamix.select import LayerChoice, Selection, select_from_model
 from lowbit.metamix.steps import StepContext, frozen_bn_stats, joint_step, metamix_step, weight_step
 from lowbit.nn.layers import QConv2d, QLinear
 from lowbit.nn.quantizers import LSQQuantizer
-from lowbit.tools.quantize import _float_layers, _set_submodule, quantize
+from lowbit.tools.bops import bops
+from lowbit.tools.quantize import float_layer_names, quantize
 
 PHASES = ("fp", "search", "finetune")
 
@@ -119,7 +120,7 @@ class MetaMix:
         return Subset(dataset, sorted(order[:held])), Subset(dataset, sorted(order[held:]))
 
     def _searched_names(self) -> list[str]:
-        names = _float_layers(self._float)
+        names = float_layer_names(self._float)
         if isinstance(self.cfg.w_bits, dict):
             unknown = sorted(set(self.cfg.w_bits) - set(names))
             if unknown:
@@ -185,7 +186,7 @@ class MetaMix:
         float-weight search the weight quantizers come back here, their steps initialised from the weights."""
         restored = _quantized_weights(model)
         for name, layer in multi_branch_layers(model):
-            _set_submodule(model, name, layer.to_single_branch(bits[name]))
+            model.set_submodule(name, layer.to_single_branch(bits[name]))
         if restored:
             _calibrate(model, self.calib)
         return model
@@ -322,11 +323,9 @@ class MetaMix:
     def _report(self) -> MetaMixReport:
         if self.selection is None:  # no finetune phase ran yet (finetune_epochs == 0 is still a phase)
             raise RuntimeError("the run ended before selection")
-        final = CostModel.of(self.inner, self.calib[:2], self.searched)
-        from lowbit.tools.bops import bops as bops_report
-
         self.inner.eval()
-        whole = bops_report(self.inner, self.calib[:2])
+        whole = bops(self.inner, self.calib[:2])
+        final = CostModel.from_report(whole, self.searched)
         bits = self.selection.bits
         search_records = [r for r in self.records if r["phase"] == "search"]
         summary = dict(self.summary)
@@ -462,8 +461,8 @@ def _calibration_batch(loader: Iterable):
 
 @torch.no_grad()
 def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """One forward in train mode: LSQ steps start from the batch (as in LSQ) and layers learn their MACs; BN
-    running statistics are put back."""
+    """One forward in train mode: LSQ steps start from the batch (as in LSQ); BN running statistics are put
+    back."""
     with frozen_bn_stats(model):
         model.train()
         model(x)

@@ -11,6 +11,7 @@ from torch import nn
 
 from lowbit.core import checks
 from lowbit.mixquant.table import QETable, qe_table
+from lowbit.tools.bops import average_bits, ideal_weight_bytes
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,13 @@ class Plan(Mapping):
 
     @property
     def avg_bits(self) -> float:
-        return sum(self.params[n] * b for n, b in self.bits.items()) / sum(self.params.values())
+        """Parameter-weighted average weight bits."""
+        return average_bits(self.bits.values(), [self.params[n] for n in self.bits])
 
     @property
     def model_bytes(self) -> float:
-        return sum(self.params[n] * b for n, b in self.bits.items()) / 8
+        """Weight storage at exactly the plan's bits (no containers): what a ``ModelBytes`` budget bounds."""
+        return ideal_weight_bytes(self.params, self.bits)
 
     @property
     def total_qe(self) -> float:
@@ -130,11 +133,12 @@ def _budget_bits(table: QETable, budget) -> float:
 def _under_budget(table: QETable, budget, grid: int = 20_000) -> Plan:
     """The plan of least summed size-weighted QE under the budget (a multiple-choice knapsack), by dynamic
     programming over the budget split into ``grid`` cells, each layer's extra storage rounded *up* to whole cells
-    (so the plan always fits). The DP is exact for the rounded costs; rounding can cost at most one cell per layer
-    of capacity. ``Plan.gap_bound`` certifies the result against the true optimum: it is the plan's summed QE
-    minus the LP-relaxation optimum (``_lp_bound``), a lower bound of every plan that fits. The hull greedy and the
-    best uniform plan that fits are also tried and the best of the three is returned, so the result is never worse
-    than uniform bits at the same budget.
+    (so the plan always fits; cells of one bit, so no rounding, when the spare storage is at most ``grid`` bits).
+    The DP is exact for the rounded costs; rounding can cost at most one cell per layer of capacity.
+    ``Plan.gap_bound`` certifies the result against the true optimum: it is the plan's summed QE minus the
+    LP-relaxation optimum (``_lp_bound``), a lower bound of every plan that fits. The hull greedy and the best
+    uniform plan that fits are also tried and the best of the three is returned, so the result is never worse than
+    uniform bits at the same budget.
     """
     capacity = _budget_bits(table, budget)
     lowest = min(table.bits)
@@ -151,11 +155,17 @@ def _under_budget(table: QETable, budget, grid: int = 20_000) -> Plan:
 
 
 def _dp_plan(table: QETable, spare: float, grid: int) -> dict[str, int]:
-    """Exact DP for the knapsack with extra storage ``n_l * (b - lowest)`` rounded up to cells of ``spare / grid``."""
+    """Exact DP for the knapsack with extra storage ``n_l * (b - lowest)`` rounded up to cells of ``spare / grid``.
+    Storage is whole bits (whole parameters at whole widths), so when the spare fits in ``grid`` cells of one bit
+    nothing is rounded and the DP is exact."""
     lowest = min(table.bits)
     if spare <= 1e-9:
         return dict.fromkeys(table.layers, lowest)
-    unit = spare / grid
+    whole_bits = math.floor(spare + 1e-9)  # a fraction of a bit buys nothing
+    if whole_bits <= grid:
+        grid, unit = whole_bits, 1.0
+    else:
+        unit = spare / grid
     best = np.zeros(grid + 1)  # least summed QE using at most g cells, over the layers so far
     choices = []
     for name in table.layers:

@@ -8,8 +8,6 @@ and still run ONE convolution per forward: by linearity ``conv(sum_i p_i Q_i(x),
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -17,7 +15,8 @@ from lowbit.nn.quantizers import LSQQuantizer, MultiBranchQuantizer
 
 
 class _Quantized:
-    """What every quantized layer shares: weight/activation quantizers, bit-widths, MACs per sample."""
+    """What every quantized layer shares: weight/activation quantizers and bit-widths. (MACs and BOPs are
+    counted outside the layers, by ``lowbit.tools.bops``, so a forward pass has no side effect.)"""
 
     weight_quant: LSQQuantizer
     act_quant: nn.Module
@@ -25,7 +24,6 @@ class _Quantized:
     def _setup_quantizers(self, w_bits: int, act_quant: nn.Module) -> None:
         self.weight_quant = LSQQuantizer(w_bits, signed=True, channels=self.weight.shape[0], axis=0)
         self.act_quant = act_quant
-        self.macs: int | None = None  # per sample; known after the first forward
 
     @property
     def w_bits(self) -> int:
@@ -40,16 +38,6 @@ class _Quantized:
             self.weight.copy_(layer.weight)
             if layer.bias is not None:
                 self.bias.copy_(layer.bias)
-
-
-def _conv_macs(layer: nn.Conv2d, out: torch.Tensor) -> int:
-    kh, kw = layer.kernel_size
-    return math.prod(out.shape[1:]) * (layer.in_channels // layer.groups) * kh * kw
-
-
-def _linear_macs(layer: nn.Linear, x: torch.Tensor) -> int:
-    tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
-    return tokens * layer.in_features * layer.out_features
 
 
 class QConv2d(nn.Conv2d, _Quantized):
@@ -73,10 +61,7 @@ class QConv2d(nn.Conv2d, _Quantized):
         self.act_quant.bits = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
-        if self.macs is None:
-            self.macs = _conv_macs(self, out)
-        return out
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant) -> QConv2d:
@@ -120,8 +105,6 @@ class QLinear(nn.Linear, _Quantized):
     a_bits = QConv2d.a_bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.macs is None:
-            self.macs = _linear_macs(self, x)
         return nn.functional.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
     @classmethod
@@ -139,9 +122,15 @@ class QLinear(nn.Linear, _Quantized):
 
 
 class _MultiBranch:
-    """Shared by the multi-branch layers: expected BOPs, selected bits, conversion to one branch."""
+    """Shared by the multi-branch layers (listed first among their bases, so that this ``__init__`` runs first):
+    the ``MultiBranchQuantizer`` input, expected and selected bits, conversion to one branch."""
 
     act_quant: MultiBranchQuantizer
+    single_branch_class: type[QConv2d] | type[QLinear]
+
+    def __init__(self, *args, w_bits: int = 4, a_bits_choices=(2, 4, 8), a_signed: bool | None = None, **kwargs):
+        super().__init__(*args, w_bits=w_bits, a_bits=None, **kwargs)
+        self.act_quant = MultiBranchQuantizer(a_bits_choices, signed=a_signed)
 
     @property
     def candidate_bits(self) -> list[int]:
@@ -153,55 +142,24 @@ class _MultiBranch:
     def selected_bits(self) -> int:
         return self.act_quant.selected_bits()
 
-    def expected_bops(self) -> torch.Tensor:
-        """``MACs * b_w * sum_i p_i b_i`` (SPEC section 3), differentiable in alpha. Needs one forward first."""
-        if self.macs is None:
-            raise RuntimeError("expected_bops needs the layer's MACs: run one forward pass (or lowbit.bops) first")
-        return self.macs * self.w_bits * self.expected_bits()
-
-    def _single_branch(self, single: nn.Module, bits: int | None) -> nn.Module:
-        bits = self.selected_bits() if bits is None else bits
-        single.act_quant = self.act_quant.branch_quantizer(bits)
+    def to_single_branch(self, bits: int | None = None) -> QConv2d | QLinear:
+        """A single-branch layer at ``bits`` (default: the selected branch) keeping the weights and that branch's
+        step."""
+        single = self.single_branch_class.from_float(self, w_bits=self.w_bits, a_bits=None)
+        single.act_quant = self.act_quant.branch_quantizer(self.selected_bits() if bits is None else bits)
         single.weight_quant.load_state_dict(self.weight_quant.state_dict())
-        single.macs = self.macs
         return single
 
 
-class MultiBranchQConv2d(QConv2d, _MultiBranch):
-    """``QConv2d`` whose input goes through a ``MultiBranchQuantizer`` over ``a_bits_choices``."""
+class MultiBranchQConv2d(_MultiBranch, QConv2d):
+    """``QConv2d`` whose input goes through a ``MultiBranchQuantizer`` over ``a_bits_choices``; the other
+    arguments are ``QConv2d``'s."""
 
-    def __init__(self, *args, w_bits: int = 4, a_bits_choices=(2, 4, 8), a_signed: bool | None = None, **kwargs):
-        super().__init__(*args, w_bits=w_bits, a_bits=None, **kwargs)
-        self.act_quant = MultiBranchQuantizer(a_bits_choices, signed=a_signed)
-
-    def to_single_branch(self, bits: int | None = None) -> QConv2d:
-        """A ``QConv2d`` at ``bits`` (default: the selected branch) keeping the weights and that branch's step."""
-        single = QConv2d.from_float(self, w_bits=self.w_bits, a_bits=None)
-        return self._single_branch(single, bits)
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, **quant) -> MultiBranchQConv2d:
-        return super().from_float(conv, **quant)
+    single_branch_class = QConv2d
 
 
-class MultiBranchQLinear(QLinear, _MultiBranch):
-    """``QLinear`` whose input goes through a ``MultiBranchQuantizer`` over ``a_bits_choices``."""
+class MultiBranchQLinear(_MultiBranch, QLinear):
+    """``QLinear`` whose input goes through a ``MultiBranchQuantizer`` over ``a_bits_choices``; the other
+    arguments are ``QLinear``'s (``in_features, out_features, bias=True, *, w_bits=4, device=None, dtype=None``)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        w_bits: int = 4,
-        a_bits_choices=(2, 4, 8),
-        a_signed: bool | None = None,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__(in_features, out_features, bias, w_bits=w_bits, a_bits=None, device=device, dtype=dtype)
-        self.act_quant = MultiBranchQuantizer(a_bits_choices, signed=a_signed)
-
-    def to_single_branch(self, bits: int | None = None) -> QLinear:
-        single = QLinear.from_float(self, w_bits=self.w_bits, a_bits=None)
-        return self._single_branch(single, bits)
+    single_branch_class = QLinear

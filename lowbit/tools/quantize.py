@@ -11,18 +11,21 @@ from lowbit.core import checks
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
 from lowbit.tools.swap import FusedFakeQuantize, FusedLSQ, SwapReport, register_fake_quant, swap_fused
 
-__all__ = ["FusedFakeQuantize", "FusedLSQ", "SwapReport", "quantize", "register_fake_quant", "swap_fused"]
+__all__ = [
+    "FusedFakeQuantize",
+    "FusedLSQ",
+    "SwapReport",
+    "float_layer_names",
+    "quantize",
+    "register_fake_quant",
+    "swap_fused",
+]
 
 FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
 QUANT_LAYERS = (QConv2d, QLinear)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def _float_layers(model: nn.Module) -> list[str]:
+def float_layer_names(model: nn.Module) -> list[str]:
     """Names of the plain convs and linears, in registration order (first and last are the stem and head)."""
     return [n for n, m in model.named_modules() if type(m) in FLOAT_LAYERS]
 
@@ -59,7 +62,7 @@ def quantize(
     if first_last_bits is not None:
         first_last_bits = checks.bits("first_last_bits", first_last_bits)
     plan = dict(bits or {})
-    names = _float_layers(model)
+    names = float_layer_names(model)
     unknown = sorted(set(plan) - set(names))
     if unknown:
         raise ValueError(f"bits names layers that are not convs or linears of the model: {unknown}")
@@ -73,8 +76,8 @@ def quantize(
             continue
         edge = name in edges
         wb = plan.get(name, first_last_bits if edge else w_bits)
-        _set_submodule(
-            model, name, _quantized(layer, wb, first_last_bits if edge else a_bits, None if edge else branches)
+        model.set_submodule(
+            name, _quantized(layer, wb, first_last_bits if edge else a_bits, None if edge else branches)
         )
     return model
 
