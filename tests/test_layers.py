@@ -12,7 +12,15 @@ from torch import nn
 
 import lowbit
 from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear, ReferenceLSQ
-from lowbit.tools.bops import bops, expected_bops, ideal_weight_bytes, layer_macs, model_bytes, weight_bytes
+from lowbit.tools.bops import (
+    bops,
+    expected_bops,
+    float_parameter_bytes,
+    ideal_weight_bytes,
+    layer_macs,
+    model_bytes,
+    weight_bytes,
+)
 from lowbit.tools.quantize import FusedFakeQuantize, quantize, swap_fused
 
 
@@ -290,6 +298,8 @@ def test_model_bytes_float_own_bits_and_a_plan():
     with pytest.raises(ValueError, match="not convs or linears"):
         model_bytes(model, {"nope": 4})
     assert ideal_weight_bytes({"a": 10, "b": 3}, {"a": 4, "b": 3}) == (40 + 9) / 8
+    steps = 3 + 8 + 8 + 10  # LSQ steps: one for each input, one per output channel for each weight
+    assert float_parameter_bytes(model) == 4 * (stem + body + head + 8 + 8 + 10 + steps)
 
 
 def test_bops_leaves_batch_norm_statistics_and_mode_alone():

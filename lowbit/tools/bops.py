@@ -226,6 +226,11 @@ def model_bytes(model: nn.Module, bits: int | Mapping[str, int] | None = None) -
     return total
 
 
+def float_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter of ``model`` (weights, biases, norms, steps) as float32."""
+    return sum(p.numel() for p in model.parameters()) * FLOAT_BYTES
+
+
 def ideal_weight_bytes(params: Mapping[str, int], bits: Mapping[str, float]) -> float:
     """``sum_l n_l * b_l / 8`` over the layers in ``bits``: weights at exactly ``b_l`` bits each, without containers
     or row padding (MixQuant's ``ModelBytes`` budget measures this; ``weight_bytes`` is what a file holds)."""
