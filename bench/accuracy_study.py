@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import RESULTS, cpu_name, write_results
+from common import RESULTS, command_line, write_results
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import reference as ref  # noqa: E402
@@ -28,6 +28,7 @@ import test_fake_quant as tfq  # noqa: E402
 import test_multi_branch as tmb  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.app.machine import cpu_name  # noqa: E402
 from lowbit.backends import cpu as cpu_backend
 
 U = 2.0**-24
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         gradient_errors(variant, rec)
         grad[variant] = rec.rows
     packed = packed_errors()
-    meta = {"command": "python bench/accuracy_study.py " + " ".join(argv or sys.argv[1:]), "cpu": cpu_name()}
+    meta = {"command": command_line("accuracy_study.py", argv), "cpu": cpu_name()}
     write_results(
         RESULTS, "accuracy_cpu", markdown(grad, packed, meta), {"meta": meta, "gradients": grad, "packed": packed}
     )

@@ -17,14 +17,14 @@ unless --out is given.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 
 import torch
-from common import RESULTS, cpu_name, write_results
+from common import command_line, made_by, results_folder, timing_arguments, write_results
 
 import lowbit
+from lowbit.app.machine import cpu_name
 from lowbit.app.timing import interleaved_median_ms
 from lowbit.backends import cpu as cpu_backend
 from lowbit.backends import select
@@ -66,7 +66,7 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [
         "# Converted models, end-to-end latency (cpu)",
         "",
-        f"`{meta['command']}` on {meta['device_name']}, {meta['threads']} threads, torch {meta['torch']}, "
+        f"{made_by(meta)}, "
         f"packed_linear backend `{meta['backend']}`. Median of {meta['repeats']} round-robin repeats, milliseconds "
         "per forward; W4A8, first and last layer 8-bit, 32x32 input, width 1.0.",
         "",
@@ -89,13 +89,12 @@ def _backend_name() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats, no files unless --out")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per model")
-    parser.add_argument("--out", default=None, help="folder for the .md and .json results")
+    parser = timing_arguments(
+        __doc__, "batch 1 only, 3 repeats, no files unless --out", "timed repeats per model", None
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 10)
-    out = args.out or (None if args.quick else RESULTS)
+    out = results_folder(args)
     meta = {
         "device": "cpu",
         "device_name": cpu_name(),
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
         "lowbit": lowbit.__version__,
         "backend": _backend_name(),
         "repeats": repeats,
-        "command": "python bench/bench_convert.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "command": command_line("bench_convert.py", argv),
     }
     results = {}
     for name in MODELS:

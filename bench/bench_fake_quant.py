@@ -18,14 +18,14 @@ repeats, and writes nothing unless --out is given: a smoke run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 
 import torch
-from common import RESULTS, cpu_name, is_lowbit, speedup, write_results
+from common import command_line, is_lowbit, made_by, results_folder, speedup, timing_arguments, write_results
 
 import lowbit
+from lowbit.app.machine import cpu_name
 from lowbit.app.timing import interleaved_median_ms
 from lowbit.backends import cpu as cpu_backend
 
@@ -261,8 +261,7 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"# Fused LSQ fake-quant, forward + backward ({meta['device']})",
         "",
-        f"`{meta['command']}` on {meta['device_name']} ({meta['isa']}), {meta['threads']} threads, torch "
-        f"{meta['torch']}, lowbit {meta['lowbit']}, {meta['note']}. Median of {meta['repeats']} round-robin repeats, "
+        f"{made_by(meta)}, lowbit {meta['lowbit']}, {meta['note']}. Median of {meta['repeats']} round-robin repeats, "
         "milliseconds; every row of a table was measured in the same run on the same tensors. Memory floor: "
         "5 x N elements moved / measured copy bandwidth.",
         "",
@@ -290,18 +289,13 @@ def markdown(results: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats, no files unless --out")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
-    parser.add_argument("--out", default=None, help="folder for the .md and .json results")
-    parser.add_argument("--note", default="shared machine, other jobs running", help="load state for the report")
+    parser = timing_arguments(__doc__, "small shapes, 3 repeats, no files unless --out", device=True)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     cases = QUICK_CASES if args.quick else FULL_CASES
     repeats = args.repeats or (3 if args.quick else 15)
-    out = args.out or (None if args.quick else RESULTS)
+    out = results_folder(args)
     impls = implementations(device)
     missing = peer_implementations()[1]
     isa = cpu_backend.isa() if "cpu" in lowbit.backends() else "no C++ backend"
@@ -314,7 +308,7 @@ def main(argv=None) -> int:
         "lowbit": lowbit.__version__,
         "repeats": repeats,
         "note": args.note,
-        "command": "python bench/bench_fake_quant.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "command": command_line("bench_fake_quant.py", argv),
     }
     results = {}
     for case in cases:

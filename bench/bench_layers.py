@@ -13,16 +13,16 @@ Writes bench/results/layers_<device>.{md,json}. ``--quick`` shrinks everything a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, cpu_name, write_results
+from common import command_line, made_by, replace_modules, results_folder, sgd_step, timing_arguments, write_results
 from torch import nn
 
 import lowbit
+from lowbit.app.machine import cpu_name
 from lowbit.app.timing import interleaved_median_ms
 from lowbit.models import create_model
 from lowbit.nn import LSQQuantizer, MultiBranchQConv2d, MultiBranchQuantizer, ReferenceLSQ
@@ -92,15 +92,12 @@ def _fwd_bwd(fn, g, leaves):
 # ---- 2. whole training steps ------------------------------------------------------------------------------
 
 
-def _replace_quantizers(model: nn.Module, make) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (LSQQuantizer, MultiBranchQuantizer)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, make(module))
-    return model
+def with_reference_quantizers(model: nn.Module) -> nn.Module:
+    """``model`` with every lowbit quantizer replaced by its plain-PyTorch reference, in place."""
+    return replace_modules(model, (LSQQuantizer, MultiBranchQuantizer), _to_reference)
 
 
-def _to_reference_lsq(q: nn.Module) -> nn.Module:
+def _to_reference(q: nn.Module) -> nn.Module:
     if isinstance(q, MultiBranchQuantizer):
         return _MixedReference(q)
     return ReferenceLSQ.from_lsq(q)
@@ -118,12 +115,12 @@ def training_step_rows(batch: int, width: float, repeats: int) -> dict:
     fp32 = create_model("mobilenet_v2", num_classes=10, small_input=True, width_mult=width)
     w4a4 = lowbit.quantize(copy.deepcopy(fp32), w_bits=4, a_bits=4)
     w4a4(x)  # initialise steps
-    reference_w4a4 = _replace_quantizers(copy.deepcopy(w4a4), _to_reference_lsq)
+    reference_w4a4 = with_reference_quantizers(copy.deepcopy(w4a4))
     swapped = copy.deepcopy(reference_w4a4)
     lowbit.swap_fused(swapped)
     mb = lowbit.quantize(copy.deepcopy(fp32), w_bits=4, multi_branch=(2, 4, 8))
     mb(x)
-    reference_mb = _replace_quantizers(copy.deepcopy(mb), _to_reference_lsq)
+    reference_mb = with_reference_quantizers(copy.deepcopy(mb))
     models = {
         "fp32 (no quantization)": fp32,
         "W4A4 reference LSQ (PyTorch)": reference_w4a4,
@@ -131,17 +128,7 @@ def training_step_rows(batch: int, width: float, repeats: int) -> dict:
         "W4 + 3-branch act, aggregated reference (PyTorch)": reference_mb,
         "W4 + 3-branch act, lowbit fused": mb,
     }
-    steps = {}
-    for name, model in models.items():
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        steps[name] = step
+    steps = {name: sgd_step(model, x, y) for name, model in models.items()}
     return interleaved_median_ms(steps, torch.device("cpu"), repeats)
 
 
@@ -152,8 +139,7 @@ def markdown(tables: dict, meta: dict) -> str:
     lines = [
         "# Quantized layers and training steps (cpu)",
         "",
-        f"`{meta['command']}` on {meta['device_name']}, {meta['threads']} threads, torch {meta['torch']}. Median of "
-        f"{meta['repeats']} repeats, milliseconds; each table measured in one run.",
+        f"{made_by(meta)}. Median of {meta['repeats']} repeats, milliseconds; each table measured in one run.",
         "",
     ]
     for title, (rows, baseline) in tables.items():
@@ -164,10 +150,7 @@ def markdown(tables: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats, no files unless --out")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default=None)
+    parser = timing_arguments(__doc__, "small shapes, 3 repeats, no files unless --out", note=None)
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 10)
     batch, width, step_batch = (2, 0.5, 8) if args.quick else (8, 1.0, 32)
@@ -184,11 +167,11 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "repeats": repeats,
-        "command": "python bench/bench_layers.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "command": command_line("bench_layers.py", argv),
     }
     text = markdown(tables, meta)
     print(text)
-    out = args.out or (None if args.quick else RESULTS)
+    out = results_folder(args)
     if out:
         write_results(
             out, "layers_cpu", text, {"meta": meta, "results_ms": {t: rows for t, (rows, _) in tables.items()}}

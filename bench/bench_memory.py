@@ -20,12 +20,13 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from bench_layers import ReferenceMultiBranch, _replace_quantizers, _to_reference_lsq
-from common import RESULTS, cpu_name, write_results
+from bench_layers import ReferenceMultiBranch, with_reference_quantizers
+from common import RESULTS, replace_modules, sgd_step, write_results
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import lowbit
+from lowbit.app.machine import cpu_name
 from lowbit.models import create_model
 from lowbit.nn import MultiBranchQConv2d, MultiBranchQLinear, ReferenceLSQ
 
@@ -47,11 +48,7 @@ class PerBranchLayer(nn.Module):
 
 
 def _per_branch(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (MultiBranchQConv2d, MultiBranchQLinear)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, PerBranchLayer(module))
-    return model
+    return replace_modules(model, (MultiBranchQConv2d, MultiBranchQLinear), PerBranchLayer)
 
 
 def models(batch: int, width: float, x: torch.Tensor) -> dict[str, nn.Module]:
@@ -64,23 +61,16 @@ def models(batch: int, width: float, x: torch.Tensor) -> dict[str, nn.Module]:
     return {
         "fp32 (no quantization)": fp32,
         "W4A4 single branch, lowbit fused": w4a4,
-        "W4A4 single branch, PyTorch LSQ": _replace_quantizers(copy.deepcopy(w4a4), _to_reference_lsq),
+        "W4A4 single branch, PyTorch LSQ": with_reference_quantizers(copy.deepcopy(w4a4)),
         "3-branch, lowbit fused": mb,
-        "3-branch, aggregated PyTorch reference": _replace_quantizers(copy.deepcopy(mb), _to_reference_lsq),
+        "3-branch, aggregated PyTorch reference": with_reference_quantizers(copy.deepcopy(mb)),
         "3-branch, per-branch PyTorch form": _per_branch(copy.deepcopy(mb)),
     }
 
 
 def peak_step_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Highest bytes allocated above the starting level during one training step (after a warm-up step)."""
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
+    step = sgd_step(model, x, y)
     step()  # momentum buffers exist before the measured step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()

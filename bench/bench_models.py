@@ -30,7 +30,6 @@ nothing unless --out is given.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -38,9 +37,10 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, cpu_clock_median_ms, cpu_name, write_results
+from common import command_line, cpu_clock_median_ms, results_folder, timing_arguments, write_results
 
 import lowbit
+from lowbit.app.machine import cpu_name
 from lowbit.app.timing import interleaved_median_ms
 from lowbit.backends import cpu as cpu_backend
 from lowbit.models import create_model
@@ -276,21 +276,16 @@ def markdown(results: dict, profiles: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32x32 batch 1 only, 2 repeats, no files unless --out")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    parser = timing_arguments(__doc__, "32x32 batch 1 only, 2 repeats, no files unless --out", note="", threads=True)
     parser.add_argument("--repeats-large", type=int, default=3, help="repeats for the 224x224 batch-32 rows")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated input sizes")
-    parser.add_argument("--note", default="", help="free text for the report (e.g. machine load)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     parser.add_argument("--stem", default="models_cpu", help="results file name (without .md / .json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and ORT's) before timing")
     parser.add_argument("--clock", choices=sorted(CLOCK), default="wall", help="wall clock or process CPU time")
-    parser.add_argument("--out", default=None, help="folder for the .md and .json results")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 10)
-    out = args.out or (None if args.quick else RESULTS)
+    out = results_folder(args)
     sizes = (32,) if args.quick else tuple(int(s) for s in args.sizes.split(","))
     batches = (1,) if args.quick else tuple(int(b) for b in args.batches.split(","))
     if args.threads:
@@ -311,7 +306,7 @@ def main(argv=None) -> int:
         "repeats_large": min(repeats, args.repeats_large),
         "note": args.note,
         "clock": "wall clock" if args.clock == "wall" else "process CPU time",
-        "command": "python bench/bench_models.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "command": command_line("bench_models.py", argv),
     }
     results, profiles = {}, {}
     for name in args.models.split(","):

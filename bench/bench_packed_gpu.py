@@ -31,8 +31,8 @@ import subprocess
 import sys
 
 import torch
+from common import RESULTS, command_line
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MS = (1, 16, 64, 256, 4096)
 SIZES = (4096, 8192)
 WIDTHS = (8, 4, 2)
@@ -161,7 +161,7 @@ def run_case(m: int, size: int, device, rounds: int, backends: list[str]) -> dic
     return {"M": m, "K": k, "N": n, "ms": times, "graph_ms": graph_times, "exact": exact, "notes": notes}
 
 
-def environment(device) -> dict:
+def environment(device, argv: list[str] | None) -> dict:
     def driver() -> str:
         try:
             out = subprocess.run(
@@ -194,7 +194,7 @@ def environment(device) -> dict:
         "lowbit_commit": commit or "unknown",
         # kernels/packed_linear.py: full, or quick (a subset of the configurations) in tools/gpu_check.sh's run
         "triton_autotune": os.environ.get("LOWBIT_TRITON_AUTOTUNE", "full"),
-        "command": " ".join(["python", "bench/bench_packed_gpu.py", *sys.argv[1:]]),
+        "command": command_line("bench_packed_gpu.py", argv),
     }
 
 
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
             res = run_case(m, size, device, rounds, backends)
             print(f"M={m} K=N={size}: " + ", ".join(f"{k} {v:.4f} ms" for k, v in res["ms"].items()), flush=True)
             results.append(res)
-    env = environment(device)
+    env = environment(device, argv)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=2)

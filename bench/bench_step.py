@@ -22,17 +22,16 @@ import tempfile
 # A fresh Inductor cache for this process: compile times are cold, and no earlier run's kernels are reused.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit_bench_inductor_"))
 
-import argparse  # noqa: E402
 import copy  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import RESULTS, cpu_name, write_results  # noqa: E402
+from common import command_line, made_by, replace_modules, results_folder, sgd_step, timing_arguments, write_results  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.app.machine import cpu_name  # noqa: E402
 from lowbit.app.timing import interleaved_median_ms  # noqa: E402
 from lowbit.backends import status  # noqa: E402
 from lowbit.models import create_model  # noqa: E402
@@ -43,12 +42,7 @@ MODELS = {"MobileNet-v2": "mobilenet_v2", "ResNet-18": "resnet18"}
 
 def to_composition(model: nn.Module) -> nn.Module:
     """A deep copy of a lowbit.quantize'd model with every LSQQuantizer replaced by its ReferenceLSQ twin."""
-    model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LSQQuantizer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, ReferenceLSQ.from_lsq(module))
-    return model
+    return replace_modules(copy.deepcopy(model), (LSQQuantizer,), ReferenceLSQ.from_lsq)
 
 
 def variants(arch: str, x: torch.Tensor, metamix: bool) -> dict[str, nn.Module]:
@@ -66,26 +60,14 @@ def variants(arch: str, x: torch.Tensor, metamix: bool) -> dict[str, nn.Module]:
     return models
 
 
-def make_step(model: nn.Module, x, y):
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
 def model_rows(title: str, arch: str, batch: int, repeats: int, metamix: bool) -> tuple[dict, dict]:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
     steps, compile_s = {}, {}
     for name, model in variants(arch, x, metamix).items():
-        steps[f"{name} eager"] = make_step(model, x, y)
-        compiled = make_step(torch.compile(copy.deepcopy(model)), x, y)
+        steps[f"{name} eager"] = sgd_step(model, x, y)
+        compiled = sgd_step(torch.compile(copy.deepcopy(model)), x, y)
         print(f"  {title}: compiling {name} ...", file=sys.stderr)
         start = time.perf_counter()
         compiled()
@@ -121,8 +103,7 @@ def markdown(tables: dict, meta: dict) -> str:
     lines = [
         "# Training steps, eager and torch.compile (cpu)",
         "",
-        f"`{meta['command']}` on {meta['device_name']} ({meta['isa']}), {meta['threads']} threads, torch "
-        f"{meta['torch']}, {meta['note']}. Median of {meta['repeats']} round-robin repeats, milliseconds per step "
+        f"{made_by(meta)}, {meta['note']}. Median of {meta['repeats']} round-robin repeats, milliseconds per step "
         "(forward + backward + SGD); every row of a table measured in the same run. Compile time: first compiled "
         "step minus one eager step, cold Inductor cache.",
         "",
@@ -144,11 +125,7 @@ def markdown(tables: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 4, 2 repeats, MobileNet-v2 only")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--note", default="shared machine, other jobs running", help="load state for the report")
+    parser = timing_arguments(__doc__, "batch 4, 2 repeats, MobileNet-v2 only", "timed steps per variant")
     parser.add_argument("--models", nargs="+", choices=list(MODELS.values()), default=list(MODELS.values()))
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -156,7 +133,7 @@ def main(argv=None) -> int:
     models = {label: arch for label, arch in MODELS.items() if arch in args.models}
     models = {"MobileNet-v2": "mobilenet_v2"} if args.quick else models
     stem = "step_cpu" if len(models) == len(MODELS) else "step_" + "_".join(models.values()) + "_cpu"
-    out = args.out or (None if args.quick else RESULTS)
+    out = results_folder(args)
     meta = {
         "device_name": cpu_name(),
         "isa": f"lowbit {status('cpu').reason}; Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
@@ -164,7 +141,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "repeats": repeats,
         "note": args.note,
-        "command": "python bench/bench_step.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "command": command_line("bench_step.py", argv),
     }
     tables = {}
     for label, arch in models.items():

@@ -23,10 +23,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from common import RESULTS, cpu_clock_median_ms, cpu_name, speedup, write_results
+from common import RESULTS, command_line, cpu_clock_median_ms, sgd_step, speedup, write_results
 
 import lowbit
+from lowbit.app.machine import cpu_name
 from lowbit.app.timing import interleaved_median_ms
 from lowbit.models import create_model
 
@@ -34,17 +34,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from lsq_idioms import lsq_net_quantize  # noqa: E402  (the lsq-net-style wrapper shared with the tests)
 
 from lowbit.backends import cpu as cpu_backend
-
-
-def _train_step(model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
 
 
 def run(batch: int, width: float, repeats: int, compiled: bool) -> dict:
@@ -63,9 +52,9 @@ def run(batch: int, width: float, repeats: int, compiled: bool) -> dict:
             twin = copy.deepcopy(model)
             models[name] = torch.compile(twin)
             start = time.perf_counter()
-            _train_step(models[name], x, y)()  # compile forward and backward
+            sgd_step(models[name], x, y)()  # compile forward and backward
             compile_s[name] = time.perf_counter() - start
-    steps = {name: _train_step(model, x, y) for name, model in models.items()}
+    steps = {name: sgd_step(model, x, y) for name, model in models.items()}
     ms = interleaved_median_ms(steps, torch.device("cpu"), repeats)
     return {
         "ms": ms,
@@ -149,7 +138,7 @@ def main(argv=None) -> int:
         "isa": f"lowbit C++ {isa}, Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
         "torch": torch.__version__,
         "machine_note": args.note,
-        "command": "python bench/bench_swap.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("bench_swap.py", argv),
         "batch": args.batch,
         "width": args.width,
         "repeats": args.repeats,

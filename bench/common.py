@@ -1,21 +1,85 @@
-"""What every benchmark script shares: where results go, how they are written, and the machine's name."""
+"""What every benchmark script shares: where results go, how they are written and the command they came from."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import platform
+import shlex
 import statistics
 import sys
 import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SHARED_MACHINE = "shared machine, other jobs running"
 
 
-def cpu_name() -> str:
-    from lowbit.app.cli import _cpu_description
+def timing_arguments(
+    doc: str,
+    quick: str,
+    repeats: str = "timed repeats per implementation",
+    note: str | None = SHARED_MACHINE,
+    device: bool = False,
+    threads: bool = False,
+) -> argparse.ArgumentParser:
+    """A timing benchmark's parser with the options they share: --quick (doing what ``quick`` says), --repeats,
+    --out, --note (its default ``note``; none when None), and when asked --device and --threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if device:
+        parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--repeats", type=int, default=None, help=repeats)
+    parser.add_argument("--out", default=None, help="folder for the .md and .json results")
+    if note is not None:
+        parser.add_argument("--note", default=note, help="load state for the report (free text)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
+    return parser
 
-    return _cpu_description()["model"] or platform.processor()
+
+def results_folder(args: argparse.Namespace) -> str | None:
+    """Where a run writes its tables: --out, else bench/results; a --quick run (a smoke run) writes nothing."""
+    return args.out or (None if args.quick else RESULTS)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command a report says it came from: ``python bench/<script> ARGS``. ``argv`` None means this process's
+    own arguments (the script was run directly); a list, even an empty one, is what ``lowbit bench`` passed."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"bench/{script}", *map(shlex.quote, args)])
+
+
+def sgd_step(model, x, y, forward=None):
+    """One training step of ``model`` on the fixed batch ``(x, y)`` as a callable: forward (``forward(model, x)``
+    when given, e.g. a compiled function), cross-entropy, backward and an SGD update with momentum 0.9 (the step
+    every training benchmark times)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(model, x) if forward else model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def replace_modules(model, kinds: tuple[type, ...], make):
+    """``model`` with every submodule that is an instance of ``kinds`` replaced by ``make(submodule)``, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, kinds):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, make(module))
+    return model
+
+
+def made_by(meta: dict) -> str:
+    """How a table was made, as its report says first: "`command` on <machine> (<isa>), N threads, torch X"."""
+    isa = f" ({meta['isa']})" if "isa" in meta else ""
+    return f"`{meta['command']}` on {meta['device_name']}{isa}, {meta['threads']} threads, torch {meta['torch']}"
 
 
 def write_results(folder: str, stem: str, markdown: str, data: dict) -> None:
@@ -29,8 +93,10 @@ def write_results(folder: str, stem: str, markdown: str, data: dict) -> None:
     print(f"wrote {path}.md and .json", file=sys.stderr)
 
 
-def write_study(folder: str, stem: str, result: dict, plot, markdown) -> None:
-    """A method study's ``stem.json`` (every run), and once it has seeds ``stem_frontier.png`` and ``stem.md``."""
+def write_study(args, prefix: str, result: dict, plot, markdown) -> None:
+    """A method study's ``stem.json`` (every run), and once it has seeds ``stem_frontier.png`` and ``stem.md``, in
+    ``args.out``; the stem is ``<prefix>_<data><tag>``, with ``_quick`` for a smoke run."""
+    folder, stem = args.out, f"{prefix}_{args.data}{args.tag}" + ("_quick" if args.quick else "")
     result["figure"] = f"{stem}_frontier.png"
     with open(os.path.join(folder, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -38,6 +104,51 @@ def write_study(folder: str, stem: str, result: dict, plot, markdown) -> None:
         plot(result, os.path.join(folder, result["figure"]))
         with open(os.path.join(folder, f"{stem}.md"), "w") as f:
             f.write(markdown(result))
+
+
+def run_seeds(result: dict, seeds: list[int], one_seed, write) -> None:
+    """A study's runs: ``one_seed(seed)`` appended to ``result["seeds"]`` for each seed, and ``write(result)`` after
+    every one, so that a long run cut short keeps the seeds it finished."""
+    start = time.perf_counter()
+    for seed in seeds:
+        result["seeds"].append(one_seed(seed))
+        result["seconds"] = time.perf_counter() - start
+        write(result)
+    print(f"done in {result['seconds'] / 60:.1f} min", flush=True)
+
+
+def figure(figsize: tuple[float, float]):
+    """A matplotlib figure drawn off-screen (the Agg canvas: no display, no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_mean(ax, costs: list[float], top1s: list[float], **style) -> None:
+    """One method of a study on ``ax``: its mean cost against its mean top-1, the std over seeds as error bar."""
+    from lowbit.app.frontier import mean_std
+
+    top1, std = mean_std(top1s)
+    ax.errorbar(mean_std(costs)[0], top1, yerr=std, capsize=2, **style)
+
+
+def finish_axes(ax, xlabel: str, title: str) -> None:
+    """The look every study plot shares: a log cost axis, a light grid and a small legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
+def plot_uniform(ax, names: list[str], xs: list[float], ys: list[tuple[float, float]], label: str) -> None:
+    """A study's uniform frontier on ``ax``: mean top-1 with its std as error bars at each cost, each point named."""
+    ax.errorbar(xs, [m for m, _ in ys], yerr=[e for _, e in ys], fmt="s-", color="grey", capsize=3, label=label)
+    for name, x, (y, _) in zip(names, xs, ys, strict=True):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
 
 
 def is_lowbit(name: str) -> bool:

@@ -26,8 +26,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -38,13 +36,13 @@ from torch import nn
 import lowbit
 import lowbit.app.data
 from lowbit.app.frontier import gap, mean_std, paired
+from lowbit.app.machine import cpu_name
 from lowbit.app.train import evaluate, fit, set_seed
 from lowbit.metamix import MetaMix, MetaMixConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_study  # noqa: E402
+import common  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGETS = {"A3": 3.0, "A2.5": 2.5}  # average activation bits of the searched layers: BOPs of uniform A3 / halfway
 VARIANTS = {
     "float-weights": dict(search_weights="float"),
@@ -93,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, d if small else m)
     if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="metamix-quick-") if args.quick else RESULTS
+        args.out = tempfile.mkdtemp(prefix="metamix-quick-") if args.quick else common.RESULTS
     if args.quick:
         args.seeds, args.widths, args.variants = args.seeds[:1], [2, 3, 8], args.variants[:1]
         args.fp_epochs, args.search_epochs, args.finetune_epochs = 1, 1, 1
@@ -271,8 +269,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_text(data: str) -> str:
+    """The images and splits of a study's data set, as its report says them."""
+    return "8x8, 1,437 train / 360 test" if data == "digits" else "pooled to 14x14, 4,000 train / 1,000 test"
+
+
 def setup_text(args: dict) -> str:
-    size = "8x8, 1,437 train / 360 test" if args["data"] == "digits" else "pooled to 14x14, 4,000 train / 1,000 test"
+    size = data_text(args["data"])
     return (
         f"{args['data']} ({size}); a 6-layer CNN (width {args['width']}, 5 searched layers; the first conv and the "
         f"classifier at 8 bits), float-trained {args['fp_epochs']} epochs per seed and shared. Every run: "
@@ -324,41 +327,28 @@ def per_seed(seeds) -> list[str]:
 
 
 def plot(result: dict, path: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     seeds, args = result["seeds"], result["args"]
-    fig = Figure(figsize=(6.5, 4.2))
-    FigureCanvasAgg(fig)
+    fig = common.figure((6.5, 4.2))
     ax = fig.subplots()
     xs = [mean_std([s["uniform"][str(b)]["bops"] / 1e6 for s in seeds])[0] for b in args["widths"]]
     ys = [mean_std([s["uniform"][str(b)]["top1"] for s in seeds]) for b in args["widths"]]
-    ax.errorbar(
-        xs, [m for m, _ in ys], yerr=[e for _, e in ys], fmt="s-", color="grey", capsize=3, label="uniform A2..A8"
-    )
-    for b, x, (y, _) in zip(args["widths"], xs, ys, strict=True):
-        ax.annotate(f"A{b}", (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    common.plot_uniform(ax, [f"A{b}" for b in args["widths"]], xs, ys, "uniform A2..A8")
     markers = dict(zip(methods_of(seeds), "*oDv^<>p", strict=False))
     for method in methods_of(seeds):
         for i, target in enumerate(TARGETS):
             rs = pick(seeds, method, target)
-            y = mean_std([r["top1"] for r in rs])
-            ax.errorbar(
-                mean_std([r["bops"] / 1e6 for r in rs])[0],
-                y[0],
-                yerr=y[1],
+            common.plot_mean(
+                ax,
+                [r["bops"] / 1e6 for r in rs],
+                [r["top1"] for r in rs],
                 fmt=markers[method],
                 ms=11 if method == "metamix" else 6,
-                capsize=2,
                 color=f"C{methods_of(seeds).index(method)}",
                 label=method if i == 0 else None,
             )
-    ax.set_xscale("log")
-    ax.set_xlabel("BOPs per image (millions, log)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{args['data']}: mixed activations vs the uniform frontier ({len(seeds)} seeds)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    title = f"{args['data']}: mixed activations vs the uniform frontier ({len(seeds)} seeds)"
+    common.finish_axes(ax, "BOPs per image (millions, log)", title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -375,16 +365,7 @@ def merged(result: dict, paths: list[str]) -> dict:
 
 
 def machine() -> str:
-    try:
-        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical CPU(s)"
-
-
-def write(args, result: dict) -> None:
-    stem = f"metamix_{args.data}{args.tag}" + ("_quick" if args.quick else "")
-    write_study(args.out, stem, result, plot, markdown)
+    return f"{cpu_name()}, {os.cpu_count()} logical CPU(s)"
 
 
 def main(argv=None) -> None:
@@ -395,17 +376,17 @@ def main(argv=None) -> None:
         stem = f"metamix_{args.data}{args.tag}"
         with open(os.path.join(args.out, f"{stem}.json")) as f:
             result = json.load(f)
-        write(args, merged(result, args.merge))
+        common.write_study(args, "metamix", merged(result, args.merge), plot, markdown)
         return
-    command = "python bench/metamix_study.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = common.command_line("metamix_study.py", argv)
     data = load_data(args.data)
     result = {"command": command.strip(), "machine": machine(), "args": vars(args), "seeds": []}
-    start = time.perf_counter()
-    for seed in args.seeds:
-        result["seeds"].append(one_seed(args, data, seed))
-        result["seconds"] = time.perf_counter() - start
-        write(args, result)
-    print(f"done in {result['seconds'] / 60:.1f} min", flush=True)
+    common.run_seeds(
+        result,
+        args.seeds,
+        lambda seed: one_seed(args, data, seed),
+        lambda r: common.write_study(args, "metamix", r, plot, markdown),
+    )
 
 
 if __name__ == "__main__":

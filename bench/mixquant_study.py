@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -43,10 +42,9 @@ from lowbit.app.frontier import gap, mean_std, paired
 from lowbit.models import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_study  # noqa: E402
-from metamix_study import load_data, machine, merged, study_cnn  # noqa: E402  (the same model and data as MetaMix)
+import common  # noqa: E402
+from metamix_study import data_text, load_data, machine, merged, study_cnn  # noqa: E402  (the same model and data as MetaMix)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QEMS = (4, 16, 64, 256, 1024, 4096, 16384)
 QUANTIZERS = ("min-max PTQ", "BRECQ-style", "LSQ QAT")
 WIDTHS = {"min-max PTQ": (2, 3, 4, 5, 6, 7, 8), "BRECQ-style": (2, 3, 4, 8), "LSQ QAT": (2, 3, 4, 8)}
@@ -75,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.fp_epochs = args.fp_epochs or (8 if small else 3)
     args.batch_size = args.batch_size or (64 if small else 128)
     if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="mixquant-quick-") if args.quick else RESULTS
+        args.out = tempfile.mkdtemp(prefix="mixquant-quick-") if args.quick else common.RESULTS
     if args.quick:
         args.seeds, args.fp_epochs, args.lsq_epochs, args.brecq_iters, args.brecq_samples = [0], 1, 1, 5, 64
         args.max_qem_plans = 1
@@ -265,7 +263,7 @@ def signed(mean_and_std: tuple[float, float]) -> str:
 
 
 def setup_text(args: dict) -> str:
-    size = "8x8, 1,437 train / 360 test" if args["data"] == "digits" else "pooled to 14x14, 4,000 train / 1,000 test"
+    size = data_text(args["data"])
     return (
         f"{args['data']} ({size}); the 6-layer CNN of metamix_study.py (width {args['width']}), float-trained "
         f"{args['fp_epochs']} epochs per seed, activations float. Min-max PTQ: asymmetric per channel. BRECQ-style: "
@@ -304,20 +302,14 @@ def findings(seeds) -> list[str]:
 
 
 def plot(result: dict, path: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     seeds, args = result["seeds"], result["args"]
-    fig = Figure(figsize=(13, 4))
-    FigureCanvasAgg(fig)
+    fig = common.figure((13, 4))
     axes = fig.subplots(1, 3, sharey=True)
     for ax, q in zip(axes, QUANTIZERS, strict=True):
         widths = list(seeds[0]["quantizers"][q]["uniform"])
         xs = [seeds[0]["quantizers"][q]["uniform"][b]["bytes"] / 1024 for b in widths]
         ys = [mean_std([s["quantizers"][q]["uniform"][b]["top1"] for s in seeds]) for b in widths]
-        ax.errorbar(xs, [m for m, _ in ys], yerr=[e for _, e in ys], fmt="s-", color="grey", capsize=3, label="uniform")
-        for b, x, (y, _) in zip(widths, xs, ys, strict=True):
-            ax.annotate(f"W{b}", (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
+        common.plot_uniform(ax, [f"W{b}" for b in widths], xs, ys, "uniform")
         styles = {
             ("budget", "own"): ("*", "C0", "budget plan"),
             ("budget", "symmetric"): ("x", "C1", "budget, sym. QE"),
@@ -330,23 +322,17 @@ def plot(result: dict, path: str) -> None:
             if not rs:
                 continue
             marker, color, name = styles[(rule, table)]
-            y = mean_std([r["top1"] for r in rs])
-            ax.errorbar(
-                mean_std([r["bytes"] / 1024 for r in rs])[0],
-                y[0],
-                yerr=y[1],
+            common.plot_mean(
+                ax,
+                [r["bytes"] / 1024 for r in rs],
+                [r["top1"] for r in rs],
                 fmt=marker,
                 color=color,
                 ms=10 if marker == "*" else 6,
-                capsize=2,
                 label=None if name in used else name,
             )
             used.add(name)
-        ax.set_xscale("log")
-        ax.set_xlabel("weight bytes (KiB, log)")
-        ax.set_title(q)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        common.finish_axes(ax, "weight bytes (KiB, log)", q)
     axes[0].set_ylabel("top-1 (%)")
     fig.suptitle(f"MixQuant on {args['data']}: plans vs the uniform weight frontier ({len(seeds)} seeds)")
     fig.tight_layout()
@@ -416,16 +402,11 @@ def speed_markdown(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------- main
 
 
-def write(args, result: dict) -> None:
-    stem = f"mixquant_{args.data}{args.tag}" + ("_quick" if args.quick else "")
-    write_study(args.out, stem, result, plot, markdown)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
-    command = "python bench/mixquant_study.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = common.command_line("mixquant_study.py", argv)
     base = {"command": command.strip(), "machine": machine(), "args": vars(args)}
     if args.speed:
         result = {**base, "speed": speed(1 if args.quick else 5)}
@@ -437,16 +418,16 @@ def main(argv=None) -> None:
     if args.report_only:
         with open(os.path.join(args.out, f"mixquant_{args.data}.json")) as f:
             result = json.load(f)
-        write(args, merged(result, args.merge))
+        common.write_study(args, "mixquant", merged(result, args.merge), plot, markdown)
         return
     dataset = load_data(args.data)
     result = {**base, "seeds": []}
-    start = time.perf_counter()
-    for seed in args.seeds:
-        result["seeds"].append(one_seed(args, dataset, seed))
-        result["seconds"] = time.perf_counter() - start
-        write(args, result)
-    print(f"done in {result['seconds'] / 60:.1f} min", flush=True)
+    common.run_seeds(
+        result,
+        args.seeds,
+        lambda seed: one_seed(args, dataset, seed),
+        lambda r: common.write_study(args, "mixquant", r, plot, markdown),
+    )
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ import copy  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import RESULTS, cpu_name, write_results  # noqa: E402
+from common import RESULTS, command_line, made_by, sgd_step, write_results  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.app.machine import cpu_name  # noqa: E402
 from lowbit.app.timing import interleaved_median_ms  # noqa: E402
 from lowbit.models import create_model  # noqa: E402
 from lowbit.ops.decompositions import use_inductor_decompositions  # noqa: E402
@@ -48,17 +48,6 @@ def run_decomposed(model, x):
 # Dynamo keeps compiled graphs per code object and, with nn modules inlined, two copies of one model pass each
 # other's guards: the modes get a function each, or the last graph compiled would serve both.
 RUNNERS = {"opaque": run_opaque, "decomposed": run_decomposed}
-
-
-def make_step(model, x, y, run=None):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(run(model, x) if run else model(x), y).backward()
-        opt.step()
-
-    return step
 
 
 def profile_step(step, steps: int) -> dict:
@@ -92,12 +81,12 @@ def main(argv=None) -> int:
     model = lowbit.quantize(create_model("small_cnn", num_classes=10, in_channels=3), w_bits=4, a_bits=4)
     with torch.no_grad():
         model(x)
-    steps = {"eager": make_step(model, x, y)}
+    steps = {"eager": sgd_step(model, x, y)}
     for mode in ("opaque", "decomposed"):
         use_inductor_decompositions(mode == "decomposed")
         # no torch._dynamo.reset() (nor run_and_get_code, which calls it): it would drop the opaque graph, which
         # would then be recompiled with the decompositions on
-        steps[mode] = make_step(copy.deepcopy(model), x, y, torch.compile(RUNNERS[mode], fullgraph=True))
+        steps[mode] = sgd_step(copy.deepcopy(model), x, y, torch.compile(RUNNERS[mode], fullgraph=True))
         steps[mode]()
     use_inductor_decompositions(True)
     times = interleaved_median_ms(steps, "cpu", args.repeats, warmup=1)
@@ -107,7 +96,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "note": args.note,
-        "command": "python bench/profile_compile.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "command": command_line("profile_compile.py", argv),
     }
     text = markdown(rows, meta, args.batch)
     print(text)
@@ -120,7 +109,7 @@ def markdown(rows: dict, meta: dict, batch: int) -> str:
     lines = [
         f"# Where a compiled lowbit step spends its time (small_cnn W4A4, 32x32, batch {batch}, cpu)",
         "",
-        f"`{meta['command']}` on {meta['device_name']}, {meta['threads']} threads, torch {meta['torch']}, "
+        f"{made_by(meta)}, "
         f"{meta['note']}. Step ms: median round-robin; the other columns: torch.profiler self CPU time per step, "
         "and the number of distinct generated kernels that ran.",
         "",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_fake_quant import FULL_CASES, implementations
+from bench_fake_quant import FULL_CASES, PEERS, implementations
 
 CASE = FULL_CASES[0]
 IMPLS = implementations(torch.device("cpu"))
@@ -31,8 +31,15 @@ def test_forward_backward(benchmark, tensors, name):
         x.grad = step.grad = None
         IMPLS[name](x, step, CASE).backward(g)
 
+    if name in PEERS:  # as bench_fake_quant.time_case: a peer that cannot run the case reads n/a, with the reason
+        try:
+            run()
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+            pytest.skip(f"{name}: {str(exc).splitlines()[0]}")
     benchmark.pedantic(run, rounds=10, warmup_rounds=2)
-    assert x.grad is not None and torch.isfinite(step.grad).all()
+    assert torch.isfinite(x.grad).all()
+    if name not in PEERS:  # a peer learns its own step (a module parameter), not this tensor
+        assert torch.isfinite(step.grad).all()
 
 
 @pytest.mark.benchmark(group=CASE.name)

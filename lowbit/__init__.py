@@ -9,6 +9,7 @@ in ``lowbit.mixquant`` and ``lowbit.metamix``.
 
 from lowbit import metamix, mixquant
 from lowbit.backends import LowbitFallbackWarning, backends, use_backend
+from lowbit.core.moved import install as install_moved_paths
 from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
 from lowbit.ops.packed_linear import pack, packed_linear, unpack
 from lowbit.tools.bops import bops  # noqa: I001  (after the ops: the layers need them)
@@ -17,6 +18,10 @@ from lowbit.tools.quantize import quantize, register_fake_quant, swap_fused
 from lowbit.tools.serialization import load, load_model, save, save_model
 
 __version__ = "0.1.0"
+
+# old module paths (lowbit.cli, lowbit.packed, ...) keep importing, with a DeprecationWarning naming the new one
+install_moved_paths(__name__)
+del install_moved_paths
 
 __all__ = [
     "LowbitFallbackWarning",

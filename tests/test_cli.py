@@ -12,6 +12,7 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 
 import pytest
 import torch
@@ -351,3 +352,77 @@ def test_bad_input_is_one_line_naming_the_file(argv, expected, files, tmp_path, 
     if expected not in ("--qem", "target_bits"):  # the flag cases have no file to name
         assert any(path in err[0] for path in named), (named, err[0])
     assert not (tmp_path / "m.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+@pytest.fixture
+def fake_bench(tmp_path, monkeypatch):
+    """A bench/ folder in the current folder whose scripts record, in ``common.CALLS``, the argv their ``main`` was
+    called with; returns a function that writes script ``name`` with body ``body``. sys.path and sys.modules are
+    restored afterwards (the fake ``common`` must not shadow the real one in later tests)."""
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    (folder / "common.py").write_text("CALLS = []\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = dict(sys.modules)
+    sys.modules.pop("common", None)
+
+    def script(name: str, body: str) -> None:
+        record = f"    common.CALLS.append(({name!r}, argv))\n"
+        (folder / f"{name}.py").write_text(f"import common\n\n\ndef main(argv=None):\n{record}{body}\n")
+
+    yield script
+    for name in set(sys.modules) - set(before):
+        del sys.modules[name]
+    sys.modules.update(before)
+
+
+def test_bench_calls_each_benchmark_in_this_process(fake_bench, monkeypatch, capsys):
+    from lowbit.app import benchmarks
+
+    fake_bench("one", "    return 0")
+    fake_bench("two", "    return 0")
+    monkeypatch.setattr(benchmarks, "BENCHMARKS", {"cpu": [("one",), ("two", "--device", "cpu")]})
+    assert cli.main(["bench", "--quick"]) == 0
+    assert sys.modules["common"].CALLS == [("one", ["--quick"]), ("two", ["--device", "cpu", "--quick"])]
+
+
+def test_a_failing_benchmark_fails_the_run_after_the_others(fake_bench, monkeypatch, capsys):
+    from lowbit.app import benchmarks
+
+    fake_bench("bad", "    raise RuntimeError('kernel exploded')")
+    fake_bench("exits", "    raise SystemExit(3)")
+    fake_bench("good", "    return 0")
+    monkeypatch.setattr(benchmarks, "BENCHMARKS", {"cpu": [("bad",), ("exits",), ("good",)]})
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "RuntimeError: kernel exploded" in err  # the benchmark's own traceback
+    assert err.strip().splitlines()[-1] == "lowbit bench: error: benchmarks failed: bad, exits (see their output above)"
+    assert [name for name, _ in sys.modules["common"].CALLS] == ["bad", "exits", "good"]
+
+
+def test_bench_without_a_checkout_is_one_line(tmp_path, monkeypatch, capsys):
+    from lowbit.app import benchmarks
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmarks, "CHECKOUT_BENCH", str(tmp_path / "site-packages" / "bench"))
+    assert cli.main(["bench"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not installed with lowbit" in err[0] and "source checkout" in err[0]
+
+
+def test_bench_device_must_be_known(capsys):
+    assert cli.main(["bench", "--device", "tpu"]) == 2
+    assert "--device must be one of cpu, cuda, got 'tpu'" in capsys.readouterr().err
+
+
+def test_the_cli_lists_only_existing_benchmarks():
+    from lowbit.app import benchmarks
+
+    folder = benchmarks.CHECKOUT_BENCH  # this checkout's
+    for scripts in benchmarks.BENCHMARKS.values():
+        for name, *_ in scripts:
+            assert os.path.isfile(os.path.join(folder, f"{name}.py")), name

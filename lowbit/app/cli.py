@@ -16,27 +16,9 @@ import inspect
 import json
 import os
 import platform
-import subprocess
 import sys
 
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "avx2", "fma", "f16c")
-
-
-def _cpu_description() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                if flags and model:
-                    break
-    except OSError:
-        pass
-    return {"model": model, "features": [f for f in CPU_FLAGS if f in flags]}
+from lowbit.app.machine import cpu_description
 
 
 def info_dict() -> dict:
@@ -63,7 +45,7 @@ def info_dict() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
-        "cpu": {**_cpu_description(), "threads": torch.get_num_threads(), "kernels_isa": kernels_isa},
+        "cpu": {**cpu_description(), "threads": torch.get_num_threads(), "kernels_isa": kernels_isa},
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "backends": [{"name": r.name, "available": r.available, "why": r.reason, "devices": r.devices} for r in rows],
         "default_backend": default,
@@ -158,63 +140,22 @@ def _add_demo(sub) -> None:
     )
     _add_model_args(p, d.model, d.width)
     _add_data_args(p)
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"fp32 training epochs (default {d.epochs})")
-    p.add_argument(
-        "--qat-epochs", type=int, default=d.qat_epochs, help=f"epochs per quantized method (default {d.qat_epochs})"
-    )
-    p.add_argument(
-        "--target-bits",
-        type=float,
-        default=d.target_bits,
-        help=f"MetaMix average activation bits (default {d.target_bits})",
-    )
-    p.add_argument(
-        "--weight-bits",
-        type=float,
-        default=d.weight_bits,
-        help=f"MixQuant average weight bits (default {d.weight_bits})",
-    )
-    p.add_argument("--out", default=d.out, help=f"results folder (default {d.out})")
+    _option(p, "--epochs", int, d.epochs, "fp32 training epochs")
+    _option(p, "--qat-epochs", int, d.qat_epochs, "epochs per quantized method")
+    _option(p, "--target-bits", float, d.target_bits, "MetaMix average activation bits")
+    _option(p, "--weight-bits", float, d.weight_bits, "MixQuant average weight bits")
+    _option(p, "--out", str, d.out, "results folder")
     p.add_argument("--quick", action="store_true", help="a sub-minute smoke run (tiny model, one epoch per phase)")
     p.set_defaults(run=cmd_demo)
 
 
 # ---- bench ------------------------------------------------------------------------------------------------------
 
-# Per device: the scripts and their extra arguments.
-BENCHMARKS = {
-    "cpu": [
-        ("bench_fake_quant.py",),
-        ("bench_layers.py",),
-        ("bench_packed.py",),
-        ("bench_convert.py",),
-        ("bench_memory.py",),
-    ],
-    "cuda": [("bench_fake_quant.py", "--device", "cuda"), ("bench_packed_gpu.py",)],
-}
-
-
-def _bench_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.join(os.getcwd(), "bench"), os.path.join(os.path.dirname(here), "bench")):
-        if os.path.isfile(os.path.join(candidate, "bench_fake_quant.py")):
-            return candidate
-    raise ValueError("the benchmark scripts live in the source checkout's bench/ folder: run from the checkout")
-
 
 def cmd_bench(args) -> int:
-    folder = _bench_dir()
-    failed = []
-    if args.device not in BENCHMARKS:
-        raise ValueError(f"--device must be one of {', '.join(BENCHMARKS)}, got {args.device!r}")
-    for script, *extra in BENCHMARKS[args.device]:
-        path = os.path.join(folder, script)
-        command = [sys.executable, path, *extra] + (["--quick"] if args.quick else [])
-        print(f"$ {' '.join(command)}", flush=True)
-        if subprocess.run(command, check=False).returncode != 0:
-            failed.append(script)
-    if failed:
-        raise RuntimeError(f"benchmarks failed: {', '.join(failed)} (see their output above)")
+    from lowbit.app import benchmarks
+
+    folder = benchmarks.run_all(args.device, quick=args.quick)
     if not args.quick:  # quick runs are smoke runs: they print their tables and write nothing
         print(f"tables written to {os.path.join(folder, 'results')}/")
     return 0
@@ -402,12 +343,10 @@ def _add_training_args(p, out: str) -> None:
         help="the float model: fp32.safetensors of an earlier run (or a state_dict .pt, read as tensors only); "
         "default: train it here for --epochs",
     )
-    p.add_argument(
-        "--epochs", type=int, default=d.epochs, help=f"fp32 training epochs when no --checkpoint (default {d.epochs})"
-    )
-    p.add_argument("--lr", type=float, default=d.lr, help=f"fp32 learning rate (default {d.lr})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"mini-batch size (default {d.batch_size})")
-    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    _option(p, "--epochs", int, d.epochs, "fp32 training epochs when no --checkpoint")
+    _option(p, "--lr", float, d.lr, "fp32 learning rate")
+    _option(p, "--batch-size", int, d.batch_size, "mini-batch size")
+    _option(p, "--out", str, out, "output folder")
 
 
 def _add_allow_pickle(p, what: str) -> None:
@@ -424,9 +363,7 @@ def _add_methods(sub) -> None:
     p = sub.add_parser("mixquant", help="MixQuant: per-layer weight bits from quantization error, then a quantizer")
     _add_training_args(p, "mixquant-results")
     group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        "--avg-bits", type=float, default=d.weight_bits, help=f"average weight bits budget (default {d.weight_bits})"
-    )
+    _option(group, "--avg-bits", float, d.weight_bits, "average weight bits budget")
     group.add_argument("--qem", type=float, help="the QEM rule instead of a budget (SPEC section 7; >= 1)")
     p.add_argument(
         "--quantizer",
@@ -434,12 +371,7 @@ def _add_methods(sub) -> None:
         default="lsq",
         help="min-max PTQ, LSQ QAT fine-tuning (packable) or BRECQ-style PTQ (default lsq)",
     )
-    p.add_argument(
-        "--finetune-epochs",
-        type=int,
-        default=ft["epochs"],
-        help=f"LSQ fine-tuning epochs (default {ft['epochs']})",
-    )
+    _option(p, "--finetune-epochs", int, ft["epochs"], "LSQ fine-tuning epochs")
     p.add_argument("--a-bits", type=int, default=ft["a_bits"], help="LSQ activation bits (default: float activations)")
     p.set_defaults(run=cmd_mixquant)
 
@@ -461,19 +393,9 @@ def _add_methods(sub) -> None:
         default=mm["w_bits"],
         help=f"weight bits (default {mm['w_bits']}; first/last layer {mm['first_last_bits']})",
     )
-    p.add_argument(
-        "--search-epochs",
-        type=int,
-        default=mm["search_epochs"],
-        help=f"bit-selection epochs (default {mm['search_epochs']})",
-    )
-    p.add_argument(
-        "--finetune-epochs",
-        type=int,
-        default=mm["finetune_epochs"],
-        help=f"weight-training epochs (default {mm['finetune_epochs']})",
-    )
-    p.add_argument("--lam", type=float, default=mm["lam"], help=f"BOPs penalty weight (default {mm['lam']})")
+    _option(p, "--search-epochs", int, mm["search_epochs"], "bit-selection epochs")
+    _option(p, "--finetune-epochs", int, mm["finetune_epochs"], "weight-training epochs")
+    _option(p, "--lam", float, mm["lam"], "BOPs penalty weight")
     p.add_argument("--mode", choices=MODES, default=mm["mode"], help=f"default {mm['mode']}")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     _add_allow_pickle(p, "a checkpoint (--resume)")
@@ -557,13 +479,18 @@ def _add_convert_eval(sub) -> None:
 # ---- shared arguments -------------------------------------------------------------------------------------------
 
 
+def _option(p, flag: str, kind: type, default, what: str) -> None:
+    """``flag`` with its ``default`` said in its help: the library's value, where the user looks for it."""
+    p.add_argument(flag, type=kind, default=default, help=f"{what} (default {default})")
+
+
 def _add_model_args(p, model: str, width: float) -> None:
     from lowbit.models import MODELS
 
     p.add_argument("--model", default=model, choices=sorted(MODELS), help=f"packaged model (default {model})")
-    p.add_argument("--width", type=float, default=width, help=f"width multiplier (default {width})")
+    _option(p, "--width", float, width, "width multiplier")
     seed = DEMO_DEFAULTS.seed
-    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
+    _option(p, "--seed", int, seed, "random seed")
 
 
 def _add_data_args(p) -> None:
@@ -574,13 +501,8 @@ def _add_data_args(p) -> None:
         "one sub-folder per class",
     )
     d = DEMO_DEFAULTS
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=d.image_size,
-        help=f"resize --data images to this square (default {d.image_size})",
-    )
-    p.add_argument("--device", default=d.device, help=f"cpu or cuda (default {d.device})")
+    _option(p, "--image-size", int, d.image_size, "resize --data images to this square")
+    _option(p, "--device", str, d.device, "cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -38,6 +39,22 @@ def conv_bn_act(
     if activation is not None:
         layers.append(activation())
     return nn.Sequential(*layers)
+
+
+class PooledClassifier(nn.Module):
+    """``features`` -> global average pool -> flatten -> ``classifier``, initialised by ``init_weights``: the layout
+    (and state-dict keys) of torchvision's MobileNets. The subclasses build the two parts."""
+
+    def __init__(self, features: list[nn.Module], classifier: nn.Module):
+        super().__init__()
+        self.features = nn.Sequential(*features)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.classifier = classifier
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.avgpool(self.features(x))))
 
 
 def init_weights(model: nn.Module) -> None:

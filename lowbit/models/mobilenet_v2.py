@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.models._utils import conv_bn_act, init_weights, make_divisible
+from lowbit.models._utils import PooledClassifier, conv_bn_act, make_divisible
 
 # (expansion t, output channels c, repeats n, first stride s): Table 2 of the paper.
 SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -36,7 +36,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(PooledClassifier):
     """MobileNet-v2 (Sandler et al., 2018): 3.50M parameters at width 1.0 with 1000 classes.
 
     Args:
@@ -58,7 +58,6 @@ class MobileNetV2(nn.Module):
         small_input: bool = False,
         dropout: float = 0.2,
     ):
-        super().__init__()
         channels = make_divisible(32 * width_mult)
         last_channels = make_divisible(1280 * max(1.0, width_mult))
         layers: list[nn.Module] = [conv_bn_act(in_channels, channels, 3, 1 if small_input else 2, activation=nn.ReLU6)]
@@ -70,11 +69,4 @@ class MobileNetV2(nn.Module):
                 layers.append(InvertedResidual(channels, out_channels, s if i == 0 else 1, t))
                 channels = out_channels
         layers.append(conv_bn_act(channels, last_channels, 1, activation=nn.ReLU6))
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last_channels, num_classes))
-        init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+        super().__init__(layers, nn.Sequential(nn.Dropout(dropout), nn.Linear(last_channels, num_classes)))

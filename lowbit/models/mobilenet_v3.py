@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.models._utils import conv_bn_act, init_weights, make_divisible
+from lowbit.models._utils import PooledClassifier, conv_bn_act, make_divisible
 
 # (kernel, expanded channels, output channels, squeeze-excite, activation, stride): Table 2 of the paper.
 SETTINGS = [
@@ -71,7 +71,7 @@ class InvertedResidual(nn.Module):
         return x + self.block(x) if self.use_residual else self.block(x)
 
 
-class MobileNetV3Small(nn.Module):
+class MobileNetV3Small(PooledClassifier):
     """MobileNet-v3-small (Howard et al., 2019): 2.54M parameters at width 1.0 with 1000 classes.
 
     Args:
@@ -92,7 +92,6 @@ class MobileNetV3Small(nn.Module):
         small_input: bool = False,
         dropout: float = 0.2,
     ):
-        super().__init__()
         channels = make_divisible(16 * width_mult)
         layers: list[nn.Module] = [
             conv_bn_act(in_channels, channels, 3, 1 if small_input else 2, activation=nn.Hardswish, **BN)
@@ -107,13 +106,7 @@ class MobileNetV3Small(nn.Module):
         last_conv = 6 * channels
         head = make_divisible(1024 * width_mult)
         layers.append(conv_bn_act(channels, last_conv, 1, activation=nn.Hardswish, **BN))
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.classifier = nn.Sequential(
+        classifier = nn.Sequential(
             nn.Linear(last_conv, head), nn.Hardswish(), nn.Dropout(dropout), nn.Linear(head, num_classes)
         )
-        init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+        super().__init__(layers, classifier)

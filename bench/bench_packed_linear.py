@@ -21,15 +21,14 @@ K = N = 4096, issue 17's comparison with ONNX Runtime MatMulNBits) writes packed
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
-from bench_models import cpu_clock_median_ms
-from common import RESULTS, cpu_name, speedup, write_results
+from common import command_line, cpu_clock_median_ms, made_by, results_folder, speedup, timing_arguments, write_results
 
 import lowbit
+from lowbit.app.machine import cpu_name
 from lowbit.app.timing import interleaved_median_ms
 from lowbit.backends import cpu as cpu_backend
 
@@ -129,7 +128,7 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"# Packed linear (lowbit.packed_linear), K = N ({meta['device']})",
         "",
-        f"`{meta['command']}` on {meta['device_name']}, {meta['threads']} threads, torch {meta['torch']}, "
+        f"{made_by(meta)}, "
         f"lowbit {meta['lowbit']} (cpu kernels: {meta['cpu_isa']}). Median of {meta['repeats']} repeats, "
         "milliseconds; every row of a table was measured in the same run, round-robin. Speed-up columns: "
         "the baseline's time over the row's time (above 1 = faster than the baseline). torch._int_mm pads M to 17 "
@@ -155,13 +154,9 @@ def markdown(results: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats, no files unless --out")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
-    parser.add_argument("--note", default="", help="free text for the report (e.g. machine load)")
-    parser.add_argument("--out", default=None, help="folder for the .md and .json results")
+    parser = timing_arguments(
+        __doc__, "small shapes, 3 repeats, no files unless --out", note="", device=True, threads=True
+    )
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall clock or process CPU time")
     parser.add_argument("--peer-shapes", action="store_true", help="only M = 1 and 1024 at K = N = 4096")
     args = parser.parse_args(argv)
@@ -171,7 +166,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else PEER_SHAPES if args.peer_shapes else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 15)
-    out = args.out or (None if args.quick else RESULTS)
+    out = results_folder(args)
     lowbit.packed_linear  # noqa: B018  (loads the extension, so that torch.ops.lowbit_C exists)
     from lowbit.backends import extension
 
@@ -185,7 +180,7 @@ def main(argv=None) -> int:
         "cpu_isa": cpu_backend.isa(),
         "repeats": repeats,
         "note": args.note + (" Clock: process CPU time." if args.clock == "cpu" else ""),
-        "command": "python bench/bench_packed.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "command": command_line("bench_packed_linear.py", argv),
     }
     results = {}
     for m, k in shapes:
