@@ -34,11 +34,11 @@ demo: setup
 # scalar (LOWBIT_CPU_ISA): a smaller CPU reproduced on any machine (docs/reliability.md). The bulk bit-exact sweep
 # (matches_reference) and, at avx2, the scalar cases are left out: the first run covers them at every ISA level.
 # The avx2 run needs an AVX-512 CPU to differ from the first run; elsewhere it is skipped, saying why.
-ISA_TESTS := tests/test_packed_ops.py tests/test_convert.py tests/test_layers.py tests/test_models.py \
+ISA_TESTS := tests/test_packed_linear.py tests/test_convert.py tests/test_layers.py tests/test_models.py \
 	tests/test_backends.py::test_required_backends_are_available
 ISA_RUN := LOWBIT_TEST_BACKENDS=cpu LOWBIT_REQUIRE_BACKENDS=cpu $(VPY) -m pytest -q $(ISA_TESTS)
-BEST_ISA := $(VPY) -c "import torch; from lowbit.backends import status; assert status('cpu').available, status('cpu'); \
-	print(torch.ops.lowbit_C.cpu_isa_supported()[0])"
+BEST_ISA := $(VPY) -c "from lowbit.backends import cpu, status; assert status('cpu').available, status('cpu'); \
+	print(cpu.supported_isas()[0])"
 test: setup
 	LOWBIT_REQUIRE_BACKENDS=reference,cpu,triton $(VPY) -m pytest -q tests --hypothesis-show-statistics
 	@best=$$($(BEST_ISA)) && if [ "$$best" = avx512 ]; then set -x; \

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.backends import LowbitFallbackWarning, _default_for, module, status
+from lowbit.backends import KERNELS, NAMES, LowbitFallbackWarning, _default_for, backend, status
 
 BACKENDS_MODULE = sys.modules["lowbit.backends"]
 
@@ -41,12 +41,30 @@ def test_use_backend_nests_and_restores():
     assert current() is None
 
 
+def test_every_available_backend_has_every_kernel():
+    """One record per backend, and the kernel names the op files call exist on each available one."""
+    for name in NAMES:
+        record = backend(name)
+        assert record.name == name and record.devices == status(name).devices
+        if status(name).available:
+            missing = [k for k in KERNELS if not callable(getattr(record.kernels, k, None))]
+            assert not missing, f"backend {name!r} lacks kernels {missing}"
+
+
+def test_select_returns_the_record_of_the_forced_backend():
+    from lowbit.backends import select
+
+    with lowbit.use_backend("reference"):
+        assert select(torch.device("cpu")) is backend("reference")
+    assert select(torch.device("cpu")) is backend("cpu")  # the default for CPU tensors
+
+
 def test_each_backend_really_runs_its_own_kernel(monkeypatch):
     calls = []
     for name in ("reference", "cpu"):
-        mod = module(name)
-        original = mod.fake_quant_forward
-        monkeypatch.setattr(mod, "fake_quant_forward", lambda *a, _n=name, _f=original: calls.append(_n) or _f(*a))
+        kernels = backend(name).kernels
+        original = kernels.fake_quant_forward
+        monkeypatch.setattr(kernels, "fake_quant_forward", lambda *a, _n=name, _f=original: calls.append(_n) or _f(*a))
     x, step = torch.randn(10), torch.tensor(0.1)
     for name in ("reference", "cpu"):
         with lowbit.use_backend(name):

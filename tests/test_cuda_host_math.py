@@ -1,9 +1,9 @@
 """The CUDA kernels' element math, compiled as host C++ and checked against tests/reference.py (no GPU needed).
 
-csrc/cuda/fake_quant_math.cuh, multi_branch.cuh and rounding.cuh are __host__ __device__ and torch-free; the kernels
-include them as they are, and tests/cuda_host/host_math.cpp includes the very same files in a host program built
-with the system C++ compiler (-ffp-contract=off: on the device the _rn intrinsics forbid contraction the same way).
-Forward values and dx must equal the reference bit for bit; each element's dstep/doffset/dprob term is one float32
+csrc/cuda/fake_quant_math.cuh, multi_branch_fake_quant.cuh and rounding.cuh are __host__ __device__ and torch-free;
+the kernels include them as they are, and tests/cuda_host/host_math.cpp includes the very same files in a host program
+built with the system C++ compiler (-ffp-contract=off: on the device the _rn intrinsics forbid contraction the same
+way). Forward values and dx must equal the reference bit for bit; each element's dstep/doffset/dprob term is one float32
 rounding (fmaf) of the exact float64 term. packed_linear.cu's word math (field unpacking, dp4a emulation, activation
 codes, epilogue) is built from the .cu file itself with LOWBIT_PACKED_LINEAR_HOST_EMULATION, by nvcc where it is
 installed (no GPU needed; skipped otherwise). The summation across threads and blocks needs a GPU (make gpu-check).

@@ -83,7 +83,7 @@ SPEC_RTOL = 1e-4
 # A sum whose terms cancel to near zero cannot meet a relative bound in the float32 math SPEC fixes: every term
 # g * (q - v) is a float32 product, rounded once (unit roundoff u = 2^-24), so even an exact sum of the float32 terms
 # is off by up to u * sum|terms|, and float32 partial sums add a few u more. This allowance is 16 u of sum|terms|;
-# measured worst over tests/test_fake_quant.py and test_multi_branch.py: 5 u (the reference backend's float32
+# measured worst over tests/test_fake_quant.py and test_multi_branch_fake_quant.py: 5 u (the reference backend's float32
 # torch.sum), 2.4 u (C++). Where the terms do not cancel it is small against 1e-4 * |sum|.
 SUM_ROUNDING = 2.0**-20
 

@@ -8,7 +8,7 @@ other steps each fake-quant value q * s is itself rounded to float32 (unit round
 scales the exact sum once, so the two differ by up to 2u * sum|terms|: relative to one output that cancels to ~0 this
 is unbounded (measured up to 1.0 at K = 64). There the bound is read norm-wise, per output row (docs/decisions.md):
 ||y_m - want_m||_2 <= 1e-5 ||want_m||_2 (measured at most 2.1e-7). The bit-exact agreement of every backend with the
-integer statement is tested in tests/test_packed_ops.py.
+integer statement is tested in tests/test_packed_linear.py.
 """
 
 from __future__ import annotations

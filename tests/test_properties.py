@@ -1,6 +1,6 @@
 """Property tests (hypothesis): random shapes, strides, dtypes, steps from 1e-8 to 1e4, offsets, bits and branch
 counts, with inf and NaN in x, for every backend against the independent reference; pack/unpack and packed_linear
-against the NumPy statement of tests/test_packed_ops.py. Derandomized (fixed seed),
+against the NumPy statement of tests/test_packed_linear.py. Derandomized (fixed seed),
 so a failure reproduces. ``max_examples`` is only a ceiling in hypothesis (it stops early when its search space
 runs dry or too many draws are rejected), so each property counts the examples that ran to the end and fails
 unless at least 200 did, per op and backend."""
@@ -16,8 +16,8 @@ from conftest import DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fake_quant import check_fake_quant
-from test_multi_branch import check_multi_branch
-from test_packed_ops import check_packed_linear_exact, np_pack, run_packed_linear
+from test_multi_branch_fake_quant import check_multi_branch
+from test_packed_linear import check_packed_linear_exact, np_pack, run_packed_linear
 
 import lowbit
 from lowbit import quant_range

@@ -88,8 +88,9 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}" # parallel compile jobs: 16 on the H200 
 # ---- what each phase runs --------------------------------------------------------------------------------------
 
 # Ops-level test files: every op on every backend that serves DEVICE, opcheck, torch.compile, properties, determinism.
-TEST_FILES=(tests/test_backends.py tests/test_fake_quant.py tests/test_multi_branch.py tests/test_packed_ops.py
-  tests/test_packed_triton.py tests/test_ops.py tests/test_determinism.py tests/test_properties.py)
+TEST_FILES=(tests/test_backends.py tests/test_fake_quant.py tests/test_multi_branch_fake_quant.py
+  tests/test_packed_linear.py tests/test_packed_triton.py tests/test_ops.py tests/test_determinism.py
+  tests/test_properties.py)
 if [[ $SMOKE == 1 ]]; then
   DEVICE=cpu
   REQUIRED=reference,cpu,triton

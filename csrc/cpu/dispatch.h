@@ -4,7 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
-#include <cmath>
+#include "checks.h"  // check_values, used by every driver
 
 // The three dtypes lowbit's kernels take (float32, float16, bfloat16); `scalar_t` inside the body.
 #define LOWBIT_DISPATCH_FLOAT(TYPE, NAME, ...)                                                         \
@@ -22,16 +22,6 @@ const T* data(const at::Tensor& t) {
 template <class T>
 T* mutable_data(at::Tensor& t) {
   return reinterpret_cast<T*>(t.mutable_data_ptr());
-}
-
-// The public ops' value rules (SPEC section 6), checked here rather than with tensor ops in Python because on
-// the CPU a loop over C floats is free: `name` must be finite (and > 0 when `positive`). Raises ValueError.
-inline void check_values(const char* name, const at::Tensor& t, bool positive) {
-  const float* p = t.const_data_ptr<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(p[i]) && (!positive || p[i] > 0), name, " must be ", positive ? "positive and " : "",
-                      "finite, got ", p[i], " at index ", i);
-  }
 }
 
 }  // namespace lowbit::cpu

@@ -13,11 +13,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "bind.h"
 #include "cpu/dispatch.h"
 #include "cpu/fake_quant.h"
 
@@ -50,16 +51,16 @@ Layout layout_of(const at::Tensor& x, const at::Tensor& step, int64_t inner) {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& step, const std::optional<at::Tensor>& offset,
                   int64_t inner) {
-  TORCH_CHECK(x.is_contiguous(), "lowbit_C: x must be contiguous");
+  TORCH_CHECK(x.is_contiguous(), "lowbit._C.cpu: x must be contiguous");
   TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous() && step.dim() == 1,
-              "lowbit_C: step must be a contiguous float32 vector");
+              "lowbit._C.cpu: step must be a contiguous float32 vector");
   TORCH_CHECK(!offset || (offset->scalar_type() == at::kFloat && offset->is_contiguous() &&
                           offset->numel() == step.numel()),
-              "lowbit_C: offset must be a contiguous float32 vector like step");
+              "lowbit._C.cpu: offset must be a contiguous float32 vector like step");
   check_values("step", step, /*positive=*/true);
   if (offset) check_values("offset", *offset, /*positive=*/false);
   TORCH_CHECK(inner >= 1 && step.numel() >= 1 && x.numel() % (step.numel() * (step.numel() > 1 ? inner : 1)) == 0,
-              "lowbit_C: x of ", x.numel(), " elements does not split into ", step.numel(), " channels of inner ",
+              "lowbit._C.cpu: x of ", x.numel(), " elements does not split into ", step.numel(), " channels of inner ",
               inner);
 }
 
@@ -216,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
                                                                    double grad_scale) {
   check_inputs(x, step, offset, inner);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.is_contiguous(),
-              "lowbit_C: grad must be contiguous with x's shape and dtype");
+              "lowbit._C.cpu: grad must be contiguous with x's shape and dtype");
   at::Tensor dx = at::empty_like(x);
   const int64_t channels = step.numel();
   std::vector<double> sums(2 * channels, 0.0);  // interleaved [c][step, offset]
@@ -241,9 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit_C, CPU, m) {
-  m.impl("fake_quant_forward", &fake_quant_forward);
-  m.impl("fake_quant_backward", &fake_quant_backward);
+void bind_fake_quant(pybind11::module_& m) {
+  m.def("fake_quant_forward", &fake_quant_forward, lowbit::ReleaseGil());
+  m.def("fake_quant_backward", &fake_quant_backward, lowbit::ReleaseGil());
 }
 
 }  // namespace lowbit::cpu

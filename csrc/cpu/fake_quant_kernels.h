@@ -1,6 +1,6 @@
 // The fused LSQ span kernels, written once against a vector type `Vec` (Avx512Vec, Avx2Vec or ScalarVec).
 //
-// Included by fake_quant_{avx512,avx2,scalar}.cpp inside an ISA namespace and target pragma, after `Vec` is
+// Included by kernels_{avx512,avx2,scalar}.cpp inside an ISA namespace and target pragma, after `Vec` is
 // defined, so each ISA gets its own copy under its own name. Every wide loop hands its tail to ScalarVec,
 // whose arithmetic is identical lane by lane (true division, round half to even, x86 NaN rules).
 #pragma once

@@ -5,7 +5,7 @@
 #include <utility>
 
 #include "cpu/fake_quant.h"
-#include "cpu/multi_branch.h"
+#include "cpu/multi_branch_fake_quant.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -16,7 +16,7 @@ namespace lowbit::cpu::avx2 {
 #include "cpu/simd_avx2.h"
 using Vec = Avx2Vec;
 #include "cpu/fake_quant_kernels.h"
-#include "cpu/multi_branch_kernels.h"
+#include "cpu/multi_branch_fake_quant_kernels.h"
 
 }  // namespace lowbit::cpu::avx2
 

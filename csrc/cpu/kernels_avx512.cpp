@@ -5,7 +5,7 @@
 #include <utility>
 
 #include "cpu/fake_quant.h"
-#include "cpu/multi_branch.h"
+#include "cpu/multi_branch_fake_quant.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
@@ -21,7 +21,7 @@ namespace lowbit::cpu::avx512 {
 #include "cpu/simd_avx512.h"
 using Vec = Avx512Vec;
 #include "cpu/fake_quant_kernels.h"
-#include "cpu/multi_branch_kernels.h"
+#include "cpu/multi_branch_fake_quant_kernels.h"
 
 }  // namespace lowbit::cpu::avx512
 

@@ -3,7 +3,7 @@
 #include <utility>
 
 #include "cpu/fake_quant.h"
-#include "cpu/multi_branch.h"
+#include "cpu/multi_branch_fake_quant.h"
 
 #pragma GCC push_options
 // no target pragma: plain C++ for any x86-64 (or other) CPU
@@ -13,7 +13,7 @@ namespace lowbit::cpu::scalar {
 #include "cpu/simd_scalar.h"
 using Vec = ScalarVec;
 #include "cpu/fake_quant_kernels.h"
-#include "cpu/multi_branch_kernels.h"
+#include "cpu/multi_branch_fake_quant_kernels.h"
 
 }  // namespace lowbit::cpu::scalar
 

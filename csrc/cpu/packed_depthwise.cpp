@@ -1,18 +1,19 @@
 // Driver of the integer data path's depthwise convolution and activation quantizer (issue 17):
-//   lowbit_C::packed_depthwise  codes (B, H, W, C) channels last -> exact int32 taps per channel -> the folded
+//   packed_depthwise  codes (B, H, W, C) channels last -> exact int32 taps per channel -> the folded
 //                               epilogue (packed_epilogue.h) -> float32 or codes (B, Ho, Wo, C)
-//   lowbit_C::quantize_codes    float -> clamp(rint(x / step), qmin, qmax) as uint8 / int8 codes (SPEC section 1)
+//   quantize_codes    float -> clamp(rint(x / step), qmin, qmax) as uint8 / int8 codes (SPEC section 1)
 // Parallel over output rows; all arithmetic before the epilogue is integer, so results do not depend on threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "bind.h"
 #include "cpu/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/packed_depthwise.h"
@@ -36,30 +37,31 @@ using depthwise_baseline::EpilogueSpec;
 EpilogueSpec make_spec(double lo, double hi, double out_step, int64_t out_qmin, int64_t out_qmax) {
   TORCH_CHECK(out_step == 0 || (out_qmin >= -128 && out_qmax <= 255 && out_qmin <= out_qmax &&
                                 (out_qmin >= 0 || out_qmax <= 127)),
-              "lowbit_C: [out_qmin, out_qmax] must be a signed or unsigned 8-bit-or-less range");
+              "lowbit._C.cpu: [out_qmin, out_qmax] must be a signed or unsigned 8-bit-or-less range");
   return {static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(out_step),
           static_cast<int32_t>(out_qmin), static_cast<int32_t>(out_qmax)};
 }
 
 at::Tensor packed_depthwise(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                            const std::optional<at::Tensor>& bias, at::IntArrayRef kernel, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation, double lo, double hi, double out_step,
+                            const std::optional<at::Tensor>& bias, const std::vector<int64_t>& kernel,
+                            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                            const std::vector<int64_t>& dilation, double lo, double hi, double out_step,
                             int64_t out_qmin, int64_t out_qmax) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && (x.scalar_type() == at::kByte || x.scalar_type() == at::kChar),
-              "lowbit_C: x must be contiguous (B, H, W, C) uint8 or int8 codes");
+              "lowbit._C.cpu: x must be contiguous (B, H, W, C) uint8 or int8 codes");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "lowbit_C: kernel, stride, padding and dilation must have 2 entries");
+              "lowbit._C.cpu: kernel, stride, padding and dilation must have 2 entries");
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
   TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() && w.dim() == 2 &&
                   w.size(0) == kernel[0] * kernel[1] && w.size(1) == channels,
-              "lowbit_C: w must be contiguous int8 (KH * KW, C)");
+              "lowbit._C.cpu: w must be contiguous int8 (KH * KW, C)");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == channels,
-              "lowbit_C: scale must be a contiguous float32 (C,) tensor");
+              "lowbit._C.cpu: scale must be a contiguous float32 (C,) tensor");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == channels),
-              "lowbit_C: bias must be None or a contiguous float32 (C,) tensor");
+              "lowbit._C.cpu: bias must be None or a contiguous float32 (C,) tensor");
   const int64_t out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
   const int64_t out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(out_h >= 1 && out_w >= 1, "lowbit_C: the input is smaller than the kernel span");
+  TORCH_CHECK(out_h >= 1 && out_w >= 1, "lowbit._C.cpu: the input is smaller than the kernel span");
   const EpilogueSpec spec = make_spec(lo, hi, out_step, out_qmin, out_qmax);
   const int out_kind = out_step > 0 ? (out_qmin >= 0 ? 1 : 2) : 0;
   const auto out_type = out_kind == 1 ? at::kByte : out_kind == 2 ? at::kChar : at::kFloat;
@@ -100,9 +102,9 @@ bool quantize_span(const T* x, C* out, int64_t n, float step, float lo, float hi
 }
 
 at::Tensor quantize_codes(const at::Tensor& x, double step, int64_t qmin, int64_t qmax) {
-  TORCH_CHECK(x.is_contiguous(), "lowbit_C: x must be contiguous");
+  TORCH_CHECK(x.is_contiguous(), "lowbit._C.cpu: x must be contiguous");
   TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmin <= qmax && (qmin >= 0 || qmax <= 127),
-              "lowbit_C: [qmin, qmax] must be a signed or unsigned 8-bit-or-less range");
+              "lowbit._C.cpu: [qmin, qmax] must be a signed or unsigned 8-bit-or-less range");
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(qmin >= 0 ? at::kByte : at::kChar));
   const int64_t n = x.numel();
   const float s = static_cast<float>(step), lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
@@ -121,9 +123,9 @@ at::Tensor quantize_codes(const at::Tensor& x, double step, int64_t qmin, int64_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit_C, CPU, m) {
-  m.impl("packed_depthwise", &packed_depthwise);
-  m.impl("quantize_codes", &quantize_codes);
+void bind_packed_depthwise(pybind11::module_& m) {
+  m.def("packed_depthwise", &packed_depthwise, lowbit::ReleaseGil());
+  m.def("quantize_codes", &quantize_codes, lowbit::ReleaseGil());
 }
 
 }  // namespace lowbit::cpu

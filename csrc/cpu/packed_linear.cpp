@@ -1,4 +1,4 @@
-// CPU driver of the packed inference GEMM (SPEC section 4): lowbit_C::packed_linear.
+// CPU driver of the packed inference GEMM (SPEC section 4): lowbit._C.cpu.packed_linear (and packed_gemm).
 //
 //   1. Quantize: every row of x once (parallel over rows) into the ISA's prepared layout (packed_linear.h), with
 //      its NaN flag and code sum.
@@ -11,7 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +21,7 @@
 #include <memory>
 #include <vector>
 
+#include "bind.h"
 #include "cpu/dispatch.h"
 #include "cpu/packed_epilogue.h"
 #include "cpu/packed_linear.h"
@@ -356,21 +357,21 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& w_scale, int64_t w_bits,
                          const at::Tensor& x_step, int64_t qmin, int64_t qmax, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lowbit_C: x must be a contiguous (M, K) tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lowbit._C.cpu: x must be a contiguous (M, K) tensor");
   TORCH_CHECK(packed_w.dim() == 2 && packed_w.is_contiguous() && packed_w.scalar_type() == at::kByte,
-              "lowbit_C: packed_w must be a contiguous (N, packed K) uint8 tensor");
-  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "lowbit_C: w_bits must be in 2..8");
+              "lowbit._C.cpu: packed_w must be a contiguous (N, packed K) uint8 tensor");
+  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "lowbit._C.cpu: w_bits must be in 2..8");
   const int64_t m = x.size(0), k_len = x.size(1), n = packed_w.size(0);
   const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
-  TORCH_CHECK(packed_w.size(1) == (k_len * container + 7) / 8, "lowbit_C: packed_w has ", packed_w.size(1),
+  TORCH_CHECK(packed_w.size(1) == (k_len * container + 7) / 8, "lowbit._C.cpu: packed_w has ", packed_w.size(1),
               " bytes per row, K=", k_len, " at ", w_bits, " bits needs ", (k_len * container + 7) / 8);
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == n,
-              "lowbit_C: w_scale must be a contiguous float32 (N,) tensor");
-  TORCH_CHECK(x_step.scalar_type() == at::kFloat && x_step.numel() == 1, "lowbit_C: x_step must be one float32");
+              "lowbit._C.cpu: w_scale must be a contiguous float32 (N,) tensor");
+  TORCH_CHECK(x_step.scalar_type() == at::kFloat && x_step.numel() == 1, "lowbit._C.cpu: x_step must be one float32");
   TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmin <= qmax && (qmin >= 0 || qmax <= 127),
-              "lowbit_C: [qmin, qmax] must be a signed or unsigned 8-bit-or-less range");
+              "lowbit._C.cpu: [qmin, qmax] must be a signed or unsigned 8-bit-or-less range");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
-              "lowbit_C: bias must be None or a contiguous float32 (N,) tensor");
+              "lowbit._C.cpu: bias must be None or a contiguous float32 (N,) tensor");
   const at::Tensor step = x_step.contiguous();
   check_values("x_step", step, /*positive=*/true);
   check_values("w_scale", w_scale, /*positive=*/true);
@@ -408,22 +409,22 @@ void run_gemm(const at::Tensor& x, const at::Tensor& packed_w, const float* scal
 at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias, int64_t w_bits, double x_step, int64_t qmin, int64_t qmax,
                        double lo, double hi, double out_step, int64_t out_qmin, int64_t out_qmax) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lowbit_C: x must be a contiguous (M, K) tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lowbit._C.cpu: x must be a contiguous (M, K) tensor");
   TORCH_CHECK(packed_w.dim() == 2 && packed_w.is_contiguous() && packed_w.scalar_type() == at::kByte,
-              "lowbit_C: packed_w must be a contiguous (N, packed K) uint8 tensor");
-  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "lowbit_C: w_bits must be in 2..8");
+              "lowbit._C.cpu: packed_w must be a contiguous (N, packed K) uint8 tensor");
+  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "lowbit._C.cpu: w_bits must be in 2..8");
   const int64_t m = x.size(0), k_len = x.size(1), n = packed_w.size(0);
   const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
-  TORCH_CHECK(packed_w.size(1) == (k_len * container + 7) / 8, "lowbit_C: packed_w does not match K");
+  TORCH_CHECK(packed_w.size(1) == (k_len * container + 7) / 8, "lowbit._C.cpu: packed_w does not match K");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
-              "lowbit_C: scale must be a contiguous float32 (N,) tensor");
+              "lowbit._C.cpu: scale must be a contiguous float32 (N,) tensor");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
-              "lowbit_C: bias must be None or a contiguous float32 (N,) tensor");
+              "lowbit._C.cpu: bias must be None or a contiguous float32 (N,) tensor");
   TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmin <= qmax && (qmin >= 0 || qmax <= 127),
-              "lowbit_C: [qmin, qmax] must be a signed or unsigned 8-bit-or-less range");
+              "lowbit._C.cpu: [qmin, qmax] must be a signed or unsigned 8-bit-or-less range");
   TORCH_CHECK(out_step == 0 || (out_qmin >= -128 && out_qmax <= 255 && out_qmin <= out_qmax &&
                                 (out_qmin >= 0 || out_qmax <= 127)),
-              "lowbit_C: [out_qmin, out_qmax] must be a signed or unsigned 8-bit-or-less range");
+              "lowbit._C.cpu: [out_qmin, out_qmax] must be a signed or unsigned 8-bit-or-less range");
   const bool codes_in = x.scalar_type() == at::kByte || x.scalar_type() == at::kChar;
   const EpilogueSpec spec{static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(out_step),
                           static_cast<int32_t>(out_qmin), static_cast<int32_t>(out_qmax)};
@@ -448,9 +449,9 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit_C, CPU, m) {
-  m.impl("packed_linear", &packed_linear);
-  m.impl("packed_gemm", &packed_gemm);
+void bind_packed_linear(pybind11::module_& m) {
+  m.def("packed_linear", &packed_linear, lowbit::ReleaseGil());
+  m.def("packed_gemm", &packed_gemm, lowbit::ReleaseGil());
 }
 
 }  // namespace lowbit::cpu

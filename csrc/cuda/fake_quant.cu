@@ -1,4 +1,4 @@
-// Fused LSQ fake quantization (SPEC section 1) for the CUDA dispatch key of lowbit_C.
+// Fused LSQ fake quantization (SPEC section 1) on CUDA tensors: lowbit._C.cuda.fake_quant_forward / _backward.
 //
 // x is viewed as (outer, C, inner); step[c] and offset[c] belong to channel c = (i / inner) % C of flat index i.
 //
@@ -29,7 +29,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <cmath>
 #include <cstdint>
@@ -38,6 +38,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "bind.h"
+#include "checks.h"
 #include "cuda/launch.cuh"
 #include "cuda/fake_quant_math.cuh"
 
@@ -673,7 +675,7 @@ void backward(const Problem& p, const at::Tensor& x, float* dstep, float* doffse
     const bool vec = aligned && make_column_plan(p.numel, p.channels, p.inner, kVec, &plan);
     if (!vec) {
       TORCH_CHECK(make_column_plan(p.numel, p.channels, p.inner, 1, &plan),
-                  "lowbit_C (CUDA): internal error, no columns plan for inner=", p.inner);
+                  "lowbit._C.cuda: internal error, no columns plan for inner=", p.inner);
     }
     runs = plan.row_chunks;
     partials = empty_partials(x, runs, p.channels);
@@ -738,8 +740,12 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& step, const std::opt
 
 at::Tensor fake_quant_forward_cuda(const at::Tensor& x, const at::Tensor& step, const std::optional<at::Tensor>& offset,
                                    int64_t qmin, int64_t qmax, int64_t inner) {
-  constexpr const char* kOp = "lowbit_C::fake_quant_forward (CUDA)";
+  constexpr const char* kOp = "lowbit._C.cuda.fake_quant_forward";
   check_inputs(kOp, x, step, offset, qmin, qmax, inner);
+  // The value rules, once per forward (a host copy of step/offset: one synchronisation); the backward gets the
+  // values this forward accepted.
+  check_values("step", step, /*positive=*/true);
+  if (offset) check_values("offset", *offset, /*positive=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
@@ -755,7 +761,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(const at
                                                                         const std::optional<at::Tensor>& offset,
                                                                         int64_t qmin, int64_t qmax, int64_t inner,
                                                                         double grad_scale) {
-  constexpr const char* kOp = "lowbit_C::fake_quant_backward (CUDA)";
+  constexpr const char* kOp = "lowbit._C.cuda.fake_quant_backward";
   check_inputs(kOp, x, step, offset, qmin, qmax, inner);
   TORCH_CHECK(grad.device() == x.device(), kOp, ": grad must be on x's device ", x.device(), ", got ", grad.device());
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), kOp, ": grad must have x's dtype ", x.scalar_type(), ", got ",
@@ -783,10 +789,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(const at
 }
 
 }  // namespace
+
+void bind_fake_quant(pybind11::module_& m) {
+  m.def("fake_quant_forward", &fake_quant_forward_cuda, lowbit::ReleaseGil());
+  m.def("fake_quant_backward", &fake_quant_backward_cuda, lowbit::ReleaseGil());
+}
+
 }  // namespace cuda
 }  // namespace lowbit
-
-TORCH_LIBRARY_IMPL(lowbit_C, CUDA, m) {
-  m.impl("fake_quant_forward", TORCH_FN(lowbit::cuda::fake_quant_forward_cuda));
-  m.impl("fake_quant_backward", TORCH_FN(lowbit::cuda::fake_quant_backward_cuda));
-}

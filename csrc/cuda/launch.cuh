@@ -22,7 +22,7 @@ inline int multiprocessor_count(int device) {
 
 // A 1-D grid of `blocks`, or a clear error when it does not fit a CUDA grid.
 inline unsigned int grid_size(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(), "lowbit_C (CUDA): ", what, " needs ",
+  TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(), "lowbit._C.cuda: ", what, " needs ",
               blocks, " blocks, more than a CUDA grid holds");
   return static_cast<unsigned int>(blocks);
 }

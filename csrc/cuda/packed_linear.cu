@@ -1,4 +1,4 @@
-// Packed inference GEMM (SPEC section 4) for the CUDA dispatch key of lowbit_C:
+// Packed inference GEMM (SPEC section 4) on CUDA tensors, lowbit._C.cuda.packed_linear:
 //
 //   y[m, n] = float32(acc[m, n]) * float32(x_step * w_scale[n]) + bias[n],   acc = sum_k qx[m, k] * qw[n, k]
 //
@@ -30,7 +30,7 @@
 // (A tensor-core path, mma.sync m16n8k32 s8/u8 x s8, is future work.)
 //
 // Never run on a GPU so far: `make cuda-check` compiles it for sm_90 and sm_80 (dp4a needs sm_61+).
-// LOWBIT_PACKED_LINEAR_HOST_EMULATION leaves out the torch parts (launchers, op entry point, registration), so a
+// LOWBIT_PACKED_LINEAR_HOST_EMULATION leaves out the torch parts (launchers, op entry point, binding), so a
 // host program can include this file and run the __host__ __device__ helpers the kernels are built from.
 #if !defined(LOWBIT_PACKED_LINEAR_HOST_EMULATION)
 #include <ATen/core/Tensor.h>
@@ -39,8 +39,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
+#include "bind.h"
+#include "checks.h"
 #include "cuda/launch.cuh"
 #endif
 #include <cuda_runtime.h>
@@ -486,7 +488,7 @@ void run(const at::Tensor& x, Problem& p, uint32_t* xq, int32_t* nan_rows, scala
 at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& w_scale,
                               int64_t w_bits, const at::Tensor& x_step, int64_t qmin, int64_t qmax,
                               const std::optional<at::Tensor>& bias) {
-  constexpr const char* kOp = "lowbit_C::packed_linear (CUDA)";
+  constexpr const char* kOp = "lowbit._C.cuda.packed_linear";
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), kOp, ": x must be a contiguous 2-d CUDA tensor");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kOp,
@@ -515,6 +517,8 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& packed_w, c
   }
   TORCH_CHECK(qmin <= qmax && qmin >= -128 && qmax <= 255 && (qmin >= 0 || qmax <= 127), kOp,
               ": [qmin, qmax] must be an 8-bit signed or unsigned range, got [", qmin, ", ", qmax, "]");
+  check_values("x_step", x_step, /*positive=*/true);  // a host copy: one synchronisation
+  check_values("w_scale", w_scale, /*positive=*/true);
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({M, N}, x.options());
@@ -575,5 +579,9 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& packed_w, c
 }  // namespace lowbit
 
 #if !defined(LOWBIT_PACKED_LINEAR_HOST_EMULATION)
-TORCH_LIBRARY_IMPL(lowbit_C, CUDA, m) { m.impl("packed_linear", TORCH_FN(lowbit::cuda::packed_linear_cuda)); }
+namespace lowbit::cuda {
+void bind_packed_linear(pybind11::module_& m) {
+  m.def("packed_linear", &packed_linear_cuda, lowbit::ReleaseGil());
+}
+}  // namespace lowbit::cuda
 #endif

@@ -1,11 +1,10 @@
 """Backend registry: which implementations exist, which can run here, and which one an op call uses.
 
-Every backend module (``reference``, ``cpu``, ``triton``, ``cuda``) exposes the same names:
-
-* ``DEVICES``: the device types whose tensors it runs on;
-* ``availability() -> (bool, str)``: whether it can run in this process and, if not, why;
-* the kernel-level functions, e.g. ``fake_quant_forward`` / ``fake_quant_backward``, taking contiguous tensors
-  whose arguments were already checked by the public op.
+Each backend module (``reference``, ``cpu``, ``triton``, ``cuda``) defines one record, ``BACKEND``: a ``Backend``
+with its name, the device types it serves, an availability probe that says why not, and ``kernels``, the object
+whose attributes are the kernel functions. Every backend's kernels have the same names (``KERNELS``) and arguments.
+They take contiguous tensors whose arguments (types, shapes, bits, devices) the public op already checked, and check
+the values themselves (step > 0 and finite, offset / probs finite; SPEC section 6) before their kernel runs.
 
 The choice is made per op call from the tensor's device: inside ``use_backend(name)`` that backend is used (an
 error if it cannot serve the device), otherwise the fastest available one in ``PREFERENCE``. When the preferred
@@ -19,12 +18,24 @@ import contextvars
 import functools
 import importlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
 NAMES = ("reference", "cpu", "triton", "cuda")
+
+# The kernel functions every backend's ``kernels`` has; the op files in lowbit/ops call them by these names.
+KERNELS = (
+    "fake_quant_forward",
+    "fake_quant_backward",
+    "multi_branch_fake_quant_forward",
+    "multi_branch_fake_quant_backward",
+    "packed_linear",
+    "packed_gemm",
+    "packed_depthwise",
+    "quantize_codes",
+)
 
 # Fastest first. Triton on CPU tensors only exists in interpreter mode (a test tool, slower than the
 # reference), so it is never picked for CPU by default; ask for it with use_backend("triton").
@@ -39,6 +50,17 @@ class LowbitFallbackWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class Backend:
+    """One backend: what it is called, which device types it serves, whether it can run here (and why not), and
+    its kernel functions (``kernels.fake_quant_forward(...)``; None when it cannot run)."""
+
+    name: str
+    devices: tuple[str, ...]
+    availability: Callable[[], tuple[bool, str]]
+    kernels: object
+
+
+@dataclass(frozen=True)
 class BackendStatus:
     name: str
     available: bool
@@ -50,20 +72,21 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("lowbit_bac
 
 
 @functools.cache
-def module(name: str) -> ModuleType:
+def backend(name: str) -> Backend:
+    """The record of backend ``name`` (its module is imported on first use)."""
     if name not in NAMES:
         raise ValueError(f"backend name must be one of {', '.join(NAMES)}; got {name!r}")
-    return importlib.import_module(f"lowbit.backends.{name}")
+    return importlib.import_module(f"lowbit.backends.{name}").BACKEND
 
 
 @functools.cache
 def status(name: str) -> BackendStatus:
-    mod = module(name)
+    record = backend(name)
     try:
-        available, reason = mod.availability()
+        available, reason = record.availability()
     except Exception as exc:  # an availability probe must never take the package down
         available, reason = False, f"availability check failed: {type(exc).__name__}: {exc}"
-    return BackendStatus(name, available, reason, tuple(mod.DEVICES))
+    return BackendStatus(name, available, reason, record.devices)
 
 
 def backends() -> list[str]:
@@ -91,16 +114,16 @@ def current() -> str | None:
     return _forced.get()
 
 
-def select(device: torch.device) -> ModuleType:
-    """The backend module that runs an op on tensors of ``device``."""
+def select(device: torch.device) -> Backend:
+    """The backend that runs an op on tensors of ``device``; the op calls ``select(x.device).kernels.<kernel>``."""
     forced = _forced.get()
     if forced is not None:
         if device.type not in status(forced).devices:
             raise ValueError(
                 f"backend {forced!r} cannot run tensors on {device.type}; it serves {', '.join(status(forced).devices)}"
             )
-        return module(forced)
-    return module(_default_for(device.type))
+        return backend(forced)
+    return backend(_default_for(device.type))
 
 
 @functools.cache

@@ -1,7 +1,9 @@
 """``lowbit.fake_quant``: the fused LSQ / LSQ+ fake quantizer (SPEC section 1) as the custom op ``lowbit::fake_quant``.
 
 The public function checks its arguments (SPEC section 6); the op picks a backend per call (``lowbit.backends.select``)
-and has a fake kernel for tracing and an autograd formula whose backward is a custom op of its own. Inductor replaces
+and runs its kernel, ``select(x.device).kernels.fake_quant_forward``, which checks the values of step and offset
+(``csrc/cpu/fake_quant.cpp``, ``csrc/cuda/fake_quant.cu``, ``lowbit/backends/{reference,triton}.py``). The op has a
+fake kernel for tracing and an autograd formula whose backward is a custom op of its own. Inductor replaces
 both by their aten decompositions (``lowbit.ops.decompositions``) so they fuse with their neighbours.
 """
 
@@ -21,7 +23,6 @@ from lowbit.ops.library import (
     in_memory_order,
     inner_size,
     memory_order,
-    values_checked_by,
 )
 
 Tensor = torch.Tensor
@@ -35,31 +36,27 @@ Tensor = torch.Tensor
 def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale):
     if x.numel() == 0:
         return torch.empty_like(x)
-    backend = select(x.device)
-    if not values_checked_by(backend):
-        checks.step_values("step", step)
-        if offset is not None:
-            checks.finite_values("offset", offset)
+    kernels = select(x.device).kernels
     qmin, qmax = quant_range(bits, signed)
     offset = None if offset is None else offset.contiguous()
     order = memory_order(x)
     xm = in_memory_order(x, order)
     axis = axis if order is None else order.index(axis)
     inner = inner_size(xm, step.numel(), axis)
-    return in_logical_order(backend.fake_quant_forward(xm, step.contiguous(), offset, qmin, qmax, inner), order)
+    return in_logical_order(kernels.fake_quant_forward(xm, step.contiguous(), offset, qmin, qmax, inner), order)
 
 
 def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_scale):
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(step), torch.zeros_like(step)
     qmin, qmax = quant_range(bits, signed)
-    backend = select(x.device)
+    kernels = select(x.device).kernels
     order = memory_order(x)
     xm, gm = in_memory_order(x, order), in_memory_order(grad, order)
     axis = axis if order is None else order.index(axis)
     inner = inner_size(xm, step.numel(), axis)
     offset = None if offset is None else offset.contiguous()
-    dx, dstep, doffset = backend.fake_quant_backward(gm, xm, step.contiguous(), offset, qmin, qmax, inner, grad_scale)
+    dx, dstep, doffset = kernels.fake_quant_backward(gm, xm, step.contiguous(), offset, qmin, qmax, inner, grad_scale)
     return in_logical_order(dx, order), dstep, doffset
 
 

@@ -40,11 +40,6 @@ def _tracing(fake):
     return run
 
 
-def values_checked_by(backend) -> bool:
-    """Backends whose kernels validate step/offset values themselves (cheaply, without a device sync)."""
-    return getattr(backend, "CHECKS_VALUES", False)
-
-
 def memory_order(x: Tensor) -> list[int] | None:
     """The dims of x from outermost to innermost in memory when x is a permuted dense tensor (channels-last, a
     transpose), so the kernels can run on ``x.permute(order)`` without a copy; None when x is contiguous."""

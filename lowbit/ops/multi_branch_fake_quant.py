@@ -17,7 +17,6 @@ from lowbit.ops.library import (
     in_logical_order,
     in_memory_order,
     memory_order,
-    values_checked_by,
 )
 
 Tensor = torch.Tensor
@@ -36,13 +35,11 @@ def _branch_ranges(bits: list[int], signed: bool) -> tuple[list[int], list[int]]
 def _multi_branch_impl(x, steps, probs, bits, signed, grad_scale):
     if x.numel() == 0:
         return torch.empty_like(x)
-    backend = select(x.device)
-    if not values_checked_by(backend):
-        checks.step_values("steps", steps)
-        checks.finite_values("probs", probs)
+    kernels = select(x.device).kernels  # checks the values of steps and probs
     qmin, qmax = _branch_ranges(bits, signed)
     order = memory_order(x)
-    y = backend.multi_branch_forward(in_memory_order(x, order), steps.contiguous(), probs.contiguous(), qmin, qmax)
+    xm = in_memory_order(x, order)
+    y = kernels.multi_branch_fake_quant_forward(xm, steps.contiguous(), probs.contiguous(), qmin, qmax)
     return in_logical_order(y, order)
 
 
@@ -51,7 +48,7 @@ def _multi_branch_backward_impl(grad, x, steps, probs, bits, signed, grad_scale)
         return torch.empty_like(x), torch.zeros_like(steps), torch.zeros_like(probs)
     qmin, qmax = _branch_ranges(bits, signed)
     order = memory_order(x)
-    dx, dsteps, dprobs = select(x.device).multi_branch_backward(
+    dx, dsteps, dprobs = select(x.device).kernels.multi_branch_fake_quant_backward(
         in_memory_order(grad, order),
         in_memory_order(x, order),
         steps.contiguous(),

@@ -25,7 +25,7 @@ from lowbit.backends import select
 from lowbit.core import checks
 from lowbit.core.packing import CODE_DTYPES, code_dtype, codes_per_byte, pack_codes, packed_width, unpack_codes
 from lowbit.core.ranges import quant_range
-from lowbit.ops.library import define, values_checked_by
+from lowbit.ops.library import define
 
 Tensor = torch.Tensor
 
@@ -106,12 +106,9 @@ def _packed_linear_impl(x, packed_w, w_scale, w_bits, x_step, x_bits, x_signed, 
     out_shape = (*x.shape[:-1], n)
     if x2d.shape[0] == 0 or n == 0:
         return x.new_empty(out_shape)
-    backend = select(x.device)
-    if not values_checked_by(backend):
-        checks.step_values("x_step", x_step)
-        checks.step_values("w_scale", w_scale)
+    kernels = select(x.device).kernels  # checks the values of x_step and w_scale
     qmin, qmax = quant_range(x_bits, x_signed)
-    y = backend.packed_linear(
+    y = kernels.packed_linear(
         x2d.contiguous(), packed_w.contiguous(), w_scale.contiguous(), w_bits, x_step, qmin, qmax, bias
     )
     return y.reshape(out_shape)
@@ -211,60 +208,15 @@ def packed_linear(
 # and emits v as float32, or, when the next layer's activation quantizer is fused too, the codes
 #     clamp(rint(v / out_step), out_qmin, out_qmax)                 (uint8 when out_qmin >= 0, else int8).
 # x is float (quantized on the fly, as packed_linear) or uint8/int8 codes that a previous layer emitted at this
-# layer's step. The C++ CPU backend runs lowbit_C kernels; every other backend runs the plain-torch reference
-# below (exact integer sums in float64), which is also what the tests hold the kernels to, bit for bit.
-
-
-def _codes_reference(x: Tensor, x_step: float, qmin: int, qmax: int) -> tuple[Tensor, Tensor | None]:
-    """(float64 codes, NaN-row mask or None) of x: its codes as they are, or SPEC section 1's quantization."""
-    if x.dtype in CODE_DTYPES:
-        return x.double(), None
-    xf = x.float()
-    q = torch.clamp(torch.round(xf / torch.tensor(x_step, dtype=torch.float32, device=x.device)), qmin, qmax)
-    return torch.nan_to_num(q, nan=0.0).double(), torch.isnan(xf)
-
-
-def _epilogue_reference(acc: Tensor, scale, bias, lo, hi, out_step, out_qmin, out_qmax, float_dtype) -> Tensor:
-    v = acc.float() * scale
-    if bias is not None:
-        v = v + bias
-    v = torch.clamp(v, lo, hi)
-    if out_step <= 0:
-        return v.to(float_dtype)
-    q = torch.round(v / torch.tensor(out_step, dtype=torch.float32, device=v.device))
-    if bool(torch.isnan(q).any()):
-        raise ValueError("x holds NaN, which no activation code can represent")
-    return q.clamp(out_qmin, out_qmax).to(code_dtype(out_qmin))
-
-
-def _packed_gemm_reference(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
-    codes, nan = _codes_reference(x, x_step, qmin, qmax)
-    qw = unpack_codes(packed_w, w_bits, x.shape[-1], signed=True)
-    acc = codes @ qw.double().t()
-    if nan is not None:
-        acc = torch.where(nan.any(dim=1, keepdim=True), float("nan"), acc)
-    float_dtype = torch.float32 if x.dtype in CODE_DTYPES else x.dtype
-    return _epilogue_reference(acc, scale, bias, lo, hi, out_step, oqmin, oqmax, float_dtype)
-
-
-def _packed_depthwise_reference(x, w, scale, bias, kernel, stride, padding, dilation, lo, hi, out_step, oqmin, oqmax):
-    channels = x.shape[-1]
-    weight = w.double().t().reshape(channels, 1, *kernel)
-    acc = torch.nn.functional.conv2d(
-        x.double().permute(0, 3, 1, 2), weight, None, stride, padding, dilation, channels
-    ).permute(0, 2, 3, 1)
-    return _epilogue_reference(acc, scale, bias, lo, hi, out_step, oqmin, oqmax, torch.float32)
-
-
-def _runs_compiled(device: torch.device) -> bool:
-    return select(device).__name__.endswith(".cpu")
+# layer's step. These ops are internal (the packed layers call them with checked arguments) and dispatch like the
+# public ones: the C++ CPU backend has kernels for them, every other backend runs the reference
+# (lowbit/backends/reference.py: exact integer sums in float64), which the tests hold the kernels to, bit for bit.
 
 
 def _packed_gemm_impl(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
-    args = (x.contiguous(), packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax)
-    if x.shape[0] and _runs_compiled(x.device):
-        return torch.ops.lowbit_C.packed_gemm(*args)
-    return _packed_gemm_reference(*args)
+    return select(x.device).kernels.packed_gemm(
+        x.contiguous(), packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax
+    )
 
 
 def _packed_gemm_fake(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
@@ -273,10 +225,9 @@ def _packed_gemm_fake(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, 
 
 
 def _packed_depthwise_impl(x, w, scale, bias, kernel, stride, padding, dilation, lo, hi, out_step, oqmin, oqmax):
-    args = (x, w, scale, bias, kernel, stride, padding, dilation, lo, hi, out_step, oqmin, oqmax)
-    if x.shape[0] and _runs_compiled(x.device):
-        return torch.ops.lowbit_C.packed_depthwise(*args)
-    return _packed_depthwise_reference(*args)
+    return select(x.device).kernels.packed_depthwise(
+        x, w, scale, bias, kernel, stride, padding, dilation, lo, hi, out_step, oqmin, oqmax
+    )
 
 
 def _depthwise_out(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -291,12 +242,7 @@ def _packed_depthwise_fake(x, w, scale, bias, kernel, stride, padding, dilation,
 
 
 def _quantize_codes_impl(x, step, qmin, qmax):
-    if x.numel() and _runs_compiled(x.device):
-        return torch.ops.lowbit_C.quantize_codes(x.contiguous(), step, qmin, qmax)
-    codes, nan = _codes_reference(x, step, qmin, qmax)
-    if bool(nan.any()):
-        raise ValueError("x holds NaN, which no activation code can represent")
-    return codes.to(code_dtype(qmin))
+    return select(x.device).kernels.quantize_codes(x.contiguous(), step, qmin, qmax)
 
 
 define(

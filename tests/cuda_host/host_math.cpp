@@ -1,6 +1,6 @@
 // Runs the CUDA kernels' element math on the host: the very headers the kernels include (csrc/cuda/rounding.cuh,
-// fake_quant_math.cuh, multi_branch.cuh), compiled as plain C++ by tests/test_cuda_host_math.py, which compares the
-// results with tests/reference.py. Float32 records in, float32 records out (raw little-endian files):
+// fake_quant_math.cuh, multi_branch_fake_quant.cuh), compiled as plain C++ by tests/test_cuda_host_math.py, which
+// compares the results with tests/reference.py. Float32 records in, float32 records out (raw little-endian files):
 //
 //   host_math fq IN OUT      IN: n x [x, g, s, beta, qmin, qmax]   OUT: n x [y, dx, dstep term, doffset term]
 //   host_math mb B IN OUT    IN: [steps(B), probs(B), qmin(B), qmax(B)] then n x [x, g]
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "cuda/fake_quant_math.cuh"
-#include "cuda/multi_branch.cuh"
+#include "cuda/multi_branch_fake_quant.cuh"
 
 namespace {
 

@@ -1,10 +1,10 @@
-// The torch-free core of the multi-branch CUDA kernels (multi_branch.cu): element math, the work split of the
-// backward, and each thread's share of the work. Everything here is __host__ __device__ and free of CUDA-only calls
+// The torch-free core of the multi-branch CUDA kernels (multi_branch_fake_quant.cu): element math, the work split of
+// the backward, and each thread's share of the work. Everything here is __host__ __device__ and free of CUDA-only calls
 // on the host side, so that a host program can run the very same code to check it bit for bit against the CPU
 // kernels and to check that the kernels visit every element exactly once.
 //
-// Element math (SPEC section 2), float32, in the order of csrc/cpu/multi_branch_kernels.h so every backend agrees
-// bitwise:
+// Element math (SPEC section 2), float32, in the order of csrc/cpu/multi_branch_fake_quant_kernels.h so every
+// backend agrees bitwise:
 //   v_i = x / s_i (true division)   r_i = rint(v_i) (half to even)   q_i = clamp(r_i, Qn_i, Qp_i) (keeps NaN)
 //   Q_i = q_i * s_i + 0             y = p_0 * Q_0 + p_1 * Q_1 + ...  (left to right, every operation rounded)
 //   dx  = g * (sum_i inside_i ? p_i : 0)      inside_i = Qn_i <= v_i <= Qp_i
@@ -27,7 +27,7 @@ namespace lowbit {
 namespace cuda {
 namespace multi_branch {
 
-constexpr int kMaxBranches = 7;  // bits 2..8, each at most once (as csrc/cpu/multi_branch.h)
+constexpr int kMaxBranches = 7;  // bits 2..8, each at most once (as csrc/cpu/multi_branch_fake_quant.h)
 constexpr int kThreads = 256;    // threads of every block
 // Vectors each backward thread loads (of x and of grad) before computing. Two keep enough bytes in flight to
 // saturate memory (64 per thread) while the fully unrolled body, B divisions per element, stays a sane size.

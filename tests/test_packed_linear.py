@@ -430,8 +430,8 @@ def test_pack_unpack_bad_input(call, error, name):
 
 # ---- CPU code paths: which kernels ran --------------------------------------------------------------------
 # Results agree across paths by construction of the tests above, so agreement alone cannot show that the AMX or
-# VNNI tiles ran. The extension counts packed_linear calls per path (lowbit_C::packed_linear_path_counts) and
-# reports the optional features it uses (lowbit_C::cpu_features); these tests check both against the CPU.
+# VNNI tiles ran. The extension counts packed_linear calls per path (lowbit.backends.cpu.packed_path_counts) and
+# reports the optional features it uses (lowbit.backends.cpu.features); these tests check both against the CPU.
 
 CPU_VARIANTS = [v for v in backend_variants() if v.startswith("cpu-")]
 ISA_ORDER = ["scalar", "avx2", "avx512"]
@@ -512,13 +512,13 @@ def test_cpu_isa_and_features_match_the_cpu():
 def test_lowbit_cpu_isa_caps_the_whole_process():
     """LOWBIT_CPU_ISA=scalar reproduces a CPU without AVX2 on any machine: one level, no features, scalar tiles."""
     code = (
-        "import torch, lowbit; from lowbit.backends import status; ops = torch.ops.lowbit_C\n"
+        "import torch, lowbit; from lowbit.backends import status, cpu\n"
         "assert status('cpu').available, status('cpu').reason  # loads the extension\n"
-        "assert ops.cpu_isa() == 'scalar' and ops.cpu_isa_supported() == ['scalar'], ops.cpu_isa_supported()\n"
-        "assert ops.cpu_features() == [], ops.cpu_features()\n"
+        "assert cpu.isa() == 'scalar' and cpu.supported_isas() == ['scalar'], cpu.supported_isas()\n"
+        "assert cpu.features() == [], cpu.features()\n"
         "x, w = torch.randn(40, 20), lowbit.pack(torch.ones(9, 20, dtype=torch.int8), 4)\n"
         "lowbit.packed_linear(x, w, torch.ones(9), 4, torch.tensor([0.1]), 8, x_signed=True)\n"
-        "counts = ops.packed_linear_path_counts()\n"
+        "counts = cpu.packed_path_counts()\n"
         "assert counts == {'scalar': 1, 'avx2': 0, 'vnni': 0, 'amx': 0}, counts\n"
     )
     env = {**os.environ, "LOWBIT_CPU_ISA": "scalar", "OMP_NUM_THREADS": "1"}

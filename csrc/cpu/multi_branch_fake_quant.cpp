@@ -6,13 +6,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "bind.h"
 #include "cpu/dispatch.h"
-#include "cpu/multi_branch.h"
+#include "cpu/multi_branch_fake_quant.h"
 
 namespace lowbit::cpu {
 namespace {
@@ -22,10 +23,10 @@ constexpr int64_t kChunk = 1 << 15;
 Branches branches_of(const at::Tensor& steps, const at::Tensor& probs, c10::IntArrayRef qmin,
                      c10::IntArrayRef qmax) {
   const int64_t count = steps.numel();
-  TORCH_CHECK(count >= 1 && count <= kMaxBranches, "lowbit_C: 1..", kMaxBranches, " branches, got ", count);
+  TORCH_CHECK(count >= 1 && count <= kMaxBranches, "lowbit._C.cpu: 1..", kMaxBranches, " branches, got ", count);
   TORCH_CHECK(steps.scalar_type() == at::kFloat && probs.scalar_type() == at::kFloat && probs.numel() == count &&
                   static_cast<int64_t>(qmin.size()) == count && static_cast<int64_t>(qmax.size()) == count,
-              "lowbit_C: steps, probs (float32), qmin and qmax must all have one entry per branch");
+              "lowbit._C.cpu: steps, probs (float32), qmin and qmax must all have one entry per branch");
   const at::Tensor s = steps.contiguous(), p = probs.contiguous();
   check_values("steps", s, /*positive=*/true);
   check_values("probs", p, /*positive=*/false);
@@ -39,9 +40,9 @@ Branches branches_of(const at::Tensor& steps, const at::Tensor& probs, c10::IntA
   return b;
 }
 
-at::Tensor multi_branch_forward(const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
-                                c10::IntArrayRef qmin, c10::IntArrayRef qmax) {
-  TORCH_CHECK(x.is_contiguous(), "lowbit_C: x must be contiguous");
+at::Tensor multi_branch_fake_quant_forward(const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
+                                           const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax) {
+  TORCH_CHECK(x.is_contiguous(), "lowbit._C.cpu: x must be contiguous");
   const Branches b = branches_of(steps, probs, qmin, qmax);
   at::Tensor y = at::empty_like(x);
   LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_multi_branch_forward", [&] {
@@ -55,16 +56,14 @@ at::Tensor multi_branch_forward(const at::Tensor& x, const at::Tensor& steps, co
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                                     const at::Tensor& steps,
-                                                                     const at::Tensor& probs, c10::IntArrayRef qmin,
-                                                                     c10::IntArrayRef qmax,
-                                                                     c10::ArrayRef<double> grad_scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_fake_quant_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
+    const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax, const std::vector<double>& grad_scale) {
   TORCH_CHECK(x.is_contiguous() && grad.is_contiguous() && grad.sizes() == x.sizes() &&
                   grad.scalar_type() == x.scalar_type(),
-              "lowbit_C: grad and x must be contiguous with the same shape and dtype");
+              "lowbit._C.cpu: grad and x must be contiguous with the same shape and dtype");
   const Branches b = branches_of(steps, probs, qmin, qmax);
-  TORCH_CHECK(static_cast<int>(grad_scale.size()) == b.count, "lowbit_C: one grad_scale per branch");
+  TORCH_CHECK(static_cast<int>(grad_scale.size()) == b.count, "lowbit._C.cpu: one grad_scale per branch");
   at::Tensor dx = at::empty_like(x);
   const int64_t tasks = (x.numel() + kChunk - 1) / kChunk;
   std::vector<double> partial(2 * b.count * tasks, 0.0);
@@ -93,9 +92,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_backward(const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit_C, CPU, m) {
-  m.impl("multi_branch_forward", &multi_branch_forward);
-  m.impl("multi_branch_backward", &multi_branch_backward);
+void bind_multi_branch_fake_quant(pybind11::module_& m) {
+  m.def("multi_branch_fake_quant_forward", &multi_branch_fake_quant_forward, lowbit::ReleaseGil());
+  m.def("multi_branch_fake_quant_backward", &multi_branch_fake_quant_backward, lowbit::ReleaseGil());
 }
 
 }  // namespace lowbit::cpu

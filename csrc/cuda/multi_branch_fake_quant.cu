@@ -1,9 +1,10 @@
-// The multi-branch quantizer (SPEC section 2) for the CUDA dispatch key of lowbit_C: per-tensor steps (B,) and
+// The multi-branch quantizer (SPEC section 2) on CUDA tensors (lowbit._C.cuda): per-tensor steps (B,) and
 // probabilities (B,), one clamp range per branch, B in 1..kMaxBranches.
 //
-// steps and probs stay on the device: the kernels load them (no copy to the host, no synchronisation); the host
-// lists qmin / qmax / grad_scale travel by value as kernel parameters. The branch count is a template parameter
-// (1..7), so the per-branch values and the 2 * B gradient accumulators live in registers.
+// steps and probs stay on the device: the kernels load them from there (only the forward's value check copies them to
+// the host, one synchronisation); the host lists qmin / qmax / grad_scale travel by value as kernel parameters. The
+// branch count is a template parameter (1..7), so the per-branch values and the 2 * B gradient accumulators live
+// in registers.
 //
 // Forward: one grid-stride pass that reads x and writes only y, 16-byte vectors where the pointers allow it.
 //
@@ -14,9 +15,12 @@
 // element-sized temporaries, no host synchronisation. The work split depends only on numel and on whether the
 // pointers are 16-byte aligned (see make_backward_plan), so repeated runs on any GPU give the same bits.
 //
-// Element math (multi_branch.cuh) matches the CPU kernels operation for operation, so y and dx agree bitwise.
+// Element math (multi_branch_fake_quant.cuh) matches the CPU kernels operation for operation, so y and dx agree
+// bitwise.
+#include "bind.h"
+#include "checks.h"
 #include "cuda/launch.cuh"
-#include "cuda/multi_branch.cuh"
+#include "cuda/multi_branch_fake_quant.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -25,7 +29,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -161,7 +165,7 @@ void with_branch_count(int count, Fn&& fn, std::integer_sequence<int, Bs...>) {
 
 template <typename Fn>
 void with_branch_count(int count, Fn&& fn) {
-  TORCH_CHECK(count >= 1 && count <= kMaxBranches, "lowbit_C (CUDA): 1..", kMaxBranches, " branches, got ", count);
+  TORCH_CHECK(count >= 1 && count <= kMaxBranches, "lowbit._C.cuda: 1..", kMaxBranches, " branches, got ", count);
   with_branch_count(count, std::forward<Fn>(fn), std::make_integer_sequence<int, kMaxBranches>{});
 }
 
@@ -238,7 +242,7 @@ void backward(const Problem& p, const at::Tensor& x, const GradScales& grad_scal
 // Op entry points: check the invariants the Python layer guarantees, then dispatch on x's dtype.
 
 int check_branches(const char* op, const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
-                   c10::IntArrayRef qmin, c10::IntArrayRef qmax) {
+                   const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   const auto dtype = x.scalar_type();
@@ -260,8 +264,8 @@ int check_branches(const char* op, const at::Tensor& x, const at::Tensor& steps,
   return static_cast<int>(count);
 }
 
-Problem make_problem(const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs, c10::IntArrayRef qmin,
-                     c10::IntArrayRef qmax, int branches) {
+Problem make_problem(const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
+                     const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax, int branches) {
   Problem p{};
   p.x = x.data_ptr();
   p.steps = steps.data_ptr<float>();
@@ -277,10 +281,14 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& steps, const at::Ten
   return p;
 }
 
-at::Tensor multi_branch_forward_cuda(const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
-                                     c10::IntArrayRef qmin, c10::IntArrayRef qmax) {
-  constexpr const char* kOp = "lowbit_C::multi_branch_forward (CUDA)";
+at::Tensor multi_branch_fake_quant_forward_cuda(const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
+                                                const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax) {
+  constexpr const char* kOp = "lowbit._C.cuda.multi_branch_fake_quant_forward";
   const int branches = check_branches(kOp, x, steps, probs, qmin, qmax);
+  // The value rules, once per forward (a host copy of 2 * B floats: one synchronisation); the backward gets the
+  // values this forward accepted.
+  check_values("steps", steps, /*positive=*/true);
+  check_values("probs", probs, /*positive=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
@@ -290,12 +298,10 @@ at::Tensor multi_branch_forward_cuda(const at::Tensor& x, const at::Tensor& step
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                                          const at::Tensor& steps,
-                                                                          const at::Tensor& probs,
-                                                                          c10::IntArrayRef qmin, c10::IntArrayRef qmax,
-                                                                          c10::ArrayRef<double> grad_scale) {
-  constexpr const char* kOp = "lowbit_C::multi_branch_backward (CUDA)";
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_fake_quant_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
+    const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax, const std::vector<double>& grad_scale) {
+  constexpr const char* kOp = "lowbit._C.cuda.multi_branch_fake_quant_backward";
   const int branches = check_branches(kOp, x, steps, probs, qmin, qmax);
   TORCH_CHECK(grad.device() == x.device(), kOp, ": grad must be on x's device ", x.device(), ", got ", grad.device());
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), kOp, ": grad must have x's dtype ", x.scalar_type(), ", got ",
@@ -327,10 +333,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_backward_cuda(const 
 
 }  // namespace
 }  // namespace multi_branch
+
+void bind_multi_branch_fake_quant(pybind11::module_& m) {
+  m.def("multi_branch_fake_quant_forward", &multi_branch::multi_branch_fake_quant_forward_cuda, lowbit::ReleaseGil());
+  m.def("multi_branch_fake_quant_backward", &multi_branch::multi_branch_fake_quant_backward_cuda, lowbit::ReleaseGil());
+}
+
 }  // namespace cuda
 }  // namespace lowbit
-
-TORCH_LIBRARY_IMPL(lowbit_C, CUDA, m) {
-  m.impl("multi_branch_forward", TORCH_FN(lowbit::cuda::multi_branch::multi_branch_forward_cuda));
-  m.impl("multi_branch_backward", TORCH_FN(lowbit::cuda::multi_branch::multi_branch_backward_cuda));
-}
