@@ -1,11 +1,11 @@
 """How far lowbit's gradient sums and packed_linear are from the exact values: the figures behind the tolerance
 readings in docs/decisions.md (SPEC sections 1, 2 and 4).
 
-Gradient sums: every case of tests/test_fake_quant.py and tests/test_multi_branch.py (and their large-sum tests) on
-the chosen backends, against the float64 sums of tests/reference.py. Reported per backend: the worst error relative
-to |sum| and relative to sum|terms| (in float32 unit roundoffs u = 2^-24), and the worst relative error of the
-large tests. packed_linear: 17 x 33 outputs, K in 1, 64, 4097, 8192, against F.linear(fake_quant(x), dequant(W)) +
-bias evaluated exactly, per element and norm-wise per output row, with power-of-two and with arbitrary steps.
+Gradient sums: every case of tests/test_fake_quant.py and tests/test_multi_branch_fake_quant.py (and their large-sum
+tests) on the chosen backends, against the float64 sums of tests/reference.py. Reported per backend: the worst error
+relative to |sum| and relative to sum|terms| (in float32 unit roundoffs u = 2^-24), and the worst relative error of the
+large tests. packed_linear: 17 x 33 outputs, K in 1, 64, 4097, 8192, against F.linear(fake_quant(x), dequant(W)) + bias
+evaluated exactly, per element and norm-wise per output row, with power-of-two and with arbitrary steps.
 
 Writes bench/results/accuracy_cpu.{md,json}. Usage: python bench/accuracy_study.py [--backends cpu-avx2,reference]
 """
@@ -25,7 +25,7 @@ from common import RESULTS, command_line, write_results
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import reference as ref  # noqa: E402
 import test_fake_quant as tfq  # noqa: E402
-import test_multi_branch as tmb  # noqa: E402
+import test_multi_branch_fake_quant as tmb  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.app.machine import cpu_name  # noqa: E402

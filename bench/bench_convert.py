@@ -84,7 +84,7 @@ def markdown(results: dict, meta: dict) -> str:
 
 
 def _backend_name() -> str:
-    backend = select(torch.device("cpu")).__name__.rsplit(".", 1)[-1]
+    backend = select(torch.device("cpu")).name
     return f"cpu ({cpu_backend.isa()})" if backend == "cpu" else backend
 
 

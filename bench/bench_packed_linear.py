@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     shapes = QUICK_SHAPES if args.quick else PEER_SHAPES if args.peer_shapes else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 15)
     out = results_folder(args)
-    lowbit.packed_linear  # noqa: B018  (loads the extension, so that torch.ops.lowbit_C exists)
+    lowbit.packed_linear  # noqa: B018  (loads the extension lowbit._C)
     from lowbit.backends import extension
 
     extension.load()

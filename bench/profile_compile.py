@@ -59,7 +59,7 @@ def profile_step(step, steps: int) -> dict:
     total = sum(self_ms.values())
     return {
         "profiled ms per step": total,
-        "lowbit custom ops ms": sum(ms for k, ms in self_ms.items() if k.startswith(("lowbit::", "lowbit_C::"))),
+        "lowbit custom ops ms": sum(ms for k, ms in self_ms.items() if k.startswith("lowbit::")),
         "layout copies ms": sum(ms for k, ms in self_ms.items() if k in COPIES),
         "Inductor kernels ms": sum(ms for k, ms in self_ms.items() if "cpp_fused" in k),
         "generated kernels": sum(1 for k in self_ms if "cpp_fused" in k),
