@@ -37,8 +37,8 @@ import lowbit
 import lowbit.app.data
 from lowbit.app.frontier import gap, mean_std, paired
 from lowbit.app.machine import cpu_name
-from lowbit.app.train import evaluate, fit, set_seed
 from lowbit.metamix import MetaMix, MetaMixConfig
+from lowbit.tools.train import evaluate, fit, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402

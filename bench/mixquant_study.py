@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from lowbit import mixquant
-from lowbit.app import train
 from lowbit.app.frontier import gap, mean_std, paired
 from lowbit.models import create_model
+from lowbit.tools import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import lowbit
 import lowbit.app.data
 import lowbit.models
-from lowbit.app.train import make_optimizer
 from lowbit.metamix import (
     CostModel,
     MetaMix,
@@ -39,6 +38,7 @@ from lowbit.metamix import (
 )
 from lowbit.metamix.cost import multi_branch_layers
 from lowbit.metamix.steps import StepContext
+from lowbit.tools.train import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -149,7 +149,7 @@ def _trained_free_model(name: str) -> nn.Module:
 def test_every_quantizer_applies_a_plan_to_every_packaged_model(name):
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lowbit.app.train import evaluate
+    from lowbit.tools.train import evaluate
 
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
@@ -176,7 +176,7 @@ def test_every_quantizer_applies_a_plan_to_every_packaged_model(name):
 def trained_digits_mlp():
     """An MLP trained on the bundled digits: 5 epochs reach 96.1-96.4% test top-1 (seeds 0-2, measured)."""
     from lowbit.app import data
-    from lowbit.app.train import evaluate, fit, set_seed
+    from lowbit.tools.train import evaluate, fit, set_seed
 
     digits = data.digits()
     train, test = digits.loaders(batch_size=64, seed=0)
@@ -193,7 +193,7 @@ def test_plan_at_2p5_bits_keeps_accuracy_on_digits(trained_digits_mlp, quantizer
     Measured on seeds 0-2: float 96.1-96.4%, the 2.5-bit plans 92.5-95.5%; a broken plan, quantizer or bit
     assignment (e.g. all layers at 2 bits with a wrong step) falls well below the floor.
     """
-    from lowbit.app.train import evaluate
+    from lowbit.tools.train import evaluate
 
     model, digits, train, test, float_acc = trained_digits_mlp
     assert float_acc >= 93.0

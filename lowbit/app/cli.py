@@ -203,8 +203,8 @@ def _load_float(model, path: str, args) -> None:
 def _float_model(args, dataset, out: str):
     """The packaged model, from ``--checkpoint`` or trained here for ``--epochs`` (then saved as fp32.safetensors)."""
     import lowbit
-    from lowbit.app import train
     from lowbit.models import create_model
+    from lowbit.tools import train
 
     kwargs = {"num_classes": dataset.num_classes, "in_channels": dataset.in_channels}
     if args.model != "small_cnn":
@@ -243,7 +243,8 @@ def _check_out_folder(out: str) -> None:
 
 
 def _prepare(args):
-    from lowbit.app import data, train
+    from lowbit.app import data
+    from lowbit.tools import train
 
     _check_out_folder(args.out)
     os.makedirs(args.out, exist_ok=True)
@@ -262,7 +263,7 @@ def _save_quantized(model, args) -> None:
 
 def cmd_mixquant(args) -> int:
     from lowbit import mixquant
-    from lowbit.app import train
+    from lowbit.tools import train
 
     _check_out_folder(args.out)
     if args.qem is not None and not args.qem >= 1:  # fail before training, not after
@@ -453,7 +454,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lowbit.app import data, train
+    from lowbit.app import data
+    from lowbit.tools import train
 
     model = _load_module(args.model_file, args.allow_pickle).to(args.device)
     dataset = data.load(args.data, image_size=args.image_size)

@@ -25,8 +25,8 @@ from torch import nn
 
 import lowbit
 from lowbit.app import data as data_lib
-from lowbit.app import train
 from lowbit.models import create_model
+from lowbit.tools import train
 
 
 @dataclass

@@ -30,7 +30,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "lowbit.demo": ("lowbit.app.demo",),
     "lowbit.demo_report": ("lowbit.app.demo_report",),
     "lowbit.data": ("lowbit.app.data",),
-    "lowbit.train": ("lowbit.app.train",),
+    "lowbit.train": ("lowbit.tools.train",),
     "lowbit.timing": ("lowbit.app.timing",),
     "lowbit.frontier": ("lowbit.app.frontier",),
     "lowbit.packed": ("lowbit.ops.packed_linear", "lowbit.core.packing"),

@@ -1,4 +1,4 @@
-"""One mini-batch of each mode, as ``lowbit.app.train`` step functions (``step(x, y) -> StepResult``).
+"""One mini-batch of each mode, as ``lowbit.tools.train`` step functions (``step(x, y) -> StepResult``).
 
 Freezing is real, not a matter of which optimizer happens to step:
 
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.app.train import StepResult
 from lowbit.metamix.cost import CostModel, multi_branch_layers, penalty
+from lowbit.tools.train import StepResult
 
 
 @contextmanager

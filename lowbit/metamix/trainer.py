@@ -1,5 +1,5 @@
 """The MetaMix trainer: float warm-up (optional) -> bit selection -> selection with budget repair -> weight
-training, for the three modes (metamix, joint, uniform) on one loop (``lowbit.app.train.run_epoch``) and one cost
+training, for the three modes (metamix, joint, uniform) on one loop (``lowbit.tools.train.run_epoch``) and one cost
 model (``lowbit.bops``), with a checkpoint at every epoch boundary and DDP under ``torchrun``.
 
 A run is a sequence of phases, each a fixed structure (float model, quantized search model, single-branch
@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lowbit.app.train import JsonLog, evaluate, make_optimizer, run_epoch, set_seed
 from lowbit.metamix import checkpoint, distributed
 from lowbit.metamix.config import MetaMixConfig
 from lowbit.metamix.cost import CostModel, alpha_parameters, multi_branch_layers, weight_parameters
@@ -30,6 +29,7 @@ from lowbit.nn.layers import QConv2d, QLinear
 from lowbit.nn.quantizers import LSQQuantizer
 from lowbit.tools.bops import bops
 from lowbit.tools.quantize import float_layer_names, quantize
+from lowbit.tools.train import JsonLog, evaluate, make_optimizer, run_epoch, set_seed
 
 PHASES = ("fp", "search", "finetune")
 

@@ -6,7 +6,7 @@ and return the quantized model. Layers the plan does not name stay as they are. 
 quantizer can call too, so every quantizer rejects the same bad plans the same way. Provided:
 
   * ``MinMaxPTQ``: vanilla asymmetric per-channel min-max post-training quantization of the weights;
-  * ``LSQFineTune``: the project's LSQ layers (``lowbit.quantize(bits=plan)``) trained with ``lowbit.app.train.fit``;
+  * ``LSQFineTune``: the project's LSQ layers (``lowbit.quantize(bits=plan)``) trained with ``lowbit.tools.train.fit``;
   * ``BRECQ`` (in ``lowbit.mixquant.brecq``): block reconstruction with AdaRound-style learned rounding.
 """
 
@@ -91,7 +91,7 @@ class LSQFineTune:
     """LSQ quantization-aware fine-tuning at the plan's weight bits.
 
     ``apply`` swaps the planned layers for ``QConv2d``/``QLinear`` (``lowbit.quantize(bits=plan)``; weights LSQ,
-    signed, per output channel) and trains the whole model with ``lowbit.app.train.fit`` (cross-entropy, cosine
+    signed, per output channel) and trains the whole model with ``lowbit.tools.train.fit`` (cross-entropy, cosine
     schedule). Layers outside the plan stay float.
 
     Args:
@@ -100,7 +100,7 @@ class LSQFineTune:
         lr: initial learning rate (weights and steps).
         a_bits: ``None`` (default) keeps activations float, a weight-only quantization like the plan itself;
             an int quantizes every planned layer's input with LSQ at that width.
-        weight_decay, optimizer, device, progress: passed to ``lowbit.app.train.fit``.
+        weight_decay, optimizer, device, progress: passed to ``lowbit.tools.train.fit``.
         test_loader, log: optional per-epoch evaluation and JSON-lines log, as in ``fit``.
     """
 
@@ -132,7 +132,7 @@ class LSQFineTune:
 
     def apply(self, model: nn.Module, plan: Mapping[str, int]) -> nn.Module:
         import lowbit
-        from lowbit.app.train import fit
+        from lowbit.tools.train import fit
 
         plan = check_plan(model, plan)
         others = set(quantizable_layers(model)) - set(plan)
