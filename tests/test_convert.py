@@ -22,7 +22,8 @@ import lowbit
 from lowbit.mixquant.quantizers import MinMaxPTQ
 from lowbit.models import create_model
 from lowbit.nn import MultiBranchQConv2d, QConv2d, QLinear
-from lowbit.nn.packed import DequantConv2d, DequantLinear, PackedConv2d, PackedLinear, float_weight_bytes, weight_bytes
+from lowbit.nn.packed import DequantConv2d, DequantLinear, PackedConv2d, PackedLinear
+from lowbit.tools.bops import float_parameter_bytes, weight_bytes
 from lowbit.tools.convert import ConvertReport, convert
 from lowbit.tools.serialization import checksum, load, save
 
@@ -321,11 +322,12 @@ def test_w4_weights_take_an_eighth_of_fp32(tmp_path):
     model(torch.randn(2, 3, 8, 8))
     packed = convert(model.eval())
     layers = [m for m in packed.modules() if hasattr(m, "packed_weight")]
-    ratio = sum(map(weight_bytes, layers)) / sum(map(float_weight_bytes, layers))
+    stored = sum(m.packed_weight.numel() * m.packed_weight.element_size() for m in layers)
+    ratio = stored / sum(weight_bytes(m.float_weight_shape()) for m in layers)
     assert 0.125 <= ratio < 0.127, ratio  # 1/8 plus the odd-K padding of the 3-channel stem
     path = tmp_path / "w4.safetensors"
     save(packed, path)
-    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    fp32_bytes = float_parameter_bytes(model)
     assert os.path.getsize(path) < 0.25 * fp32_bytes  # steps, BN and the JSON header on top of the codes
 
 

@@ -27,6 +27,7 @@ import lowbit
 from lowbit.app import data as data_lib
 from lowbit.models import create_model
 from lowbit.tools import train
+from lowbit.tools.bops import float_parameter_bytes
 
 
 @dataclass
@@ -215,7 +216,7 @@ class Demo:
             "packed_acc": packed_acc,
             "accuracy_equal": fake_quant_acc == packed_acc,
             "file_bytes": os.path.getsize(path),
-            "fp32_bytes": sum(p.numel() * 4 for p in qat_model.parameters()),
+            "fp32_bytes": float_parameter_bytes(qat_model),
             "latency_ms": latency,
         }
 

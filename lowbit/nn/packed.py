@@ -265,7 +265,7 @@ class PackedBase(nn.Module):
     def _refresh(self) -> None:
         """Rebuilds the run-time weight forms (never saved) from the stored codes."""
         if not self.quantized_input:
-            self.dequant_weight = self.dequantized_weight().reshape(self._float_weight_shape())
+            self.dequant_weight = self.dequantized_weight().reshape(self.float_weight_shape())
         self.refresh_epilogue()
 
     # -- the folded epilogue (run-time only) --------------------------------------------------------------------
@@ -324,7 +324,8 @@ class PackedBase(nn.Module):
         if x.dtype != want:
             raise TypeError(f"x holds {x.dtype} codes, this layer takes {want} codes (or a float tensor)")
 
-    def _float_weight_shape(self) -> tuple[int, ...]:
+    def float_weight_shape(self) -> tuple[int, ...]:
+        """The shape of the float weight this layer holds as codes (lowbit.tools.bops.weight_bytes prices it)."""
         return (self.packed_weight.shape[0], self.k)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -490,7 +491,8 @@ class _ConvBase(PackedBase):
     def depthwise(self) -> bool:
         return self.groups > 1 and self.in_channels == self.groups
 
-    def _float_weight_shape(self) -> tuple[int, ...]:
+    def float_weight_shape(self) -> tuple[int, ...]:
+        """The shape of the float weight this layer holds as codes (lowbit.tools.bops.weight_bytes prices it)."""
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def _geometry_config(self) -> dict:
@@ -720,13 +722,3 @@ def from_config(config: dict) -> PackedBase:
         return cls(*args, **kwargs)
     except TypeError as exc:  # an unknown or missing keyword: the config does not describe this layer type
         raise ValueError(f"config does not describe a {cls.__name__}: {exc}") from exc
-
-
-def weight_bytes(layer: PackedBase) -> int:
-    """Bytes of the packed weight codes (what the saved file holds for the weight)."""
-    return layer.packed_weight.numel() * layer.packed_weight.element_size()
-
-
-def float_weight_bytes(layer: PackedBase) -> int:
-    """Bytes the same weight takes as float32."""
-    return math.prod(layer._float_weight_shape()) * 4
