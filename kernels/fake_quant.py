@@ -26,11 +26,18 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-
-# Adding 1.5 * 2^23 to a float32 of magnitude below 2^22 leaves no mantissa bits for its fraction, so the add itself
-# rounds it to an integer, half to even; subtracting the constant back is exact. libdevice's rint would do the same
-# on a GPU but is missing from the Triton interpreter, which is how the tests run without one.
-_ROUND_MAGIC = tl.constexpr(12582912.0)
+from lowbit.kernels.common import (
+    BACKWARD_TILE,
+    FORWARD_TILE,
+    INT32_LIMIT,
+    fake_quant_value,
+    lsq_grad_terms,
+    num_warps,
+    program_index,
+    split_backward_work,
+    store_rounded,
+    sum_partials,
+)
 
 
 @triton.jit
@@ -67,7 +74,7 @@ def _tile(
 
 
 @triton.jit
-def _channel_params(
+def _load_step_offset(
     step_ptr,
     offset_ptr,
     group,
@@ -98,27 +105,26 @@ def _channel_params(
 
 
 @triton.jit
-def _round_clamped(v, qmin, qmax):
-    """round(clamp(v, qmin, qmax)), which equals clamp(round(v), qmin, qmax) because the bounds are integers."""
-    # Clamping first keeps |v| <= 255, where the magic-number rounding is exact. NaN fails both comparisons and
-    # comes out unchanged, as torch.clamp propagates it (tl.minimum / tl.maximum may return the other operand).
-    c = tl.where(v < qmin, qmin, tl.where(v > qmax, qmax, v))
-    return (c + _ROUND_MAGIC) - _ROUND_MAGIC
-
-
-@triton.jit
-def _store_rounded(ptr, offs, y, mask):
-    """Stores float32 ``y`` into ``ptr``'s dtype, rounding to nearest even like torch's ``.to()``."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        # GPUs convert to bfloat16 with round to nearest even, but the Triton interpreter truncates (and mangles
-        # subnormals). Rounding the float32 bits here and storing the top half as bits gives torch's result on
-        # both, subnormals included. NaN becomes the canonical bfloat16 NaN.
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        bits = tl.where(y != y, 0x7FC0, bits).to(tl.uint16)
-        tl.store(ptr + offs, bits.to(tl.bfloat16, bitcast=True), mask=mask)
+def _store_channel_partials(
+    part_ptr,
+    acc,
+    group,
+    prog,
+    progs,
+    channels,
+    CHANNEL_AXIS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    """Sums the lane-wise ``acc`` per channel of the group into [channel, prog] of the (channels, progs) buffer."""
+    if CHANNEL_AXIS == "rows":
+        ch = group * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        tl.store(part_ptr + ch * progs + prog, tl.sum(acc, axis=1), mask=ch < channels)
+    elif CHANNEL_AXIS == "cols":
+        ch = group * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        tl.store(part_ptr + ch * progs + prog, tl.sum(acc, axis=0), mask=ch < channels)
     else:
-        tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + group * progs + prog, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -146,23 +152,17 @@ def _fake_quant_fwd_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if INDEX_64:
-        # Everything derived from the program id then computes in int64, so offsets past 2^31 do not wrap.
-        pid = pid.to(tl.int64)
+    pid = program_index(INDEX_64)
     group = pid // tiles
     tile = pid % tiles
 
     offs, mask = _tile(
         group, tile, n_rows, n_cols, row_stride, group_stride, col_tiles, CHANNEL_AXIS, BLOCK_ROWS, BLOCK_COLS
     )
-    s, beta = _channel_params(step_ptr, offset_ptr, group, channels, HAS_OFFSET, CHANNEL_AXIS, BLOCK_ROWS, BLOCK_COLS)
+    s, beta = _load_step_offset(step_ptr, offset_ptr, group, channels, HAS_OFFSET, CHANNEL_AXIS, BLOCK_ROWS, BLOCK_COLS)
 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # div_rn: a plain `/` lowers to an approximate division on NVIDIA GPUs, and SPEC asks for the IEEE quotient.
-    v = tl.math.div_rn(x - beta, s)
-    y = _round_clamped(v, qmin, qmax) * s + beta
-    _store_rounded(y_ptr, offs, y, mask)
+    store_rounded(y_ptr, offs, fake_quant_value(x, s, beta, qmin, qmax), mask)
 
 
 @triton.jit
@@ -196,13 +196,11 @@ def _fake_quant_bwd_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if INDEX_64:
-        pid = pid.to(tl.int64)
+    pid = program_index(INDEX_64)
     group = pid // progs
     prog = pid % progs
 
-    s, beta = _channel_params(step_ptr, offset_ptr, group, channels, HAS_OFFSET, CHANNEL_AXIS, BLOCK_ROWS, BLOCK_COLS)
+    s, beta = _load_step_offset(step_ptr, offset_ptr, group, channels, HAS_OFFSET, CHANNEL_AXIS, BLOCK_ROWS, BLOCK_COLS)
 
     # Lane-wise float32 accumulators, reduced once after the loop. The launcher keeps each channel's share of a
     # program to a few thousand elements, so float32 error stays orders of magnitude below SPEC's 1e-4.
@@ -226,46 +224,25 @@ def _fake_quant_bwd_kernel(
         g_raw = tl.load(grad_ptr + offs, mask=mask, other=0.0)
         g = g_raw.to(tl.float32)
 
-        v = tl.math.div_rn(x - beta, s)
-        # LSQ tests the range on the unrounded v (torch's learnable fake quant uses the rounded one); NaN is outside.
-        inside = (v >= qmin) & (v <= qmax)
+        _, inside, dq_dstep = lsq_grad_terms(x, s, beta, qmin, qmax)
         # where, not g * inside: an infinite g must give 0 outside the range, not inf * 0 = NaN.
         tl.store(dx_ptr + offs, tl.where(inside, g_raw, 0.0), mask=mask)
-
-        dq_dstep = tl.where(inside, _round_clamped(v, qmin, qmax) - v, tl.where(v < qmin, qmin, qmax))
         # Masked lanes load x = g = 0 (v = 0, inside the range), so they add exact zeros.
         acc_step += g * dq_dstep
         acc_offset += tl.where(inside, 0.0, g)
 
-    # One partial per channel of the group, at [channel, prog] of the (channels, progs) buffers.
-    if CHANNEL_AXIS == "rows":
-        ch = group * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        tl.store(dstep_part_ptr + ch * progs + prog, tl.sum(acc_step, axis=1), mask=ch < channels)
-        tl.store(doffset_part_ptr + ch * progs + prog, tl.sum(acc_offset, axis=1), mask=ch < channels)
-    elif CHANNEL_AXIS == "cols":
-        ch = group * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-        tl.store(dstep_part_ptr + ch * progs + prog, tl.sum(acc_step, axis=0), mask=ch < channels)
-        tl.store(doffset_part_ptr + ch * progs + prog, tl.sum(acc_offset, axis=0), mask=ch < channels)
-    else:
-        tl.store(dstep_part_ptr + group * progs + prog, tl.sum(tl.sum(acc_step, axis=1), axis=0))
-        tl.store(doffset_part_ptr + group * progs + prog, tl.sum(tl.sum(acc_offset, axis=1), axis=0))
+    _store_channel_partials(
+        dstep_part_ptr, acc_step, group, prog, progs, channels, CHANNEL_AXIS, BLOCK_ROWS, BLOCK_COLS
+    )
+    _store_channel_partials(
+        doffset_part_ptr, acc_offset, group, prog, progs, channels, CHANNEL_AXIS, BLOCK_ROWS, BLOCK_COLS
+    )
 
 
-# Elements per tile. The forward streams one big tile per program; the backward loops over smaller ones, which
-# keeps its register footprint (two accumulators besides the data) modest.
-_FWD_TILE = 2048
-_BWD_TILE = 1024
 # Channels per tile when they are the contiguous axis: 32 make rows of whole 32-byte sectors (64 to 128 bytes) and
 # leave the tile deep. Each program there owns this many partials, so it also sets their count: about
-# _MIN_PROGRAMS * _MAX_CHANNEL_COLS, until numel / _MAX_PARTIAL_TERMS outgrows that.
+# MIN_PROGRAMS * _MAX_CHANNEL_COLS, until numel / MAX_PARTIAL_TERMS outgrows that.
 _MAX_CHANNEL_COLS = 32
-# The backward sums at most this many elements of one channel into one float32 partial...
-_MAX_PARTIAL_TERMS = 4096
-# ...but shortens its per-program loop rather than launch fewer programs than this (several per SM of a big GPU).
-_MIN_PROGRAMS = 2048
-# int32 offsets suffice below this many elements: every offset of an unmasked lane is below numel. Masked lanes
-# past the end may wrap around, but they are never dereferenced.
-_INT32_LIMIT = 2**31
 
 
 class _Tiling(NamedTuple):
@@ -280,6 +257,10 @@ class _Tiling(NamedTuple):
     col_tiles: int  # tiles across the columns of a group's matrix ("program" layout)
     tiles: int  # tiles per group
     channel_terms: int  # elements of one channel in one tile
+
+    def matrix(self) -> tuple[int, ...]:
+        """The kernels' tiling arguments, from n_rows to tiles."""
+        return self.n_rows, self.n_cols, self.row_stride, self.group_stride, self.col_tiles, self.tiles
 
 
 def _tiling(numel: int, channels: int, inner: int, tile: int) -> _Tiling:
@@ -314,37 +295,36 @@ def _tiling(numel: int, channels: int, inner: int, tile: int) -> _Tiling:
     )
 
 
-def _num_warps(tile_elems: int) -> int:
-    return max(1, min(8, tile_elems // 256))
+def _launch_options(t: _Tiling, x, offset) -> dict:
+    """The meta-parameters and compile options of both kernels for tiling ``t`` of ``x``."""
+    return dict(
+        HAS_OFFSET=offset is not None,
+        CHANNEL_AXIS=t.channel_axis,
+        INDEX_64=x.numel() >= INT32_LIMIT,
+        BLOCK_ROWS=t.block_rows,
+        BLOCK_COLS=t.block_cols,
+        num_warps=num_warps(t.block_rows * t.block_cols),
+        # The reference rounds q * s, then adds beta; a fused multiply-add would round once and change y's bits
+        # (and the backward's v and round(v) - v, which are the forward's).
+        enable_fp_fusion=False,
+    )
 
 
 def forward(x, step, offset, qmin: int, qmax: int, inner: int) -> torch.Tensor:
     """y = fake_quant(x); x contiguous with numel > 0, step (C,) float32, offset (C,) float32 or None."""
     y = torch.empty_like(x)
     channels = step.numel()
-    t = _tiling(x.numel(), channels, inner, _FWD_TILE)
+    t = _tiling(x.numel(), channels, inner, FORWARD_TILE)
     _fake_quant_fwd_kernel[(t.groups * t.tiles,)](
         x,
         y,
         step,
         step if offset is None else offset,  # never read without HAS_OFFSET
         channels,
-        t.n_rows,
-        t.n_cols,
-        t.row_stride,
-        t.group_stride,
-        t.col_tiles,
-        t.tiles,
+        *t.matrix(),
         float(qmin),
         float(qmax),
-        HAS_OFFSET=offset is not None,
-        CHANNEL_AXIS=t.channel_axis,
-        INDEX_64=x.numel() >= _INT32_LIMIT,
-        BLOCK_ROWS=t.block_rows,
-        BLOCK_COLS=t.block_cols,
-        num_warps=_num_warps(t.block_rows * t.block_cols),
-        # The reference rounds q * s, then adds beta; a fused multiply-add would round once and change y's bits.
-        enable_fp_fusion=False,
+        **_launch_options(t, x, offset),
     )
     return y
 
@@ -353,14 +333,9 @@ def backward(grad, x, step, offset, qmin: int, qmax: int, inner: int, grad_scale
     """(dx, dstep, doffset) of fake_quant; dstep and doffset are float32 (C,), already scaled by grad_scale."""
     dx = torch.empty_like(x)
     channels = step.numel()
-    t = _tiling(x.numel(), channels, inner, _BWD_TILE)
-
-    # As many tiles per program as float32 accuracy allows, fewer when that would leave the GPU short of programs.
+    t = _tiling(x.numel(), channels, inner, BACKWARD_TILE)
     # That makes channels * progs partials: about numel / (a channel's elements per program) + channels.
-    by_accuracy = max(1, _MAX_PARTIAL_TERMS // t.channel_terms)
-    by_parallelism = max(1, t.groups * t.tiles // _MIN_PROGRAMS)
-    tiles_per_prog = min(by_accuracy, by_parallelism, t.tiles)
-    progs = triton.cdiv(t.tiles, tiles_per_prog)
+    tiles_per_prog, progs = split_backward_work(t.tiles, t.groups, t.channel_terms)
     # Each (channel, prog) slot is written by exactly one program, so no zero fill is needed.
     partials = torch.empty((2, channels, progs), dtype=torch.float32, device=x.device)
 
@@ -373,26 +348,12 @@ def backward(grad, x, step, offset, qmin: int, qmax: int, inner: int, grad_scale
         partials[0],
         partials[1],
         channels,
-        t.n_rows,
-        t.n_cols,
-        t.row_stride,
-        t.group_stride,
-        t.col_tiles,
-        t.tiles,
+        *t.matrix(),
         progs,
         tiles_per_prog,
         float(qmin),
         float(qmax),
-        HAS_OFFSET=offset is not None,
-        CHANNEL_AXIS=t.channel_axis,
-        INDEX_64=x.numel() >= _INT32_LIMIT,
-        BLOCK_ROWS=t.block_rows,
-        BLOCK_COLS=t.block_cols,
-        num_warps=_num_warps(t.block_rows * t.block_cols),
-        # Same element math as the forward, so the same v and round(v) - v.
-        enable_fp_fusion=False,
+        **_launch_options(t, x, offset),
     )
-    # A tiny deterministic reduction; float64 makes its own rounding negligible at any size.
-    dstep = partials[0].sum(dim=1, dtype=torch.float64).mul_(grad_scale).to(torch.float32)
-    doffset = partials[1].sum(dim=1, dtype=torch.float64).mul_(grad_scale).to(torch.float32)
+    dstep, doffset = sum_partials(partials).mul_(grad_scale).to(torch.float32)
     return dx, dstep, doffset

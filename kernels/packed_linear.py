@@ -47,7 +47,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from lowbit.kernels.fake_quant import _round_clamped, _store_rounded
+from lowbit.kernels.common import num_warps, round_clamped, store_rounded, unrounded_level
+
+from lowbit.core.packing import CONTAINER_BITS
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _AUTOTUNE = os.environ.get("LOWBIT_TRITON_AUTOTUNE", "full")
@@ -55,8 +57,6 @@ if _AUTOTUNE not in ("full", "quick", "off"):
     raise ValueError(f"LOWBIT_TRITON_AUTOTUNE must be full, quick or off; got {_AUTOTUNE!r}")
 _FIXED_CONFIG = _INTERPRET or _AUTOTUNE == "off"
 
-# Container bits per weight bit-width (SPEC section 4: 3 -> 4, 5..7 -> 8); lowbit.core.packing.CONTAINER_BITS.
-_CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 # M at or below this takes the split-K GEMV, above it the tiled GEMM.
 GEMV_MAX_M = 16
 # Elements of x per quantize program.
@@ -90,9 +90,8 @@ def _quantize_kernel(
     offs = row.to(tl.int64) * K + cols
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(step_ptr)
-    # div_rn: a plain `/` lowers to an approximate division on NVIDIA GPUs, and the contract is the IEEE quotient.
-    # _round_clamped clamps first (so infinities land on the range ends), then rounds half to even.
-    level = _round_clamped(tl.math.div_rn(x, s), qmin, qmax)
+    # round_clamped clamps first (so infinities land on the range ends), then rounds half to even.
+    level = round_clamped(unrounded_level(x, s, 0.0), qmin, qmax)
     is_nan = x != x
     code = tl.where(is_nan, 0.0, level).to(tl.int32) - X_SHIFT
     tl.store(q_ptr + offs, code.to(tl.int8), mask=mask)
@@ -127,6 +126,39 @@ def _weight_tile(w_ptr, w_rows, n_mask, k0, K, KB, WIDTH: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
+def _dot_k_tile(
+    acc,
+    w_sum,
+    q_ptr,
+    w_ptr,
+    x_rows,
+    m_mask,
+    w_rows,
+    n_mask,
+    k0,
+    K,
+    KB,
+    X_SHIFT: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Adds the K tile at k0 to the int32 (BLOCK_M, BLOCK_N) ``acc``: x codes times W codes by an int8 ``tl.dot``.
+
+    For shifted (unsigned) codes it also adds the tile's per-column weight sums to ``w_sum``: the caller adds
+    X_SHIFT * w_sum to acc once, after its K loop (each kernel keeps its own loop form, which the compiler's
+    offset analysis is sensitive to).
+    """
+    k = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(q_ptr + x_rows[:, None] + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0)
+    w = _weight_tile(w_ptr, w_rows, n_mask, k0, K, KB, WIDTH, BLOCK_K, BLOCK_N)
+    acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    if X_SHIFT != 0:
+        w_sum += tl.sum(w.to(tl.int32), axis=0)
+    return acc, w_sum
+
+
+@triton.jit
 def _epilogue(
     acc,
     offs_m,
@@ -150,7 +182,7 @@ def _epilogue(
     nan_row = tl.load(flag_ptr + offs_m, mask=m_mask, other=0) != 0
     y = tl.where(nan_row[:, None], float("nan"), y)
     offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    _store_rounded(y_ptr, offs, y, m_mask[:, None] & n_mask[None, :])
+    store_rounded(y_ptr, offs, y, m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -204,12 +236,10 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
         for t in range(t0, t1):
-            k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            w = _weight_tile(w_ptr, w_rows, n_mask, t * BLOCK_K, K, KB, WIDTH, BLOCK_K, BLOCK_N)
-            a = tl.load(q_ptr + x_rows[:, None] + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0)
-            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-            if X_SHIFT != 0:
-                w_sum += tl.sum(w.to(tl.int32), axis=0)
+            k0 = t * BLOCK_K
+            acc, w_sum = _dot_k_tile(
+                acc, w_sum, q_ptr, w_ptr, x_rows, m_mask, w_rows, n_mask, k0, K, KB, X_SHIFT, WIDTH, BLOCK_N, BLOCK_K
+            )
         if X_SHIFT != 0:
             acc += X_SHIFT * w_sum[None, :]
 
@@ -290,12 +320,9 @@ def _gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(q_ptr + x_rows[:, None] + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0)
-        w = _weight_tile(w_ptr, w_rows, n_mask, k0, K, KB, WIDTH, BLOCK_K, BLOCK_N)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-        if X_SHIFT != 0:
-            w_sum += tl.sum(w.to(tl.int32), axis=0)
+        acc, w_sum = _dot_k_tile(
+            acc, w_sum, q_ptr, w_ptr, x_rows, m_mask, w_rows, n_mask, k0, K, KB, X_SHIFT, WIDTH, BLOCK_N, BLOCK_K
+        )
     if X_SHIFT != 0:
         acc += X_SHIFT * w_sum[None, :]
     _epilogue(acc, offs_m, offs_n, M, N, y_ptr, w_scale_ptr, step_ptr, bias_ptr, flag_ptr, HAS_BIAS)
@@ -370,16 +397,26 @@ def _prune_gemm(configs, named_args, **kwargs):
 _INTERPRETER_GEMV = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2}
 _INTERPRETER_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
 
-if _FIXED_CONFIG:
-    _gemv_tuned = _gemv_kernel
-    _gemm_tuned = _gemm_kernel
-else:
-    _gemv_tuned = triton.autotune(
-        _gemv_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_gemv}, cache_results=True
-    )(_gemv_kernel)
-    _gemm_tuned = triton.autotune(
-        _gemm_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_gemm}, cache_results=True
-    )(_gemm_kernel)
+
+def _autotuned(kernel, configs: list[triton.Config], prune):
+    """``kernel`` autotuned over ``configs`` per _KEY, timings cached on disk; the kernel itself with a fixed config."""
+    if _FIXED_CONFIG:
+        return kernel
+    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": prune}, cache_results=True)(
+        kernel
+    )
+
+
+def _kernel_and_meta(kernel, tuned, fixed: dict, config: dict | None):
+    """What to launch and its meta-parameters: ``config`` if given, else the fixed configuration under the
+    interpreter (or with autotuning off), else the autotuned kernel, which picks them itself."""
+    if config is not None or _FIXED_CONFIG:
+        return kernel, dict(config or fixed)
+    return tuned, {}
+
+
+_gemv_tuned = _autotuned(_gemv_kernel, _gemv_configs(), _prune_gemv)
+_gemm_tuned = _autotuned(_gemm_kernel, _gemm_configs(), _prune_gemm)
 
 _MAX_SPLIT_K = 16  # the largest SPLIT_K of _gemv_configs: the partial buffer is sized for it
 
@@ -428,7 +465,7 @@ def forward(
     if path not in ("gemv", "gemm") or (path == "gemv" and m > GEMV_MAX_M):
         raise ValueError(f"path must be 'gemm', or 'gemv' for M <= {GEMV_MAX_M}; got {path!r} with M={m}")
 
-    width = _CONTAINER[w_bits]
+    width = CONTAINER_BITS[w_bits]
     x_shift = 128 if qmax > 127 else 0
     has_bias = bias is not None
     bias_arg = bias if has_bias else w_scale  # never read without HAS_BIAS
@@ -448,13 +485,12 @@ def forward(
         float(qmax),
         X_SHIFT=x_shift,
         BLOCK=block,
-        num_warps=max(1, min(8, block // 256)),
+        num_warps=num_warps(block),
     )
 
     common = dict(M=m, N=n, K=k, KB=kb, M_BUCKET=_m_bucket(m), X_SHIFT=x_shift, HAS_BIAS=has_bias, WIDTH=width)
     if path == "gemm":
-        kernel = _gemm_kernel if (config is not None or _FIXED_CONFIG) else _gemm_tuned
-        meta = dict(config or _INTERPRETER_GEMM) if kernel is _gemm_kernel else {}
+        kernel, meta = _kernel_and_meta(_gemm_kernel, _gemm_tuned, _INTERPRETER_GEMM, config)
 
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
@@ -463,8 +499,7 @@ def forward(
         return y
 
     block_m = 1 if m == 1 else GEMV_MAX_M
-    kernel = _gemv_kernel if (config is not None or _FIXED_CONFIG) else _gemv_tuned
-    meta = dict(config or _INTERPRETER_GEMV) if kernel is _gemv_kernel else {}
+    kernel, meta = _kernel_and_meta(_gemv_kernel, _gemv_tuned, _INTERPRETER_GEMV, config)
     max_split = meta.get("SPLIT_K", _MAX_SPLIT_K)
     partials = torch.empty((max_split, m, n), dtype=torch.int32, device=x.device) if max_split > 1 else y
 
