@@ -84,7 +84,7 @@ def cmd_info(args) -> int:
 from lowbit.app.demo import DemoConfig  # noqa: E402  (light: no torch work at import)
 from lowbit.backends import cpu as cpu_backend  # noqa: E402
 from lowbit.metamix.config import MODES, MetaMixConfig  # noqa: E402
-from lowbit.mixquant import LSQFineTune  # noqa: E402
+from lowbit.mixquant import BRECQ, LSQFineTune  # noqa: E402
 
 
 def dataclass_defaults(cls) -> dict:
@@ -100,6 +100,7 @@ def signature_defaults(fn) -> dict:
 DEMO_DEFAULTS = DemoConfig()
 METAMIX_DEFAULTS = dataclass_defaults(MetaMixConfig)
 LSQ_FINETUNE_DEFAULTS = signature_defaults(LSQFineTune)
+BRECQ_DEFAULTS = signature_defaults(BRECQ)
 
 # ---- demo -------------------------------------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ def _float_model(args, dataset, out: str):
 
     kwargs = {"num_classes": dataset.num_classes, "in_channels": dataset.in_channels}
     if args.model != "small_cnn":
-        kwargs.update(small_input=True, width_mult=args.width)
+        kwargs.update(small_input=args.stem == "small", width_mult=args.width)
     model = create_model(args.model, **kwargs).to(args.device)
     train_loader, test_loader = dataset.loaders(args.batch_size, seed=args.seed)
     saved = os.path.join(out, "fp32.safetensors")
@@ -220,7 +221,7 @@ def _float_model(args, dataset, out: str):
         if not os.path.isfile(args.checkpoint):
             raise ValueError(f"--checkpoint {args.checkpoint!r}: no such file")
         _load_float(model, args.checkpoint, args)
-    else:
+    elif args.epochs > 0:
         train.fit(
             model,
             train_loader,
@@ -249,8 +250,23 @@ def _prepare(args):
     _check_out_folder(args.out)
     os.makedirs(args.out, exist_ok=True)
     train.set_seed(args.seed)
-    dataset = data.load(args.data, image_size=args.image_size)
+    if args.transforms == "imagenet":
+        if args.data in (None, *data.NAMED):
+            raise ValueError("--transforms imagenet needs --data FOLDER (ImageNet-style: one sub-folder per class)")
+        dataset = data.imagenet_folder(args.data, image_size=args.image_size, workers=args.workers)
+    else:
+        dataset = data.load(args.data, image_size=args.image_size)
     return (dataset, *_float_model(args, dataset, args.out))
+
+
+def _check_float_source(args) -> None:
+    """A preset starts from a trained float model: --checkpoint, or one trained here (--epochs / --fp-epochs)."""
+    if args.preset and not args.checkpoint and args.epochs == 0 and getattr(args, "fp_epochs", 0) == 0:
+        train_here = "--epochs N" if args.command == "mixquant" else "--fp-epochs N (trained under DDP)"
+        raise ValueError(
+            f"--preset {args.preset} starts from a trained float model: give --checkpoint FILE (fp32.safetensors "
+            f"or a state_dict .pt) or {train_here}"
+        )
 
 
 def _save_quantized(model, args) -> None:
@@ -270,7 +286,10 @@ def cmd_mixquant(args) -> int:
         raise ValueError(f"--qem must be >= 1 (1 keeps every layer at 8 bits), got {args.qem}")
     if args.qem is None and not 2 <= args.avg_bits <= 8:
         raise ValueError(f"--avg-bits must be in 2..8, got {args.avg_bits}")
+    _check_float_source(args)
     dataset, model, train_loader, test_loader = _prepare(args)
+    # a streamed folder calibrates on un-augmented training images; an in-memory set on its training tensors
+    calibration = dataset.calibration_loader(args.batch_size) if args.transforms == "imagenet" else dataset.train_x
     budget = {"qem": args.qem} if args.qem is not None else {"budget": mixquant.AvgBits(args.avg_bits)}
     quantizers = {
         "minmax": lambda: mixquant.MinMaxPTQ(),
@@ -281,7 +300,14 @@ def cmd_mixquant(args) -> int:
             device=args.device,
             progress=not args.no_progress,
         ),
-        "brecq": lambda: mixquant.BRECQ(dataset.train_x, device=args.device, seed=args.seed),
+        "brecq": lambda: mixquant.BRECQ(
+            calibration,
+            samples=args.brecq_samples,
+            iters=args.brecq_iters,
+            batch_size=args.brecq_batch_size,
+            device=args.device,
+            seed=args.seed,
+        ),
     }
     quantizer = quantizers[args.quantizer]()
     plan = mixquant.search(model, **budget, quantizer=quantizer)  # the QE of the quantizer applied (SPEC 7)
@@ -297,15 +323,20 @@ def cmd_mixquant(args) -> int:
 
 def cmd_metamix(args) -> int:
     from lowbit import metamix
-    from lowbit.metamix import checkpoint
+    from lowbit.metamix import checkpoint, distributed
 
     config = metamix.MetaMixConfig(
         mode=args.mode,
         a_bits=tuple(args.a_bits_choices),
         w_bits=args.w_bits,
         target_bits=args.target_bits,
+        fp_epochs=args.fp_epochs,
         search_epochs=args.search_epochs,
         finetune_epochs=args.finetune_epochs,
+        fp_lr=args.fp_lr,
+        lr=args.qat_lr,
+        weight_decay=args.weight_decay,
+        alpha_lr=args.alpha_lr,
         lam=args.lam,
         seed=args.seed,
         device=args.device,
@@ -315,10 +346,13 @@ def cmd_metamix(args) -> int:
         progress=not args.no_progress,
     )
     _check_out_folder(args.out)
+    _check_float_source(args)
     if args.resume and checkpoint.migrate(config.checkpoint_dir, allow_pickle=args.allow_pickle):
         print(f"rewrote the pickled checkpoint in {config.checkpoint_dir} as {checkpoint.CHECKPOINT}")
     dataset, model, train_loader, test_loader = _prepare(args)  # after the config: bad flags fail first
     model, report = metamix.run(model, train_loader, test_loader, config)
+    if distributed.rank() != 0:  # under torchrun every rank holds the same model and report; rank 0 writes them
+        return 0
     print(report.to_markdown())
     with open(os.path.join(args.out, "report.json"), "w") as f:
         f.write(report.to_json())
@@ -335,10 +369,34 @@ def _bit_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated bit-widths such as 2,4,8, got {text!r}") from None
 
 
-def _add_training_args(p, out: str) -> None:
+def _add_training_args(p, out: str, command: str) -> None:
+    from lowbit.app import presets
+
     d = DEMO_DEFAULTS
+    names = [q.name for q in presets.PRESETS.values() if q.command == command]
+    p.add_argument(
+        "--preset",
+        help=f"a paper-scale ImageNet setting ({', '.join(names)}; `lowbit presets` or --preset list shows them): "
+        "it sets the defaults of the options below, any option given still wins",
+    )
     _add_model_args(p, d.model, d.width)
     _add_data_args(p)
+    p.add_argument(
+        "--stem",
+        choices=("small", "standard"),
+        default="small",
+        help="small: the stem for 8x8..32x32 images (total stride 8); standard: the ImageNet stem (stride 32, 224x224 "
+        "input) (default small)",
+    )
+    p.add_argument(
+        "--transforms",
+        choices=("none", "imagenet"),
+        default="none",
+        help="none: --data decoded once into memory, resized to --image-size; imagenet: streamed from the folder "
+        "(train/ and val/ sub-folders if present), RandomResizedCrop + flip for training, resize + center crop for "
+        "testing (default none)",
+    )
+    _option(p, "--workers", int, 0, "data-loading processes (with --transforms imagenet)")
     p.add_argument(
         "--checkpoint",
         help="the float model: fp32.safetensors of an earlier run (or a state_dict .pt, read as tensors only); "
@@ -362,7 +420,7 @@ def _add_allow_pickle(p, what: str) -> None:
 def _add_methods(sub) -> None:
     d, ft, mm = DEMO_DEFAULTS, LSQ_FINETUNE_DEFAULTS, METAMIX_DEFAULTS
     p = sub.add_parser("mixquant", help="MixQuant: per-layer weight bits from quantization error, then a quantizer")
-    _add_training_args(p, "mixquant-results")
+    _add_training_args(p, "mixquant-results", "mixquant")
     group = p.add_mutually_exclusive_group()
     _option(group, "--avg-bits", float, d.weight_bits, "average weight bits budget")
     group.add_argument("--qem", type=float, help="the QEM rule instead of a budget (SPEC section 7; >= 1)")
@@ -374,10 +432,14 @@ def _add_methods(sub) -> None:
     )
     _option(p, "--finetune-epochs", int, ft["epochs"], "LSQ fine-tuning epochs")
     p.add_argument("--a-bits", type=int, default=ft["a_bits"], help="LSQ activation bits (default: float activations)")
+    br = BRECQ_DEFAULTS
+    _option(p, "--brecq-samples", int, br["samples"], "BRECQ calibration images")
+    _option(p, "--brecq-iters", int, br["iters"], "BRECQ Adam iterations per block")
+    _option(p, "--brecq-batch-size", int, br["batch_size"], "BRECQ calibration images per iteration")
     p.set_defaults(run=cmd_mixquant)
 
     p = sub.add_parser("metamix", help="MetaMix: per-layer activation bits at a BOPs target, then weight training")
-    _add_training_args(p, "metamix-results")
+    _add_training_args(p, "metamix-results", "metamix")
     p.add_argument(
         "--target-bits",
         type=float,
@@ -394,9 +456,14 @@ def _add_methods(sub) -> None:
         default=mm["w_bits"],
         help=f"weight bits (default {mm['w_bits']}; first/last layer {mm['first_last_bits']})",
     )
+    _option(p, "--fp-epochs", int, mm["fp_epochs"], "float warm-up epochs inside the (DDP) trainer")
     _option(p, "--search-epochs", int, mm["search_epochs"], "bit-selection epochs")
     _option(p, "--finetune-epochs", int, mm["finetune_epochs"], "weight-training epochs")
     _option(p, "--lam", float, mm["lam"], "BOPs penalty weight")
+    _option(p, "--fp-lr", float, mm["fp_lr"], "float warm-up learning rate (--fp-epochs)")
+    _option(p, "--qat-lr", float, mm["lr"], "learning rate of weights and steps in bit selection and weight training")
+    _option(p, "--weight-decay", float, mm["weight_decay"], "weight decay")
+    _option(p, "--alpha-lr", float, mm["alpha_lr"], "learning rate of the bit-selection parameters alpha")
     p.add_argument("--mode", choices=MODES, default=mm["mode"], help=f"default {mm['mode']}")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     _add_allow_pickle(p, "a checkpoint (--resume)")
@@ -518,12 +585,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_methods(sub)
     _add_convert_eval(sub)
+    p = sub.add_parser("presets", help="list the paper-scale ImageNet presets of lowbit metamix / mixquant")
+    p.set_defaults(run=cmd_presets)
+    parser.commands = sub.choices  # name -> sub-parser, where a --preset installs its defaults
     return parser
 
 
+def cmd_presets(args) -> int:
+    from lowbit.app import presets
+
+    print(presets.listing())
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace | None:
+    """The options of ``argv``; with ``--preset NAME`` its values are the command's defaults, so that any option
+    written in ``argv`` still wins. None for ``--preset list`` (the list is printed)."""
+    from lowbit.app import presets
+
+    args = build_parser().parse_args(argv)
+    name = getattr(args, "preset", None)
+    if not name:
+        return args
+    if name == "list":
+        print(presets.listing())
+        return None
+    preset = presets.get(name, args.command)
+    parser = build_parser()
+    parser.commands[args.command].set_defaults(**preset.options)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
+        if args is None:
+            return 0
         return args.run(args)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         message = " ".join(line.strip() for line in str(exc).strip().splitlines())  # one line, whatever raised
