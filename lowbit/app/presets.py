@@ -152,7 +152,9 @@ def listing() -> str:
     """One line per preset, then how to run one."""
     lines = [p.summary() for p in PRESETS.values()]
     lines.append(
-        "run: torchrun --nproc_per_node=N -m lowbit.app.cli metamix --preset NAME --data IMAGENET_DIR "
-        "--checkpoint FLOAT_MODEL --device cuda (any option overrides the preset's value)"
+        "metamix: torchrun --nproc_per_node=N -m lowbit.app.cli metamix --preset NAME --data IMAGENET_DIR "
+        "--checkpoint FLOAT_MODEL --device cuda"
     )
+    lines.append("mixquant (one process): lowbit mixquant --preset NAME --data IMAGENET_DIR --checkpoint FLOAT_MODEL")
+    lines.append("any option given overrides the preset's value")
     return "\n".join(lines)
