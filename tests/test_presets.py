@@ -199,6 +199,14 @@ def test_split_folder_keeps_classes_apart(folder):
     assert sorted(stream.test.labels) == [0, 1, 2]
 
 
+def test_calibration_is_unaugmented_and_mixes_classes(folder):
+    stream = data.imagenet_folder(folder, image_size=16)
+    first = next(iter(stream.calibration_loader(batch_size=6, seed=0)))
+    again = next(iter(stream.calibration_loader(batch_size=6, seed=0)))
+    assert torch.equal(first[0], again[0])  # the test transform: the same pixels each time
+    assert len(set(first[1].tolist())) > 1  # shuffled: not the first class's files only
+
+
 @pytest.mark.parametrize(
     "kwargs, word", [(dict(image_size=0), "image_size"), (dict(workers=-1), "workers"), (dict(root="/nope"), "folder")]
 )

@@ -289,7 +289,9 @@ def cmd_mixquant(args) -> int:
     _check_float_source(args)
     dataset, model, train_loader, test_loader = _prepare(args)
     # a streamed folder calibrates on un-augmented training images; an in-memory set on its training tensors
-    calibration = dataset.calibration_loader(args.batch_size) if args.transforms == "imagenet" else dataset.train_x
+    calibration = (
+        dataset.calibration_loader(args.batch_size, args.seed) if args.transforms == "imagenet" else dataset.train_x
+    )
     budget = {"qem": args.qem} if args.qem is not None else {"budget": mixquant.AvgBits(args.avg_bits)}
     quantizers = {
         "minmax": lambda: mixquant.MinMaxPTQ(),

@@ -373,10 +373,11 @@ class ImageStream:
         """A shuffled, augmented train loader (order fixed by ``seed``) and an ordered test loader."""
         return self._loader(self.train, batch_size, True, seed), self._loader(self.test, batch_size, False)
 
-    def calibration_loader(self, batch_size: int = 32) -> DataLoader:
-        """Training images with the test transform (no augmentation), in file order: calibration for PTQ."""
+    def calibration_loader(self, batch_size: int = 32, seed: int = 0) -> DataLoader:
+        """Training images with the test transform (no augmentation), in an order shuffled by ``seed``: calibration
+        for PTQ, which takes the first N images (in file order those would all be of the first classes)."""
         plain = ImageFiles(self.train.files, self.train.labels, self.test.transform)
-        return self._loader(plain, batch_size, shuffle=False)
+        return self._loader(plain, batch_size, shuffle=True, seed=seed)
 
 
 def imagenet_folder(
