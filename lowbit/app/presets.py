@@ -59,7 +59,8 @@ MIXQUANT_COMMON = {
     # per block, batch 32); not checked against arXiv 2102.05426 in this session.
     "brecq_samples": 1024,
     "brecq_iters": 20000,
-    "batch_size": 32,
+    "brecq_batch_size": 32,
+    "batch_size": 64,  # the loaders' batch (evaluation, calibration reads; LSQ fine-tuning if --quantizer lsq)
 }
 
 
