@@ -93,8 +93,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_fake_quant_backward(
 }  // namespace
 
 void bind_multi_branch_fake_quant(pybind11::module_& m) {
-  m.def("multi_branch_fake_quant_forward", &multi_branch_fake_quant_forward, lowbit::ReleaseGil());
-  m.def("multi_branch_fake_quant_backward", &multi_branch_fake_quant_backward, lowbit::ReleaseGil());
+  using lowbit::ReleaseGil;
+  using namespace pybind11::literals;  // "x"_a: argument names for help() and keyword calls
+  m.def("multi_branch_fake_quant_forward", &multi_branch_fake_quant_forward, ReleaseGil(),
+        "x"_a, "steps"_a, "probs"_a, "qmin"_a, "qmax"_a);
+  m.def("multi_branch_fake_quant_backward", &multi_branch_fake_quant_backward, ReleaseGil(),
+        "grad"_a, "x"_a, "steps"_a, "probs"_a, "qmin"_a, "qmax"_a, "grad_scale"_a);
 }
 
 }  // namespace lowbit::cpu

@@ -124,8 +124,12 @@ at::Tensor quantize_codes(const at::Tensor& x, double step, int64_t qmin, int64_
 }  // namespace
 
 void bind_packed_depthwise(pybind11::module_& m) {
-  m.def("packed_depthwise", &packed_depthwise, lowbit::ReleaseGil());
-  m.def("quantize_codes", &quantize_codes, lowbit::ReleaseGil());
+  using lowbit::ReleaseGil;
+  using namespace pybind11::literals;  // "x"_a: argument names for help() and keyword calls
+  m.def("packed_depthwise", &packed_depthwise, ReleaseGil(),
+        "x"_a, "w"_a, "scale"_a, "bias"_a, "kernel"_a, "stride"_a, "padding"_a, "dilation"_a, "lo"_a, "hi"_a,
+        "out_step"_a, "out_qmin"_a, "out_qmax"_a);
+  m.def("quantize_codes", &quantize_codes, ReleaseGil(), "x"_a, "step"_a, "qmin"_a, "qmax"_a);
 }
 
 }  // namespace lowbit::cpu

@@ -450,8 +450,13 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at
 }  // namespace
 
 void bind_packed_linear(pybind11::module_& m) {
-  m.def("packed_linear", &packed_linear, lowbit::ReleaseGil());
-  m.def("packed_gemm", &packed_gemm, lowbit::ReleaseGil());
+  using lowbit::ReleaseGil;
+  using namespace pybind11::literals;  // "x"_a: argument names for help() and keyword calls
+  m.def("packed_linear", &packed_linear, ReleaseGil(),
+        "x"_a, "packed_w"_a, "w_scale"_a, "w_bits"_a, "x_step"_a, "qmin"_a, "qmax"_a, "bias"_a);
+  m.def("packed_gemm", &packed_gemm, ReleaseGil(),
+        "x"_a, "packed_w"_a, "scale"_a, "bias"_a, "w_bits"_a, "x_step"_a, "qmin"_a, "qmax"_a, "lo"_a, "hi"_a,
+        "out_step"_a, "out_qmin"_a, "out_qmax"_a);
 }
 
 }  // namespace lowbit::cpu

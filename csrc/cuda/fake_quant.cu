@@ -791,8 +791,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(const at
 }  // namespace
 
 void bind_fake_quant(pybind11::module_& m) {
-  m.def("fake_quant_forward", &fake_quant_forward_cuda, lowbit::ReleaseGil());
-  m.def("fake_quant_backward", &fake_quant_backward_cuda, lowbit::ReleaseGil());
+  using lowbit::ReleaseGil;
+  using namespace pybind11::literals;  // "x"_a: argument names for help() and keyword calls
+  m.def("fake_quant_forward", &fake_quant_forward_cuda, ReleaseGil(),
+        "x"_a, "step"_a, "offset"_a, "qmin"_a, "qmax"_a, "inner"_a);
+  m.def("fake_quant_backward", &fake_quant_backward_cuda, ReleaseGil(),
+        "grad"_a, "x"_a, "step"_a, "offset"_a, "qmin"_a, "qmax"_a, "inner"_a, "grad_scale"_a);
 }
 
 }  // namespace cuda

@@ -581,7 +581,10 @@ at::Tensor packed_linear_cuda(const at::Tensor& x, const at::Tensor& packed_w, c
 #if !defined(LOWBIT_PACKED_LINEAR_HOST_EMULATION)
 namespace lowbit::cuda {
 void bind_packed_linear(pybind11::module_& m) {
-  m.def("packed_linear", &packed_linear_cuda, lowbit::ReleaseGil());
+  using lowbit::ReleaseGil;
+  using namespace pybind11::literals;  // "x"_a: argument names for help() and keyword calls
+  m.def("packed_linear", &packed_linear_cuda, ReleaseGil(),
+        "x"_a, "packed_w"_a, "w_scale"_a, "w_bits"_a, "x_step"_a, "qmin"_a, "qmax"_a, "bias"_a);
 }
 }  // namespace lowbit::cuda
 #endif
