@@ -355,5 +355,6 @@ def backward(grad, x, step, offset, qmin: int, qmax: int, inner: int, grad_scale
         float(qmax),
         **_launch_options(t, x, offset),
     )
-    dstep, doffset = sum_partials(partials).mul_(grad_scale).to(torch.float32)
+    # two separate tensors, not rows of one: outputs of a custom op must not alias each other (opcheck)
+    dstep, doffset = (sum_partials(p).mul_(grad_scale).to(torch.float32) for p in partials)
     return dx, dstep, doffset
