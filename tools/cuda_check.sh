@@ -61,11 +61,22 @@ shopt -s nullglob
 SOURCES=(csrc/cuda/*.cu)
 [[ ${#SOURCES[@]} -gt 0 ]] || { echo "cuda_check: no csrc/cuda/*.cu files" >&2; exit 1; }
 
-for src in "${SOURCES[@]}"; do
+# The sources compile in parallel (each includes torch/extension.h for its pybind11 binding: minutes apiece).
+compile_one() {
+  local src=$1 obj start=$SECONDS
   obj="$OUT_DIR/$(basename "${src%.cu}").o"
-  start=$SECONDS
-  "$NVCC" "${FLAGS[@]}" -c "$src" -o "$obj"
+  "$NVCC" "${FLAGS[@]}" -c "$src" -o "$obj" || return 1
   echo "compiled $src ($(stat -c %s "$obj") bytes, $((SECONDS - start)) s)"
+}
+pids=()
+for src in "${SOURCES[@]}"; do
+  compile_one "$src" &
+  pids+=($!)
 done
+failed=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || failed=$((failed + 1))
+done
+[[ $failed -eq 0 ]] || { echo "cuda_check: $failed CUDA source(s) failed to compile (nvcc's errors above)" >&2; exit 1; }
 version="$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 echo "OK: ${#SOURCES[@]} CUDA source(s) compile for sm_90 and sm_80 with nvcc $version"
