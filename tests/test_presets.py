@@ -57,16 +57,7 @@ def test_every_preset_is_a_valid_setting_of_its_command(name):
     assert (args.image_size, args.stem, args.transforms) == (224, "standard", "imagenet")
     assert args.model in ("mobilenet_v2", "mobilenet_v3_small", "resnet18") and args.width == 1.0
     if preset.command == "metamix":
-        config = MetaMixConfig(
-            a_bits=tuple(args.a_bits_choices),
-            w_bits=args.w_bits,
-            target_bits=args.target_bits,
-            search_epochs=args.search_epochs,
-            finetune_epochs=args.finetune_epochs,
-            lr=args.qat_lr,
-            alpha_lr=args.alpha_lr,
-            weight_decay=args.weight_decay,
-        )
+        config = cli.metamix_config(args)
         assert (config.w_bits, config.first_last_bits, config.a_bits) == (4, 8, (2, 4, 8))
     else:
         assert (args.avg_bits, args.quantizer) == (4.0, "brecq")

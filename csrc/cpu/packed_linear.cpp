@@ -355,16 +355,23 @@ void run(const at::Tensor& x, const at::Tensor& packed_w, const float* scale, co
   TORCH_CHECK_VALUE(!nan_coded, "x holds NaN, which no activation code can represent");
 }
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& w_scale, int64_t w_bits,
-                         const at::Tensor& x_step, int64_t qmin, int64_t qmax, const std::optional<at::Tensor>& bias) {
+// The invariants both GEMM entry points rely on: x (M, K) and packed_w (N, packed K) contiguous, packed at w_bits
+// in the SPEC section 4 container.
+void check_gemm_operands(const at::Tensor& x, const at::Tensor& packed_w, int64_t w_bits) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lowbit._C.cpu: x must be a contiguous (M, K) tensor");
   TORCH_CHECK(packed_w.dim() == 2 && packed_w.is_contiguous() && packed_w.scalar_type() == at::kByte,
               "lowbit._C.cpu: packed_w must be a contiguous (N, packed K) uint8 tensor");
   TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "lowbit._C.cpu: w_bits must be in 2..8");
-  const int64_t m = x.size(0), k_len = x.size(1), n = packed_w.size(0);
+  const int64_t k_len = x.size(1);
   const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
   TORCH_CHECK(packed_w.size(1) == (k_len * container + 7) / 8, "lowbit._C.cpu: packed_w has ", packed_w.size(1),
               " bytes per row, K=", k_len, " at ", w_bits, " bits needs ", (k_len * container + 7) / 8);
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& w_scale, int64_t w_bits,
+                         const at::Tensor& x_step, int64_t qmin, int64_t qmax, const std::optional<at::Tensor>& bias) {
+  check_gemm_operands(x, packed_w, w_bits);
+  const int64_t m = x.size(0), n = packed_w.size(0);
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == n,
               "lowbit._C.cpu: w_scale must be a contiguous float32 (N,) tensor");
   TORCH_CHECK(x_step.scalar_type() == at::kFloat && x_step.numel() == 1, "lowbit._C.cpu: x_step must be one float32");
@@ -409,13 +416,8 @@ void run_gemm(const at::Tensor& x, const at::Tensor& packed_w, const float* scal
 at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias, int64_t w_bits, double x_step, int64_t qmin, int64_t qmax,
                        double lo, double hi, double out_step, int64_t out_qmin, int64_t out_qmax) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lowbit._C.cpu: x must be a contiguous (M, K) tensor");
-  TORCH_CHECK(packed_w.dim() == 2 && packed_w.is_contiguous() && packed_w.scalar_type() == at::kByte,
-              "lowbit._C.cpu: packed_w must be a contiguous (N, packed K) uint8 tensor");
-  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "lowbit._C.cpu: w_bits must be in 2..8");
-  const int64_t m = x.size(0), k_len = x.size(1), n = packed_w.size(0);
-  const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
-  TORCH_CHECK(packed_w.size(1) == (k_len * container + 7) / 8, "lowbit._C.cpu: packed_w does not match K");
+  check_gemm_operands(x, packed_w, w_bits);
+  const int64_t m = x.size(0), n = packed_w.size(0);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
               "lowbit._C.cpu: scale must be a contiguous float32 (N,) tensor");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),

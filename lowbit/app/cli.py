@@ -323,11 +323,11 @@ def cmd_mixquant(args) -> int:
     return 0
 
 
-def cmd_metamix(args) -> int:
+def metamix_config(args):
+    """The MetaMixConfig that ``lowbit metamix`` runs for parsed ``args`` (presets and options applied)."""
     from lowbit import metamix
-    from lowbit.metamix import checkpoint, distributed
 
-    config = metamix.MetaMixConfig(
+    return metamix.MetaMixConfig(
         mode=args.mode,
         a_bits=tuple(args.a_bits_choices),
         w_bits=args.w_bits,
@@ -347,6 +347,13 @@ def cmd_metamix(args) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
+
+
+def cmd_metamix(args) -> int:
+    from lowbit import metamix
+    from lowbit.metamix import checkpoint, distributed
+
+    config = metamix_config(args)
     _check_out_folder(args.out)
     _check_float_source(args)
     if args.resume and checkpoint.migrate(config.checkpoint_dir, allow_pickle=args.allow_pickle):
