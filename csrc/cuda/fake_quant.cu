@@ -583,9 +583,7 @@ struct Problem {
 template <typename scalar_t, int VEC, bool kPerTensor>
 void launch_forward(const Problem& p) {
   const int64_t vectors = p.numel / VEC;
-  const int64_t wanted = ceil_div<int64_t>(vectors > 0 ? vectors : 1, kThreads);
-  const int64_t cap = static_cast<int64_t>(multiprocessor_count(p.device)) * kForwardBlocksPerSm;
-  const unsigned int blocks = grid_size(min_of(wanted, cap), "fake_quant_forward");
+  const unsigned int blocks = elementwise_grid(vectors, kThreads, kForwardBlocksPerSm, p.device, "fake_quant_forward");
   fake_quant_forward_kernel<scalar_t, VEC, kPerTensor>
       <<<blocks, kThreads, 0, p.stream>>>(static_cast<const scalar_t*>(p.x), static_cast<scalar_t*>(p.out), p.step,
                                           p.offset, p.numel, p.inner, p.channels, p.qmin, p.qmax);

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -25,6 +26,14 @@ inline unsigned int grid_size(int64_t blocks, const char* what) {
   TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(), "lowbit._C.cuda: ", what, " needs ",
               blocks, " blocks, more than a CUDA grid holds");
   return static_cast<unsigned int>(blocks);
+}
+
+// The grid of a grid-stride elementwise kernel over `vectors` vectors, `threads` a block: one vector a thread
+// while that fills `blocks_per_sm` blocks on every multiprocessor, then capped there (the threads loop).
+inline unsigned int elementwise_grid(int64_t vectors, int threads, int blocks_per_sm, int device, const char* what) {
+  const int64_t wanted = (std::max<int64_t>(vectors, 1) + threads - 1) / threads;
+  const int64_t cap = static_cast<int64_t>(multiprocessor_count(device)) * blocks_per_sm;
+  return grid_size(std::min(wanted, cap), what);
 }
 
 }  // namespace cuda

@@ -185,9 +185,7 @@ struct Problem {
 template <typename scalar_t, int B, int VEC>
 void launch_forward(const Problem& p) {
   const int64_t vectors = p.numel / VEC;
-  const int64_t wanted = ceil_div<int64_t>(vectors > 0 ? vectors : 1, kThreads);
-  const int64_t cap = static_cast<int64_t>(multiprocessor_count(p.device)) * kForwardBlocksPerSm;
-  const unsigned int blocks = grid_size(wanted < cap ? wanted : cap, "multi_branch_forward");
+  const unsigned int blocks = elementwise_grid(vectors, kThreads, kForwardBlocksPerSm, p.device, "multi_branch_forward");
   multi_branch_forward_kernel<scalar_t, B, VEC><<<blocks, kThreads, 0, p.stream>>>(
       static_cast<const scalar_t*>(p.x), static_cast<scalar_t*>(p.out), p.steps, p.probs, p.numel, p.ranges);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
