@@ -26,7 +26,7 @@ namespace {
 
 // Which CPU code path runs (avx512 / avx2 / scalar); set_isa exists for tests and benchmarks only. features and
 // packed_path_counts are debug queries for tests: the optional CPU features in use (avx512_vnni, amx_int8) and how
-// many packed GEMM calls each path (scalar, avx2, vnni, amx) has run in this process.
+// many packed GEMM calls each path (scalar, avx2, vnni, amx, panel) has run in this process.
 void bind_cpu_queries(pybind11::module_& m) {
   namespace cpu = lowbit::cpu;
   m.def("isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
@@ -34,7 +34,7 @@ void bind_cpu_queries(pybind11::module_& m) {
   m.def("set_isa", &cpu::set_active_isa, pybind11::arg("name"));
   m.def("features", &cpu::cpu_features);
   m.def("packed_path_counts", [] {
-    pybind11::dict counts;  // in path order: scalar, avx2, vnni, amx
+    pybind11::dict counts;  // in path order: scalar, avx2, vnni, amx, panel
     const std::vector<int64_t> calls = cpu::packed_path_counts();
     for (int i = 0; i < cpu::kPackedPaths; ++i) {
       counts[cpu::packed_path_name(static_cast<cpu::PackedPath>(i))] = calls[i];

@@ -22,6 +22,7 @@ from torch import nn
 
 import lowbit
 from lowbit.backends import cpu as cpu_backend
+from lowbit.core.packing import gemm_panel
 from lowbit.models import MODELS
 from lowbit.nn.packed import FoldedBatchNorm2d, PackedConv2d
 from lowbit.tools.convert import convert, fuse_inference
@@ -75,25 +76,93 @@ EPILOGUES = [  # (lo, hi, out_step, out_qmin, out_qmax)
 ]
 
 
+GEMM_SHAPES = [  # (m, k, n, w_bits): M % 4, K % 4 and N % 16 tails of the panel kernel, every weight width
+    (1, 7, 5, 4),
+    (33, 67, 9, 2),
+    (70, 130, 66, 3),
+    (5, 300, 17, 8),
+    (6, 5, 33, 5),
+    (67, 24, 16, 6),
+    (3, 129, 48, 7),
+]
+
+
+def panel_runs(backend: str, w_bits: int, x: torch.Tensor, epi) -> bool:
+    """Whether packed_gemm takes the panel kernel (csrc/cpu/packed_linear.cpp's packed_gemm): the C++ backend
+    above scalar, weights up to 7 bits, float32 or code output."""
+    float_out_16 = epi[2] == 0 and x.dtype in (torch.float16, torch.bfloat16)
+    return backend.startswith("cpu") and cpu_backend.isa() != "scalar" and w_bits <= 7 and not float_out_16
+
+
 @pytest.mark.parametrize("epi", EPILOGUES, ids=range(len(EPILOGUES)))
-@pytest.mark.parametrize(("m", "k", "n", "w_bits"), [(1, 7, 5, 4), (33, 67, 9, 2), (70, 130, 66, 3), (5, 300, 17, 8)])
+@pytest.mark.parametrize(("m", "k", "n", "w_bits"), GEMM_SHAPES)
 @pytest.mark.parametrize("x_kind", ["u8 codes", "s8 codes", "float"])
-def test_packed_gemm_matches_numpy(backend, epi, m, k, n, w_bits, x_kind):
+@pytest.mark.parametrize("with_panel", [False, True], ids=["packed", "panel"])
+def test_packed_gemm_matches_numpy(backend, epi, m, k, n, w_bits, x_kind, with_panel):
     gen = torch.Generator().manual_seed(m * k + n)
     lo_w, hi_w = lowbit.quant_range(w_bits, True)
-    packed = lowbit.pack(torch.randint(lo_w, hi_w + 1, (n, k), generator=gen, dtype=torch.int8), w_bits)
+    codes = torch.randint(lo_w, hi_w + 1, (n, k), generator=gen, dtype=torch.int8)
+    packed = lowbit.pack(codes, w_bits)
+    panel = gemm_panel(codes) if with_panel else None
     scale = 0.001 + 0.01 * torch.rand(n, generator=gen)
     bias = torch.randn(n, generator=gen)
     qmin, qmax = (0, 255) if x_kind == "u8 codes" else (-128, 127)
     if x_kind == "float":
         x, x_step = torch.randn(m, k, generator=gen) * 3, 0.03
+        x[m // 2, k // 3] = 1e30  # clamps to the range end
     else:
         dtype = torch.uint8 if qmin == 0 else torch.int8
         x, x_step = torch.randint(qmin, qmax + 1, (m, k), generator=gen).to(dtype), 1.0
-    y = torch.ops.lowbit.packed_gemm(x, packed, scale, bias, w_bits, x_step, qmin, qmax, *epi)
+        x[0, 0] = qmin  # the extreme codes: the panel kernel's int16 pair sums must not saturate
+        x[-1, -1] = qmax
+    before = cpu_backend.packed_path_counts()["panel"] if backend.startswith("cpu") else 0
+    y = torch.ops.lowbit.packed_gemm(x, packed, scale, bias, w_bits, x_step, qmin, qmax, *epi, panel=panel)
     want = np_gemm(x, packed, scale, bias, w_bits, x_step, qmin, qmax, epi)
     np.testing.assert_array_equal(as_numpy(y), want)
     assert y.dtype == (torch.float32 if epi[2] == 0 else (torch.uint8 if epi[3] >= 0 else torch.int8))
+    if backend.startswith("cpu"):
+        ran = cpu_backend.packed_path_counts()["panel"] - before
+        assert ran == int(with_panel and panel_runs(backend, w_bits, x, epi))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("epi", [EPILOGUES[0], EPILOGUES[3]], ids=["float-out", "codes-out"])
+def test_packed_gemm_panel_float_inputs_and_nan_rows(backend, dtype, epi):
+    """Float inputs of every dtype through the panel path: quantized once, a NaN row gives a NaN output row (float
+    out) or ValueError (codes out), as the reference and the packed path."""
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.randint(-8, 8, (21, 45), generator=gen, dtype=torch.int8)
+    packed, panel = lowbit.pack(codes, 4), gemm_panel(codes)
+    scale, bias = 0.001 + 0.01 * torch.rand(21, generator=gen), torch.randn(21, generator=gen)
+    x = (torch.randn(13, 45, generator=gen) * 3).to(dtype)
+    args = (packed, scale, bias, 4, 0.03, 0, 15, *epi)
+    want = np_gemm(x.float(), packed, scale, bias, 4, 0.03, 0, 15, epi)
+    y = torch.ops.lowbit.packed_gemm(x, *args, panel=panel)
+    if epi[2] == 0:  # float output in x's dtype: the float32 epilogue, rounded once
+        want = torch.from_numpy(want).to(dtype).float().numpy()
+    np.testing.assert_array_equal(as_numpy(y.float() if epi[2] == 0 else y), want)
+    x[4, 9] = float("nan")
+    if epi[2] > 0:
+        with pytest.raises(ValueError, match="NaN"):
+            torch.ops.lowbit.packed_gemm(x, *args, panel=panel)
+        return
+    y = torch.ops.lowbit.packed_gemm(x, *args, panel=panel)
+    assert bool(torch.isnan(y[4]).all()) and not bool(torch.isnan(y[:4]).any())
+
+
+def test_gemm_panel_layout():
+    """gemm_panel against its definition, element by element (csrc/cpu/packed_panel.h)."""
+    codes = torch.randint(-64, 64, (37, 10), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    panel = gemm_panel(codes)
+    assert panel.shape == (3, 3 * 64) and panel.dtype == torch.uint8
+    view = panel.view(torch.int8)
+    for p in range(3):
+        for q in range(3):
+            for c in range(16):
+                for t in range(4):
+                    n, k = 16 * p + c, 4 * q + t
+                    want = int(codes[n, k]) if n < 37 and k < 10 else 0
+                    assert int(view[p, q * 64 + (c // 8) * 32 + (c % 8) * 4 + t]) == want
 
 
 def np_depthwise(x, w, scale, bias, kernel, stride, padding, dilation, epi):
@@ -116,18 +185,25 @@ DEPTHWISE = [  # (batch, h, w, c, kernel, stride, padding, dilation)
     (2, 9, 8, 17, (3, 3), (2, 2), (1, 1), (1, 1)),
     (3, 6, 11, 33, (5, 3), (1, 2), (2, 0), (1, 2)),
     (0, 5, 5, 4, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 6, 5, 48, (3, 3), (1, 1), (1, 1), (1, 1)),  # whole 16-channel vectors only
+    (1, 4, 4, 16, (9, 9), (1, 1), (4, 4), (1, 1)),  # 81 taps: more than the AVX2 rows' tap list
 ]
 
 
 @pytest.mark.parametrize("epi", EPILOGUES, ids=range(len(EPILOGUES)))
 @pytest.mark.parametrize("case", DEPTHWISE, ids=range(len(DEPTHWISE)))
 @pytest.mark.parametrize("signed", [False, True])
-def test_packed_depthwise_matches_numpy(backend, epi, case, signed):
+@pytest.mark.parametrize("w_bits", [8, 4])  # 4: the AVX2 rows sum in int16 (every tap sum fits)
+def test_packed_depthwise_matches_numpy(backend, epi, case, signed, w_bits):
     b, h, w, c, kernel, stride, padding, dilation = case
     gen = torch.Generator().manual_seed(h * w + c)
     lo, hi = (-128, 127) if signed else (0, 255)
     x = torch.randint(lo, hi + 1, (b, h, w, c), generator=gen).to(torch.int8 if signed else torch.uint8)
-    weight = torch.randint(-128, 128, (kernel[0] * kernel[1], c), generator=gen, dtype=torch.int8)
+    if x.numel():
+        x.view(-1)[0], x.view(-1)[-1] = lo, hi  # extreme codes
+    w_lo, w_hi = lowbit.quant_range(w_bits, True)
+    weight = torch.randint(w_lo, w_hi + 1, (kernel[0] * kernel[1], c), generator=gen, dtype=torch.int8)
+    weight[0, 0] = w_lo
     scale, bias = 0.0001 + 0.001 * torch.rand(c, generator=gen), torch.randn(c, generator=gen)
     y = torch.ops.lowbit.packed_depthwise(
         x, weight, scale, bias, list(kernel), list(stride), list(padding), list(dilation), *epi
@@ -144,6 +220,13 @@ def test_quantize_codes_and_nan(backend):
     assert torch.ops.lowbit.quantize_codes(x, 0.5, -8, 7).tolist() == [[-2, 0, 2, 5, 7, 0]]
     with pytest.raises(ValueError, match="NaN"):
         torch.ops.lowbit.quantize_codes(torch.tensor([1.0, float("nan")]), 0.5, 0, 15)
+    # whole vectors of 8 and a tail, ties, both ranges, infinities; NaN in a vector lane
+    x = torch.cat([torch.arange(-40, 41) * 0.25, torch.tensor([math.inf, -math.inf, 1e30, 3.75])]).reshape(2, -1)
+    for qmin, qmax in [(0, 255), (-128, 127), (-4, 3)]:
+        want = np.clip(np.rint(x.numpy() / np.float32(0.5)), qmin, qmax)
+        np.testing.assert_array_equal(as_numpy(torch.ops.lowbit.quantize_codes(x, 0.5, qmin, qmax)), want)
+    with pytest.raises(ValueError, match="NaN"):
+        torch.ops.lowbit.quantize_codes(torch.tensor([1.0] * 11 + [float("nan")] + [2.0] * 4), 0.5, 0, 15)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ std::atomic<int64_t> packed_calls[kPackedPaths];
 
 const char* packed_path_name(PackedPath path) {
   switch (path) {
+    case PackedPath::kPanel: return "panel";
     case PackedPath::kAmx: return "amx";
     case PackedPath::kVnni: return "vnni";
     case PackedPath::kAvx2: return "avx2";

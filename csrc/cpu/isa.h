@@ -30,11 +30,11 @@ bool cpu_has_amx_int8();
 // "amx_int8" (debug query for tests: which path the avx512 level of packed_linear takes).
 std::vector<std::string> cpu_features();
 
-// Which kernels a packed_linear call ran: the tiles of one ISA, or the AMX GEMM driver (32 x 32 blocks on AMX
-// tiles, the edges on VNNI tiles). The driver counts every call, so a test can prove that a path ran rather than
+// Which kernels a packed_linear / packed_gemm call ran: the tiles of one ISA, the AMX GEMM driver (32 x 32 blocks
+// on AMX tiles, the edges on VNNI tiles), or packed_gemm's panel kernel (packed_panel.h). The driver counts every call, so a test can prove that a path ran rather than
 // only that its results agree with another path's.
-enum class PackedPath { kScalar = 0, kAvx2 = 1, kVnni = 2, kAmx = 3 };
-constexpr int kPackedPaths = 4;
+enum class PackedPath { kScalar = 0, kAvx2 = 1, kVnni = 2, kAmx = 3, kPanel = 4 };
+constexpr int kPackedPaths = 5;
 const char* packed_path_name(PackedPath path);
 void count_packed_path(PackedPath path);
 // Calls per path since the process started, indexed by PackedPath.

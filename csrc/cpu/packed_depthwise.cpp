@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -17,6 +18,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/packed_depthwise.h"
+#include "cpu/packed_panel.h"
 
 namespace lowbit::cpu {
 namespace depthwise_baseline {
@@ -40,6 +42,14 @@ EpilogueSpec make_spec(double lo, double hi, double out_step, int64_t out_qmin, 
               "lowbit._C.cpu: [out_qmin, out_qmax] must be a signed or unsigned 8-bit-or-less range");
   return {static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(out_step),
           static_cast<int32_t>(out_qmin), static_cast<int32_t>(out_qmax)};
+}
+
+// Whether taps * max|x| * max|w| fits int16, so the AVX2 rows may sum the products in int16.
+bool fits_int16(const at::Tensor& w, int64_t taps, int64_t x_max) {
+  const int8_t* p = w.const_data_ptr<int8_t>();
+  int64_t w_max = 0;
+  for (int64_t i = 0; i < w.numel(); ++i) w_max = std::max<int64_t>(w_max, p[i] < 0 ? -int64_t{p[i]} : p[i]);
+  return taps * x_max * w_max <= 32767;
 }
 
 at::Tensor packed_depthwise(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
@@ -70,7 +80,8 @@ at::Tensor packed_depthwise(const at::Tensor& x, const at::Tensor& w, const at::
   const DepthwiseArgs args{x.const_data_ptr(), x.scalar_type() == at::kByte, batch, height, width, channels,
                            w.const_data_ptr<int8_t>(), kernel[0], kernel[1], stride[0], stride[1], padding[0],
                            padding[1], dilation[0], dilation[1], out_h, out_w, scale.const_data_ptr<float>(),
-                           bias ? bias->const_data_ptr<float>() : nullptr, spec, y.mutable_data_ptr(), out_kind};
+                           bias ? bias->const_data_ptr<float>() : nullptr, spec, y.mutable_data_ptr(), out_kind,
+                           fits_int16(w, kernel[0] * kernel[1], x.scalar_type() == at::kByte ? 255 : 128)};
   auto* row = active_isa() == Isa::kScalar ? &depthwise_baseline::row : &depthwise_avx2::row;
   std::atomic<bool> nan{false};
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out_w * channels * kernel[0] * kernel[1]));
@@ -109,6 +120,18 @@ at::Tensor quantize_codes(const at::Tensor& x, double step, int64_t qmin, int64_
   const int64_t n = x.numel();
   const float s = static_cast<float>(step), lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   std::atomic<bool> nan{false};
+  if (x.scalar_type() == at::kFloat && active_isa() != Isa::kScalar) {  // the AVX2 quantizer of packed_panel.h
+    const float* src = x.const_data_ptr<float>();
+    uint8_t* out = static_cast<uint8_t*>(y.mutable_data_ptr());
+    at::parallel_for(0, n, 65536, [&](int64_t b, int64_t e) {
+      if (panel_avx2::quantize_codes(src + b, e - b, s, static_cast<int32_t>(qmin), static_cast<int32_t>(qmax),
+                                     out + b)) {
+        nan = true;
+      }
+    });
+    TORCH_CHECK_VALUE(!nan, "x holds NaN, which no activation code can represent");
+    return y;
+  }
   LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_quantize_codes", [&] {
     const scalar_t* src = data<scalar_t>(x);
     at::parallel_for(0, n, 65536, [&](int64_t b, int64_t e) {

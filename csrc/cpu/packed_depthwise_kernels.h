@@ -23,12 +23,15 @@ struct DepthwiseArgs {
   EpilogueSpec spec;
   void* y;
   int out_kind;  // 0: float32, 1: uint8, 2: int8
+  bool acc16;    // every tap sum fits int16: kh * kw * max|x| * max|w| <= 32767 (the AVX2 rows sum in int16)
 };
 
+// acc[c] for channels c in [c0, C): the exact tap sums of output pixel (b, oh, ow).
 template <class X>
-inline void depthwise_taps(const DepthwiseArgs& a, const X* x, int64_t b, int64_t oh, int64_t ow, int32_t* acc) {
+inline void depthwise_taps(const DepthwiseArgs& a, const X* x, int64_t b, int64_t oh, int64_t ow, int32_t* acc,
+                           int64_t c0 = 0) {
   const int64_t c_len = a.channels;
-  for (int64_t c = 0; c < c_len; ++c) acc[c] = 0;
+  for (int64_t c = c0; c < c_len; ++c) acc[c] = 0;
   for (int64_t i = 0; i < a.kh; ++i) {
     const int64_t ih = oh * a.sh - a.ph + i * a.dh;
     if (ih < 0 || ih >= a.height) continue;
@@ -37,7 +40,7 @@ inline void depthwise_taps(const DepthwiseArgs& a, const X* x, int64_t b, int64_
       if (iw < 0 || iw >= a.width) continue;
       const X* __restrict xp = x + ((b * a.height + ih) * a.width + iw) * c_len;
       const int8_t* __restrict wp = a.w + (i * a.kw + j) * c_len;
-      for (int64_t c = 0; c < c_len; ++c) acc[c] += static_cast<int32_t>(xp[c]) * static_cast<int32_t>(wp[c]);
+      for (int64_t c = c0; c < c_len; ++c) acc[c] += static_cast<int32_t>(xp[c]) * static_cast<int32_t>(wp[c]);
     }
   }
 }

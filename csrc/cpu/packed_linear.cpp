@@ -25,6 +25,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/packed_epilogue.h"
 #include "cpu/packed_linear.h"
+#include "cpu/packed_panel.h"
 
 namespace lowbit::cpu {
 namespace {
@@ -410,12 +411,85 @@ void run_gemm(const at::Tensor& x, const at::Tensor& packed_w, const float* scal
   }
 }
 
+// The panel path of packed_gemm (packed_panel.h): x's codes as they are (as the reference takes them), or float x
+// quantized once into codes with a NaN flag per row; code sums for signed codes; tasks of kPanelBlockM rows by
+// kPanelBlockN channels, parallel.
+template <class T>
+void run_panel(const at::Tensor& x, const at::Tensor& panel, const float* scale, const float* bias, int64_t w_bits,
+               float x_step, int64_t qmin, int64_t qmax, const EpilogueSpec& spec, at::Tensor& y) {
+  constexpr int64_t kPanelBlockM = 64;
+  const int64_t m = x.size(0), k_len = x.size(1), n = y.size(1);
+  count_packed_path(PackedPath::kPanel);
+  std::vector<uint8_t> codes, nan_rows;
+  const uint8_t* rows = nullptr;
+  bool x_signed = false;
+  if constexpr (std::is_integral_v<T>) {
+    rows = reinterpret_cast<const uint8_t*>(x.const_data_ptr<T>());
+    x_signed = std::is_signed_v<T>;
+  } else {
+    x_signed = qmin < 0;
+    codes.resize(static_cast<size_t>(m * k_len));
+    nan_rows.assign(m, 0);
+    const PackedLinearKernels k = packed_linear_kernels(active_isa());
+    const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k_len)), [&](int64_t b, int64_t e) {
+      std::vector<float> q(k_len);
+      for (int64_t row = b; row < e; ++row) {
+        uint8_t* out = codes.data() + row * k_len;
+        if constexpr (std::is_same_v<T, float>) {  // the AVX2 row quantizer
+          nan_rows[row] = panel_avx2::quantize_codes(data<T>(x) + row * k_len, k_len, x_step,
+                                                     static_cast<int32_t>(qmin), static_cast<int32_t>(qmax), out);
+          continue;
+        }
+        quantize_row(k, data<T>(x) + row * k_len, q.data(), k_len, x_step);
+        bool nan = false;
+        for (int64_t i = 0; i < k_len; ++i) {
+          float v = q[i];
+          nan |= v != v;
+          v = v == v ? std::min(std::max(v, lo), hi) : 0.f;
+          out[i] = static_cast<uint8_t>(static_cast<int32_t>(v));  // int8 codes keep their two's complement bits
+        }
+        nan_rows[row] = nan;
+      }
+    });
+    rows = codes.data();
+  }
+  std::vector<int32_t> rowsum;
+  if (x_signed) {
+    rowsum.assign(m, 0);
+    const auto* signed_rows = reinterpret_cast<const int8_t*>(rows);
+    at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k_len)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        int32_t sum = 0;
+        for (int64_t i = 0; i < k_len; ++i) sum += signed_rows[row * k_len + i];
+        rowsum[row] = sum;
+      }
+    });
+  }
+  const PanelArgs args{rows, k_len, m, k_len, x_signed, panel.const_data_ptr<uint8_t>(), n, static_cast<int>(w_bits),
+                       x_signed ? rowsum.data() : nullptr, nan_rows.empty() ? nullptr : nan_rows.data(), scale, bias,
+                       spec.lo, spec.hi, spec.out_step, spec.out_qmin, spec.out_qmax, y.mutable_data_ptr()};
+  const int64_t tasks_m = (m + kPanelBlockM - 1) / kPanelBlockM, tasks_n = (n + kPanelBlockN - 1) / kPanelBlockN;
+  std::atomic<bool> nan_coded{false};
+  at::parallel_for(0, tasks_m * tasks_n, 1, [&](int64_t first, int64_t last) {
+    std::vector<int32_t> acc(static_cast<size_t>(kPanelBlockM * kPanelBlockN));
+    std::vector<float> v(static_cast<size_t>(kPanelBlockN));
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t m0 = (task / tasks_n) * kPanelBlockM, n0 = (task % tasks_n) * kPanelBlockN;
+      const int64_t m1 = std::min(m, m0 + kPanelBlockM), n1 = std::min(n, n0 + kPanelBlockN);
+      if (panel_avx2::gemm_block(args, m0, m1, n0, n1, acc.data(), v.data())) nan_coded = true;
+    }
+  });
+  TORCH_CHECK_VALUE(!nan_coded, "x holds NaN, which no activation code can represent");
+}
+
 // The integer data path's GEMM (issue 17): packed_linear with the folded epilogue of packed_epilogue.h. x is
 // float (quantized here at x_step into [qmin, qmax], as packed_linear) or uint8/int8 codes (used as they are);
 // `scale` is the whole per-channel multiplier (x_step * w_scale * folded batch-norm), `bias` the folded shift.
 at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias, int64_t w_bits, double x_step, int64_t qmin, int64_t qmax,
-                       double lo, double hi, double out_step, int64_t out_qmin, int64_t out_qmax) {
+                       double lo, double hi, double out_step, int64_t out_qmin, int64_t out_qmax,
+                       const std::optional<at::Tensor>& panel) {
   check_gemm_operands(x, packed_w, w_bits);
   const int64_t m = x.size(0), n = packed_w.size(0);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
@@ -437,6 +511,24 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at
   const float* b = bias ? bias->const_data_ptr<float>() : nullptr;
   const float* sc = scale.const_data_ptr<float>();
   const float s = static_cast<float>(x_step);
+  if (panel) {
+    TORCH_CHECK(panel->scalar_type() == at::kByte && panel->is_contiguous() && panel->dim() == 2 &&
+                    panel->size(0) == (n + 15) / 16 && panel->size(1) == (x.size(1) + 3) / 4 * 64,
+                "lowbit._C.cpu: panel must be the contiguous uint8 (ceil(N / 16), ceil(K / 4) * 64) gemm_panel");
+  }
+  // the panel kernel: AVX2 (every level above scalar), weights of at most 7 bits, float32 or code output
+  if (panel && active_isa() != Isa::kScalar && w_bits <= 7 && out_type != at::kHalf && out_type != at::kBFloat16) {
+    if (x.scalar_type() == at::kByte) {
+      run_panel<uint8_t>(x, *panel, sc, b, w_bits, s, qmin, qmax, spec, y);
+    } else if (x.scalar_type() == at::kChar) {
+      run_panel<int8_t>(x, *panel, sc, b, w_bits, s, qmin, qmax, spec, y);
+    } else {
+      LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_packed_gemm_panel", [&] {
+        run_panel<scalar_t>(x, *panel, sc, b, w_bits, s, qmin, qmax, spec, y);
+      });
+    }
+    return y;
+  }
   if (x.scalar_type() == at::kByte) {
     run_gemm<uint8_t>(x, packed_w, sc, b, w_bits, qmin, qmax, s, spec, y);
   } else if (x.scalar_type() == at::kChar) {
@@ -458,7 +550,7 @@ void bind_packed_linear(pybind11::module_& m) {
         "x"_a, "packed_w"_a, "w_scale"_a, "w_bits"_a, "x_step"_a, "qmin"_a, "qmax"_a, "bias"_a);
   m.def("packed_gemm", &packed_gemm, ReleaseGil(),
         "x"_a, "packed_w"_a, "scale"_a, "bias"_a, "w_bits"_a, "x_step"_a, "qmin"_a, "qmax"_a, "lo"_a, "hi"_a,
-        "out_step"_a, "out_qmin"_a, "out_qmax"_a);
+        "out_step"_a, "out_qmin"_a, "out_qmax"_a, "panel"_a = pybind11::none());
 }
 
 }  // namespace lowbit::cpu

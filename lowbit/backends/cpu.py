@@ -48,7 +48,7 @@ def features() -> list[str]:
 
 
 def packed_path_counts() -> dict[str, int]:
-    """How many packed GEMM calls each path (scalar, avx2, vnni, amx) has run in this process."""
+    """How many packed GEMM calls each path (scalar, avx2, vnni, amx, panel) has run in this process."""
     return _kernels().packed_path_counts()
 
 

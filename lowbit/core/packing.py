@@ -53,3 +53,21 @@ CODE_DTYPES = (torch.uint8, torch.int8)
 def code_dtype(qmin: int) -> torch.dtype:
     """uint8 for an unsigned code range, int8 for a signed one."""
     return torch.uint8 if qmin >= 0 else torch.int8
+
+
+PANEL_CHANNELS = 16  # output channels per panel block
+PANEL_QUAD = 4  # consecutive k per 4-byte group
+
+
+def gemm_panel(codes: Tensor) -> Tensor:
+    """Signed weight codes (N, K) int8 in the panel layout of the CPU integer GEMM (csrc/cpu/packed_panel.h):
+    uint8 (ceil(N / 16), ceil(K / 4) * 64), where byte ``(c // 8) * 32 + (c % 8) * 4 + t`` of quad ``q`` of block
+    ``p`` is ``codes[16 p + c, 4 q + t]`` (two's complement; 0 past N or K). A run-time form, never saved."""
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise TypeError(f"codes must be a 2-d int8 tensor, got {codes.dtype} of {codes.dim()} dims")
+    n, k = codes.shape
+    blocks, quads = -(-n // PANEL_CHANNELS), -(-k // PANEL_QUAD)
+    padded = torch.nn.functional.pad(codes.view(torch.uint8), (0, quads * PANEL_QUAD - k, 0, blocks * 16 - n))
+    # (block, half, channel of 8, quad, t) -> (block, quad, half, channel of 8, t)
+    tiles = padded.view(blocks, 2, 8, quads, PANEL_QUAD).permute(0, 3, 1, 2, 4)
+    return tiles.reshape(blocks, quads * 64).contiguous()

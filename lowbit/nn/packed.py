@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import checks
-from lowbit.core.packing import CODE_DTYPES, pack_codes, packed_width, unpack_codes
+from lowbit.core.packing import CODE_DTYPES, gemm_panel, pack_codes, packed_width, unpack_codes
 from lowbit.core.ranges import quant_range
 
 Tensor = torch.Tensor
@@ -211,6 +211,7 @@ class PackedBase(nn.Module):
         self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
         self.register_buffer("dequant_weight", None, persistent=False)
         self.register_buffer("gemm_weight", None, persistent=False)
+        self.register_buffer("gemm_panel", None, persistent=False)
         self.register_buffer("epi_scale", None, persistent=False)
         self.register_buffer("epi_bias", None, persistent=False)
         self._fold: Fold | None = None
@@ -316,7 +317,10 @@ class PackedBase(nn.Module):
         scale, bias = self.epi_scale, self.epi_bias
         if channels is not None:
             scale, bias = scale[channels], None if bias is None else bias[channels]
-        return torch.ops.lowbit.packed_gemm(rows, weight, scale, bias, self.w_bits, step, qmin, qmax, *self._epi)
+        panel = self.gemm_panel if channels is None else None
+        return torch.ops.lowbit.packed_gemm(
+            rows, weight, scale, bias, self.w_bits, step, qmin, qmax, *self._epi, panel=panel
+        )  # fmt: skip
 
     def _check_codes(self, x: Tensor) -> None:
         """Codes must be what a fused previous layer emits for this layer: its signedness."""
@@ -572,9 +576,15 @@ class PackedConv2d(_ConvBase):
         return self.depthwise and self.out_channels == self.in_channels
 
     def _refresh(self) -> None:
+        gemm_codes = None
         if self._channels_last_patches:  # the codes repacked once in (kh, kw, C) order, as the patches come
             codes = self.weight_codes().view(self.out_channels, self.in_channels, *self.kernel_size)
-            self.gemm_weight = pack_codes(codes.permute(0, 2, 3, 1).reshape(self.out_channels, -1), self.w_bits)
+            gemm_codes = codes.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+            self.gemm_weight = pack_codes(gemm_codes, self.w_bits)
+        elif self.groups == 1:
+            gemm_codes = self.weight_codes()
+        # the CPU panel kernel's prepacked weights (csrc/cpu/packed_panel.h; up to 7 bits, int8 pair sums fit)
+        self.gemm_panel = None if gemm_codes is None or self.w_bits > 7 else gemm_panel(gemm_codes)
         if self.depthwise_kernel:  # (kh * kw, C) int8: one vector of channels per tap
             self.gemm_weight = self.weight_codes().t().contiguous()
         super()._refresh()

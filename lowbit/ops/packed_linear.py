@@ -213,13 +213,16 @@ def packed_linear(
 # (lowbit/backends/reference.py: exact integer sums in float64), which the tests hold the kernels to, bit for bit.
 
 
-def _packed_gemm_impl(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
-    return select(x.device).kernels.packed_gemm(
-        x.contiguous(), packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax
-    )
+def _packed_gemm_impl(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax, panel=None):
+    backend = select(x.device)
+    args = (x.contiguous(), packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax)
+    # the panel is the C++ CPU kernel's prepacked copy of packed_w; backends without a panel kernel ignore it
+    if backend.name == "cpu":
+        return backend.kernels.packed_gemm(*args, panel=panel)
+    return backend.kernels.packed_gemm(*args)
 
 
-def _packed_gemm_fake(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax):
+def _packed_gemm_fake(x, packed_w, scale, bias, w_bits, x_step, qmin, qmax, lo, hi, out_step, oqmin, oqmax, panel=None):
     dtype = code_dtype(oqmin) if out_step > 0 else (torch.float32 if x.dtype in CODE_DTYPES else x.dtype)
     return x.new_empty((x.shape[0], packed_w.shape[0]), dtype=dtype)
 
@@ -247,7 +250,7 @@ def _quantize_codes_impl(x, step, qmin, qmax):
 
 define(
     "packed_gemm(Tensor x, Tensor packed_w, Tensor scale, Tensor? bias, int w_bits, float x_step, int qmin, "
-    "int qmax, float lo, float hi, float out_step, int out_qmin, int out_qmax) -> Tensor",
+    "int qmax, float lo, float hi, float out_step, int out_qmin, int out_qmax, Tensor? panel=None) -> Tensor",
     _packed_gemm_impl,
     _packed_gemm_fake,
 )
