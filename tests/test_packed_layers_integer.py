@@ -221,7 +221,7 @@ def test_quantize_codes_and_nan(backend):
     with pytest.raises(ValueError, match="NaN"):
         torch.ops.lowbit.quantize_codes(torch.tensor([1.0, float("nan")]), 0.5, 0, 15)
     # whole vectors of 8 and a tail, ties, both ranges, infinities; NaN in a vector lane
-    x = torch.cat([torch.arange(-40, 41) * 0.25, torch.tensor([math.inf, -math.inf, 1e30, 3.75])]).reshape(2, -1)
+    x = torch.cat([torch.arange(-40, 41) * 0.25, torch.tensor([math.inf, -math.inf, 1e30, 3.75, 0.75])]).reshape(2, -1)
     for qmin, qmax in [(0, 255), (-128, 127), (-4, 3)]:
         want = np.clip(np.rint(x.numpy() / np.float32(0.5)), qmin, qmax)
         np.testing.assert_array_equal(as_numpy(torch.ops.lowbit.quantize_codes(x, 0.5, qmin, qmax)), want)
