@@ -412,8 +412,8 @@ void run_gemm(const at::Tensor& x, const at::Tensor& packed_w, const float* scal
 }
 
 // The panel path of packed_gemm (packed_panel.h): x's codes as they are (as the reference takes them), or float x
-// quantized once into codes with a NaN flag per row; code sums for signed codes; tasks of kPanelBlockM rows by
-// kPanelBlockN channels, parallel.
+// quantized once into codes with a NaN flag per row; the weights' column sums for signed codes; tasks of
+// kPanelBlockM rows by kPanelBlockN channels, parallel.
 template <class T>
 void run_panel(const at::Tensor& x, const at::Tensor& panel, const float* scale, const float* bias, int64_t w_bits,
                float x_step, int64_t qmin, int64_t qmax, const EpilogueSpec& spec, at::Tensor& y) {
@@ -454,20 +454,20 @@ void run_panel(const at::Tensor& x, const at::Tensor& panel, const float* scale,
     });
     rows = codes.data();
   }
-  std::vector<int32_t> rowsum;
-  if (x_signed) {
-    rowsum.assign(m, 0);
-    const auto* signed_rows = reinterpret_cast<const int8_t*>(rows);
-    at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k_len)), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        int32_t sum = 0;
-        for (int64_t i = 0; i < k_len; ++i) sum += signed_rows[row * k_len + i];
-        rowsum[row] = sum;
-      }
-    });
+  std::vector<int32_t> colsum;
+  if (x_signed) {  // the kernel flips int8 codes to x + 128 and subtracts 128 * colsum
+    colsum.assign(n, 0);
+    const int8_t* codes_w = reinterpret_cast<const int8_t*>(panel.const_data_ptr<uint8_t>());
+    const int64_t panel_bytes = panel.size(1);
+    for (int64_t j = 0; j < n; ++j) {
+      const int8_t* block = codes_w + (j / 16) * panel_bytes + ((j % 16) / 8) * 32 + (j % 8) * 4;
+      int32_t sum = 0;
+      for (int64_t kk = 0; kk < k_len; ++kk) sum += block[(kk / 4) * 64 + kk % 4];
+      colsum[j] = sum;
+    }
   }
   const PanelArgs args{rows, k_len, m, k_len, x_signed, panel.const_data_ptr<uint8_t>(), n, static_cast<int>(w_bits),
-                       x_signed ? rowsum.data() : nullptr, nan_rows.empty() ? nullptr : nan_rows.data(), scale, bias,
+                       x_signed ? colsum.data() : nullptr, nan_rows.empty() ? nullptr : nan_rows.data(), scale, bias,
                        spec.lo, spec.hi, spec.out_step, spec.out_qmin, spec.out_qmax, y.mutable_data_ptr()};
   const int64_t tasks_m = (m + kPanelBlockM - 1) / kPanelBlockM, tasks_n = (n + kPanelBlockN - 1) / kPanelBlockN;
   std::atomic<bool> nan_coded{false};

@@ -7,11 +7,10 @@
 // and multiplies them into 16 channels at once: there is no horizontal sum, and K is padded to 4, not to a
 // 32-byte step (small-K 1x1 convolutions were slow for that reason in the packed_linear tiles).
 //
-// Products (AVX2 _mm256_maddubs_epi16, unsigned x signed bytes into int16 pair sums): uint8 codes are the
-// unsigned side and the weights the signed one; int8 codes are the signed side and the weights, offset by
-// 2^(w_bits-1) into [0, 2^w_bits), the unsigned one (the driver subtracts offset * rowsum(x)). For w_bits <= 7
-// every pair sum stays within int16 for any code (2 * 255 * 64 and 2 * 128 * 127 are below 2^15); 8-bit weights
-// keep the packed_linear tiles. The results are the exact int32 sums, as the other paths'.
+// Products (AVX2 _mm256_maddubs_epi16, unsigned x signed bytes into int16 pair sums): the codes are the unsigned
+// side (int8 codes flipped to x + 128, and 128 * the weights' column sum subtracted after) and the weights the
+// signed one. For w_bits <= 7 every pair sum stays within int16 for any code (2 * 255 * 64 < 2^15); 8-bit
+// weights keep the packed_linear tiles. The results are the exact int32 sums, as the other paths'.
 #pragma once
 
 #include <cstdint>
@@ -26,7 +25,7 @@ struct PanelArgs {
   const uint8_t* panel;  // ceil(N / 16) blocks of ceil(K / 4) * 64 bytes
   int64_t n;
   int w_bits;                // 2..7
-  const int32_t* rowsum;     // (M,) code sums of x when x_signed, else nullptr
+  const int32_t* colsum;     // (N,) code sums of the weights' rows when x_signed, else nullptr
   const uint8_t* nan_rows;   // (M,) 1 for rows whose float input held NaN, or nullptr
   const float* scale;        // (N,) whole per-channel multiplier
   const float* bias;         // (N,) or nullptr

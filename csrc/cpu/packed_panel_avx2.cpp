@@ -27,36 +27,40 @@ inline __m256i broadcast4(const uint8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// acc (+)= the 16 channel sums of MR rows over `quads` quads, then the tail bytes (k % 4 < 4, read safely).
-template <int MR, bool kSigned>
-void micro(const uint8_t* const* x, const uint8_t* panel, int64_t quads, int tail, __m256i offset, int32_t* out,
-           int64_t out_stride) {
-  const __m256i ones = _mm256_set1_epi16(1);
+// The 16 channel sums of MR rows over `quads` quads and then the tail bytes (k % 4 < 4, read zero-filled, never
+// past the row), stored to out. Signed codes (kFlip) are flipped to unsigned (x + 128: xor of the sign bit);
+// the epilogue subtracts 128 * the weights' column sums. Groups of G quads add their int16 pair sums before
+// widening to int32 (one _mm256_madd_epi16 per G quads): G * 2 * 255 * 2^(w_bits-1) must stay below 2^15.
+template <int MR, int G, bool kFlip>
+void micro(const uint8_t* const* x, const uint8_t* panel, int64_t quads, int tail, int32_t* out, int64_t out_stride) {
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256i acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-  auto step = [&](const uint8_t* w, const __m256i* xb) {
-    __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
-    if constexpr (kSigned) w0 = _mm256_add_epi8(w0, offset), w1 = _mm256_add_epi8(w1, offset);
+  // rows' codes q0 .. q0 + count - 1 (count <= G) from `bytes(i, q)`, into acc
+  auto group = [&](int64_t q0, int count, auto bytes) {
     for (int i = 0; i < MR; ++i) {
-      const __m256i p0 = kSigned ? _mm256_maddubs_epi16(w0, xb[i]) : _mm256_maddubs_epi16(xb[i], w0);
-      const __m256i p1 = kSigned ? _mm256_maddubs_epi16(w1, xb[i]) : _mm256_maddubs_epi16(xb[i], w1);
-      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(p0, ones));
-      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(p1, ones));
+      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+      for (int g = 0; g < count; ++g) {
+        __m256i xb = bytes(i, q0 + g);
+        if constexpr (kFlip) xb = _mm256_xor_si256(xb, flip);
+        const __m256i* w = reinterpret_cast<const __m256i*>(panel + 64 * (q0 + g));
+        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(xb, _mm256_loadu_si256(w)));
+        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(xb, _mm256_loadu_si256(w + 1)));
+      }
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s0, ones));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s1, ones));
     }
   };
-  __m256i xb[MR];
-  for (int64_t q = 0; q < quads; ++q) {
-    for (int i = 0; i < MR; ++i) xb[i] = broadcast4(x[i] + 4 * q);
-    step(panel + 64 * q, xb);
-  }
-  if (tail) {  // the last k % 4 codes, zero-filled: never read past the row
-    for (int i = 0; i < MR; ++i) {
+  auto row_bytes = [&](int i, int64_t q) { return broadcast4(x[i] + 4 * q); };
+  int64_t q = 0;
+  for (; q + G <= quads; q += G) group(q, G, row_bytes);
+  if (q < quads) group(q, static_cast<int>(quads - q), row_bytes);
+  if (tail) {
+    group(quads, 1, [&](int i, int64_t) {
       uint8_t bytes[4] = {0, 0, 0, 0};
       std::memcpy(bytes, x[i] + 4 * quads, static_cast<size_t>(tail));
-      xb[i] = broadcast4(bytes);
-    }
-    step(panel + 64 * quads, xb);
+      return broadcast4(bytes);
+    });
   }
   for (int i = 0; i < MR; ++i) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * out_stride), acc[i][0]);
@@ -64,11 +68,10 @@ void micro(const uint8_t* const* x, const uint8_t* panel, int64_t quads, int tai
   }
 }
 
-template <bool kSigned>
+template <int G, bool kFlip>
 void sums(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc) {
   const int64_t quads = a.k / 4, panel_bytes = (a.k + 3) / 4 * 64;
   const int tail = static_cast<int>(a.k % 4);
-  const __m256i offset = _mm256_set1_epi8(static_cast<char>(1 << (a.w_bits - 1)));
   for (int64_t c0 = n0; c0 < n1; c0 += 16) {  // one panel block stays in L1 while the rows pass it
     const uint8_t* panel = a.panel + (c0 / 16) * panel_bytes;
     int32_t* out = acc + (c0 - n0);
@@ -76,27 +79,37 @@ void sums(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
     for (; i + kRows <= m1; i += kRows) {
       const uint8_t* rows[kRows];
       for (int r = 0; r < kRows; ++r) rows[r] = a.x + (i + r) * a.x_stride;
-      micro<kRows, kSigned>(rows, panel, quads, tail, offset, out + (i - m0) * kPanelBlockN, kPanelBlockN);
+      micro<kRows, G, kFlip>(rows, panel, quads, tail, out + (i - m0) * kPanelBlockN, kPanelBlockN);
     }
     for (; i < m1; ++i) {
       const uint8_t* row = a.x + i * a.x_stride;
-      micro<1, kSigned>(&row, panel, quads, tail, offset, out + (i - m0) * kPanelBlockN, kPanelBlockN);
+      micro<1, G, kFlip>(&row, panel, quads, tail, out + (i - m0) * kPanelBlockN, kPanelBlockN);
     }
   }
 }
 
-template <class O>
-bool epilogue_row(const PanelArgs& a, const int32_t* acc, int64_t n0, int64_t count, uint32_t correction, float* v,
-                  O* y) {
-  const EpilogueSpec spec{a.lo, a.hi, a.out_step, a.out_qmin, a.out_qmax};
-  return epilogue_avx2(acc, count, correction, a.scale + n0, a.bias ? a.bias + n0 : nullptr, spec, v, y);
+// The largest group of quads whose int16 sums cannot overflow: G * 2 * 255 * 2^(w_bits-1) <= 32767.
+template <bool kFlip>
+void sums_grouped(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc) {
+  const int64_t pair_max = 2 * 255 * (int64_t{1} << (a.w_bits - 1));
+  if (8 * pair_max <= 32767) return sums<8, kFlip>(a, m0, m1, n0, n1, acc);
+  if (4 * pair_max <= 32767) return sums<4, kFlip>(a, m0, m1, n0, n1, acc);
+  if (2 * pair_max <= 32767) return sums<2, kFlip>(a, m0, m1, n0, n1, acc);
+  return sums<1, kFlip>(a, m0, m1, n0, n1, acc);
 }
 
 template <class O>
-bool epilogue(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* acc, float* v) {
+bool epilogue(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc, float* v) {
   const EpilogueSpec spec{a.lo, a.hi, a.out_step, a.out_qmin, a.out_qmax};
   const int64_t count = n1 - n0;
-  const int32_t offset = a.x_signed ? 1 << (a.w_bits - 1) : 0;
+  if (a.x_signed) {  // undo the flip: the sums hold sum (x + 128) * w
+    for (int64_t i = m0; i < m1; ++i) {
+      int32_t* arow = acc + (i - m0) * kPanelBlockN;
+      for (int64_t j = 0; j < count; ++j) {
+        arow[j] = static_cast<int32_t>(static_cast<uint32_t>(arow[j]) - 128u * static_cast<uint32_t>(a.colsum[n0 + j]));
+      }
+    }
+  }
   bool nan = false;
   for (int64_t i = m0; i < m1; ++i) {
     O* y = static_cast<O*>(a.y) + i * a.n + n0;
@@ -106,8 +119,8 @@ bool epilogue(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1
       nan |= spec.out_step > 0.f;
       continue;
     }
-    const uint32_t correction = a.x_signed ? static_cast<uint32_t>(offset) * static_cast<uint32_t>(a.rowsum[i]) : 0u;
-    nan |= epilogue_row(a, acc + (i - m0) * kPanelBlockN, n0, count, correction, v, y);
+    nan |= epilogue_avx2(acc + (i - m0) * kPanelBlockN, count, 0u, a.scale + n0, a.bias ? a.bias + n0 : nullptr, spec,
+                         v, y);
   }
   return nan;
 }
@@ -134,9 +147,9 @@ bool quantize_codes(const float* x, int64_t n, float step, int32_t qmin, int32_t
 
 bool gemm_block(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc, float* v) {
   if (a.x_signed) {
-    sums<true>(a, m0, m1, n0, n1, acc);
+    sums_grouped<true>(a, m0, m1, n0, n1, acc);
   } else {
-    sums<false>(a, m0, m1, n0, n1, acc);
+    sums_grouped<false>(a, m0, m1, n0, n1, acc);
   }
   if (a.out_step <= 0.f) return epilogue<float>(a, m0, m1, n0, n1, acc, v);
   if (a.out_qmin >= 0) return epilogue<uint8_t>(a, m0, m1, n0, n1, acc, v);
