@@ -84,14 +84,15 @@ GEMM_SHAPES = [  # (m, k, n, w_bits): M % 4, K % 4 and N % 16 tails of the panel
     (6, 5, 33, 5),
     (67, 24, 16, 6),
     (3, 129, 48, 7),
+    (9, 27, 64, 8),
 ]
 
 
-def panel_runs(backend: str, w_bits: int, x: torch.Tensor, epi) -> bool:
+def panel_runs(backend: str, x: torch.Tensor, epi) -> bool:
     """Whether packed_gemm takes the panel kernel (csrc/cpu/packed_linear.cpp's packed_gemm): the C++ backend
-    above scalar, weights up to 7 bits, float32 or code output."""
+    above scalar, float32 or code output."""
     float_out_16 = epi[2] == 0 and x.dtype in (torch.float16, torch.bfloat16)
-    return backend.startswith("cpu") and cpu_backend.isa() != "scalar" and w_bits <= 7 and not float_out_16
+    return backend.startswith("cpu") and cpu_backend.isa() != "scalar" and not float_out_16
 
 
 @pytest.mark.parametrize("epi", EPILOGUES, ids=range(len(EPILOGUES)))
@@ -122,7 +123,7 @@ def test_packed_gemm_matches_numpy(backend, epi, m, k, n, w_bits, x_kind, with_p
     assert y.dtype == (torch.float32 if epi[2] == 0 else (torch.uint8 if epi[3] >= 0 else torch.int8))
     if backend.startswith("cpu"):
         ran = cpu_backend.packed_path_counts()["panel"] - before
-        assert ran == int(with_panel and panel_runs(backend, w_bits, x, epi))
+        assert ran == int(with_panel and panel_runs(backend, x, epi))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

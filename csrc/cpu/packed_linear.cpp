@@ -455,7 +455,7 @@ void run_panel(const at::Tensor& x, const at::Tensor& panel, const float* scale,
     rows = codes.data();
   }
   std::vector<int32_t> colsum;
-  if (x_signed) {  // the kernel flips int8 codes to x + 128 and subtracts 128 * colsum
+  if (x_signed && w_bits < 8) {  // the byte kernel flips int8 codes to x + 128 and subtracts 128 * colsum
     colsum.assign(n, 0);
     const int8_t* codes_w = reinterpret_cast<const int8_t*>(panel.const_data_ptr<uint8_t>());
     const int64_t panel_bytes = panel.size(1);
@@ -516,8 +516,8 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at
                     panel->size(0) == (n + 15) / 16 && panel->size(1) == (x.size(1) + 3) / 4 * 64,
                 "lowbit._C.cpu: panel must be the contiguous uint8 (ceil(N / 16), ceil(K / 4) * 64) gemm_panel");
   }
-  // the panel kernel: AVX2 (every level above scalar), weights of at most 7 bits, float32 or code output
-  if (panel && active_isa() != Isa::kScalar && w_bits <= 7 && out_type != at::kHalf && out_type != at::kBFloat16) {
+  // the panel kernel: AVX2 (every level above scalar), float32 or code output
+  if (panel && active_isa() != Isa::kScalar && out_type != at::kHalf && out_type != at::kBFloat16) {
     if (x.scalar_type() == at::kByte) {
       run_panel<uint8_t>(x, *panel, sc, b, w_bits, s, qmin, qmax, spec, y);
     } else if (x.scalar_type() == at::kChar) {

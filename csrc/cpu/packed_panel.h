@@ -9,8 +9,9 @@
 //
 // Products (AVX2 _mm256_maddubs_epi16, unsigned x signed bytes into int16 pair sums): the codes are the unsigned
 // side (int8 codes flipped to x + 128, and 128 * the weights' column sum subtracted after) and the weights the
-// signed one. For w_bits <= 7 every pair sum stays within int16 for any code (2 * 255 * 64 < 2^15); 8-bit
-// weights keep the packed_linear tiles. The results are the exact int32 sums, as the other paths'.
+// signed one. For w_bits <= 7 every pair sum stays within int16 for any code (2 * 255 * 64 < 2^15). 8-bit weights
+// take int16 x int16 pairs (_mm256_madd_epi16) on the same panel, half the products per instruction. The results
+// are the exact int32 sums, as the other paths'.
 #pragma once
 
 #include <cstdint>
@@ -24,8 +25,8 @@ struct PanelArgs {
   bool x_signed;
   const uint8_t* panel;  // ceil(N / 16) blocks of ceil(K / 4) * 64 bytes
   int64_t n;
-  int w_bits;                // 2..7
-  const int32_t* colsum;     // (N,) code sums of the weights' rows when x_signed, else nullptr
+  int w_bits;                // 2..8
+  const int32_t* colsum;     // (N,) code sums of the weights' rows when x_signed and w_bits < 8, else nullptr
   const uint8_t* nan_rows;   // (M,) 1 for rows whose float input held NaN, or nullptr
   const float* scale;        // (N,) whole per-channel multiplier
   const float* bias;         // (N,) or nullptr

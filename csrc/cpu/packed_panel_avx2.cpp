@@ -88,6 +88,72 @@ void sums(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, in
   }
 }
 
+// 8-bit weights (|w| <= 128, whose byte products could overflow the int16 pair sums): int16 x int16 pairs
+// (_mm256_madd_epi16) on the same panel. A quad's 16 bytes of 4 channels widen to (channel, k0..k3) int16; the
+// row's 4 codes, widened, repeat in every 64 bits; each int32 lane sums 2 of a channel's 4 products, and the two
+// lanes of a channel are added once at the end.
+template <int MR, bool kSignedX>
+void micro16(const uint8_t* const* x, const uint8_t* panel, int64_t quads, int tail, int32_t* out,
+             int64_t out_stride) {
+  __m256i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm256_setzero_si256();
+  auto quad = [&](int64_t q, const __m256i* xb) {
+    __m256i w[4];
+    for (int v = 0; v < 4; ++v) {
+      w[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + 64 * q + 16 * v)));
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm256_add_epi32(acc[i][v], _mm256_madd_epi16(xb[i], w[v]));
+  };
+  auto widen4 = [](const uint8_t* p) {  // 4 codes -> 4 int16, repeated in each 64 bits
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    const __m128i raw = _mm_cvtsi32_si128(v);
+    return _mm256_broadcastq_epi64(kSignedX ? _mm_cvtepi8_epi16(raw) : _mm_cvtepu8_epi16(raw));
+  };
+  __m256i xb[MR];
+  for (int64_t q = 0; q < quads; ++q) {
+    for (int i = 0; i < MR; ++i) xb[i] = widen4(x[i] + 4 * q);
+    quad(q, xb);
+  }
+  if (tail) {
+    for (int i = 0; i < MR; ++i) {
+      uint8_t bytes[4] = {0, 0, 0, 0};
+      std::memcpy(bytes, x[i] + 4 * quads, static_cast<size_t>(tail));
+      xb[i] = widen4(bytes);
+    }
+    quad(quads, xb);
+  }
+  for (int i = 0; i < MR; ++i) {
+    // hadd of the 4-channel vectors (0, 1) gives channels 0 1 4 5 | 2 3 6 7; the permute puts them in order
+    const __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][0], acc[i][1]), 0xD8);
+    const __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][2], acc[i][3]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * out_stride), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * out_stride + 8), hi);
+  }
+}
+
+template <bool kSignedX>
+void sums16(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc) {
+  constexpr int kRows16 = 2;  // 8 accumulators and 4 weight vectors per micro-tile
+  const int64_t quads = a.k / 4, panel_bytes = (a.k + 3) / 4 * 64;
+  const int tail = static_cast<int>(a.k % 4);
+  for (int64_t c0 = n0; c0 < n1; c0 += 16) {
+    const uint8_t* panel = a.panel + (c0 / 16) * panel_bytes;
+    int32_t* out = acc + (c0 - n0);
+    int64_t i = m0;
+    for (; i + kRows16 <= m1; i += kRows16) {
+      const uint8_t* rows[kRows16] = {a.x + i * a.x_stride, a.x + (i + 1) * a.x_stride};
+      micro16<kRows16, kSignedX>(rows, panel, quads, tail, out + (i - m0) * kPanelBlockN, kPanelBlockN);
+    }
+    if (i < m1) {
+      const uint8_t* row = a.x + i * a.x_stride;
+      micro16<1, kSignedX>(&row, panel, quads, tail, out + (i - m0) * kPanelBlockN, kPanelBlockN);
+    }
+  }
+}
+
 // The largest group of quads whose int16 sums cannot overflow: G * 2 * 255 * 2^(w_bits-1) <= 32767.
 template <bool kFlip>
 void sums_grouped(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc) {
@@ -102,7 +168,7 @@ template <class O>
 bool epilogue(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc, float* v) {
   const EpilogueSpec spec{a.lo, a.hi, a.out_step, a.out_qmin, a.out_qmax};
   const int64_t count = n1 - n0;
-  if (a.x_signed) {  // undo the flip: the sums hold sum (x + 128) * w
+  if (a.x_signed && a.w_bits < 8) {  // undo the flip: the byte sums hold sum (x + 128) * w
     for (int64_t i = m0; i < m1; ++i) {
       int32_t* arow = acc + (i - m0) * kPanelBlockN;
       for (int64_t j = 0; j < count; ++j) {
@@ -146,7 +212,9 @@ bool quantize_codes(const float* x, int64_t n, float step, int32_t qmin, int32_t
 }
 
 bool gemm_block(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc, float* v) {
-  if (a.x_signed) {
+  if (a.w_bits == 8) {
+    a.x_signed ? sums16<true>(a, m0, m1, n0, n1, acc) : sums16<false>(a, m0, m1, n0, n1, acc);
+  } else if (a.x_signed) {
     sums_grouped<true>(a, m0, m1, n0, n1, acc);
   } else {
     sums_grouped<false>(a, m0, m1, n0, n1, acc);

@@ -583,8 +583,8 @@ class PackedConv2d(_ConvBase):
             self.gemm_weight = pack_codes(gemm_codes, self.w_bits)
         elif self.groups == 1:
             gemm_codes = self.weight_codes()
-        # the CPU panel kernel's prepacked weights (csrc/cpu/packed_panel.h; up to 7 bits, int8 pair sums fit)
-        self.gemm_panel = None if gemm_codes is None or self.w_bits > 7 else gemm_panel(gemm_codes)
+        # the CPU panel kernel's prepacked weights (csrc/cpu/packed_panel.h)
+        self.gemm_panel = None if gemm_codes is None else gemm_panel(gemm_codes)
         if self.depthwise_kernel:  # (kh * kw, C) int8: one vector of channels per tap
             self.gemm_weight = self.weight_codes().t().contiguous()
         super()._refresh()
