@@ -151,6 +151,28 @@ def test_packed_gemm_panel_float_inputs_and_nan_rows(backend, dtype, epi):
     assert bool(torch.isnan(y[4]).all()) and not bool(torch.isnan(y[:4]).any())
 
 
+@pytest.mark.parametrize("kind", ["gemm", "depthwise"])
+def test_non_finite_scale_gives_nan_as_the_reference(backend, kind):
+    """An infinite scale times a zero sum is NaN: float output keeps it, code output raises (the AVX2 epilogues
+    skip the NaN test only when every scale and bias is finite)."""
+    scale, bias = torch.full((16,), 0.01), torch.zeros(16)
+    scale[5] = math.inf
+    x = torch.zeros(3, 16, dtype=torch.uint8)  # zero sums: inf * 0
+    codes = torch.randint(-8, 8, (16, 16), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    if kind == "gemm":
+        run = lambda epi: torch.ops.lowbit.packed_gemm(  # noqa: E731
+            x, lowbit.pack(codes, 4), scale, bias, 4, 1.0, 0, 255, *epi, panel=gemm_panel(codes)
+        )
+    else:
+        run = lambda epi: torch.ops.lowbit.packed_depthwise(  # noqa: E731
+            x.view(1, 3, 1, 16), codes[:1].contiguous(), scale, bias, [1, 1], [1, 1], [0, 0], [1, 1], *epi
+        )
+    y = run(EPILOGUES[0])
+    assert bool(torch.isnan(y[..., 5]).all()) and not bool(torch.isnan(y[..., :5]).any())
+    with pytest.raises(ValueError, match="NaN"):
+        run(EPILOGUES[2])
+
+
 def test_gemm_panel_layout():
     """gemm_panel against its definition, element by element (csrc/cpu/packed_panel.h)."""
     codes = torch.randint(-64, 64, (37, 10), dtype=torch.int8, generator=torch.Generator().manual_seed(3))

@@ -53,6 +53,7 @@ bool row_impl(const DepthwiseArgs& a, int64_t b, int64_t oh, int32_t* acc, float
   const X* x = static_cast<const X*>(a.x);
   O* y = static_cast<O*>(a.y) + (b * a.out_h + oh) * a.out_w * a.channels;
   const int64_t vec_channels = a.channels / 16 * 16;
+  const bool may_nan = affine_may_nan(a.scale, a.bias, a.channels);
   bool nan = false;
   constexpr int kMaxTaps = 64;  // larger kernels take the generic taps for all channels
   const X* xs[kMaxTaps];
@@ -75,7 +76,9 @@ bool row_impl(const DepthwiseArgs& a, int64_t b, int64_t oh, int32_t* acc, float
       for (int64_t c = 0; c < vec_channels; c += 16) taps16<X, kAcc16>(xs, ws, taps, c, acc);
       if (vec_channels < a.channels) depthwise_taps(a, x, b, oh, ow, acc, vec_channels);
     }
-    nan |= epilogue_avx2(acc, a.channels, 0u, a.scale, a.bias, a.spec, v, y + ow * a.channels);
+    O* out = y + ow * a.channels;
+    nan |= may_nan ? epilogue_avx2<O, true>(acc, a.channels, a.scale, a.bias, a.spec, v, out)
+                   : epilogue_avx2<O, false>(acc, a.channels, a.scale, a.bias, a.spec, v, out);
   }
   return nan;
 }

@@ -4,13 +4,15 @@
 #pragma once
 
 // 8 float32 values to 8 codes: clamp(rint(v / step), qlo, qhi) (IEEE division, round-half-even), as
-// finish_values; NaN lanes give code 0 and set *nan.
-template <bool kSignedOut>
+// finish_values; NaN lanes give code 0 and set *nan (kMayNan false: the caller knows v holds no NaN).
+template <bool kSignedOut, bool kMayNan = true>
 inline void store_codes8(__m256 v, __m256 step, __m256 qlo, __m256 qhi, uint8_t* out, bool* nan) {
   __m256 q = _mm256_div_ps(v, step);
-  const __m256 is_nan = _mm256_cmp_ps(q, q, _CMP_UNORD_Q);
-  *nan |= _mm256_movemask_ps(is_nan) != 0;
-  q = _mm256_andnot_ps(is_nan, q);
+  if constexpr (kMayNan) {
+    const __m256 is_nan = _mm256_cmp_ps(q, q, _CMP_UNORD_Q);
+    *nan |= _mm256_movemask_ps(is_nan) != 0;
+    q = _mm256_andnot_ps(is_nan, q);
+  }
   q = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   q = _mm256_min_ps(_mm256_max_ps(q, qlo), qhi);
   const __m256i i32 = _mm256_cvtps_epi32(q);
@@ -19,32 +21,39 @@ inline void store_codes8(__m256 v, __m256 step, __m256 qlo, __m256 qhi, uint8_t*
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), i8);
 }
 
-// out[j] for j < count from the int32 sums: float32(acc - correction) * scale (+ bias), clamp to [lo, hi] (NaN
-// stays NaN), then float32 or codes. Eight at a time, the rest through finish_values; the same operations in the
-// same order as packed_epilogue.h, so every lane rounds as the scalar code does.
-template <class O>
-bool epilogue_avx2(const int32_t* acc, int64_t count, uint32_t correction, const float* scale, const float* bias,
+// Whether v = float32(acc) * scale + bias can be NaN for some int32 acc: only when a scale or bias is not finite
+// (a finite product may overflow to +-inf, but inf + finite, the clamps and inf / step are never NaN).
+inline bool affine_may_nan(const float* scale, const float* bias, int64_t count) {
+  bool finite = true;
+  for (int64_t j = 0; j < count; ++j) finite &= std::isfinite(scale[j]) && (bias == nullptr || std::isfinite(bias[j]));
+  return !finite;
+}
+
+// out[j] for j < count from the int32 sums: float32(acc) * scale (+ bias), clamp to [lo, hi] (NaN stays NaN),
+// then float32 or codes. Eight at a time, the rest through finish_values; the same operations in the same order as
+// packed_epilogue.h, so every lane rounds as the scalar code does. kMayNan false (affine_may_nan is false) drops
+// the NaN test of the codes.
+template <class O, bool kMayNan = true>
+bool epilogue_avx2(const int32_t* acc, int64_t count, const float* scale, const float* bias,
                    const EpilogueSpec& spec, float* v, O* y) {
-  const __m256i corr = _mm256_set1_epi32(static_cast<int32_t>(correction));
   const __m256 lo = _mm256_set1_ps(spec.lo), hi = _mm256_set1_ps(spec.hi), step = _mm256_set1_ps(spec.out_step);
   const __m256 qlo = _mm256_set1_ps(static_cast<float>(spec.out_qmin));
   const __m256 qhi = _mm256_set1_ps(static_cast<float>(spec.out_qmax));
   bool nan = false;
   int64_t j = 0;
   for (; j + 8 <= count; j += 8) {
-    const __m256i s = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)), corr);
+    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j));
     __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(scale + j));
     if (bias) x = _mm256_add_ps(x, _mm256_loadu_ps(bias + j));
     x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // max(lo, NaN) and min(hi, NaN) return the NaN
     if constexpr (std::is_same_v<O, float>) {
       _mm256_storeu_ps(y + j, x);
     } else {
-      store_codes8<std::is_signed_v<O>>(x, step, qlo, qhi, reinterpret_cast<uint8_t*>(y + j), &nan);
+      store_codes8<std::is_signed_v<O>, kMayNan>(x, step, qlo, qhi, reinterpret_cast<uint8_t*>(y + j), &nan);
     }
   }
   for (int64_t t = j; t < count; ++t) {
-    const int32_t s = static_cast<int32_t>(static_cast<uint32_t>(acc[t]) - correction);
-    v[t - j] = static_cast<float>(s) * scale[t];
+    v[t - j] = static_cast<float>(acc[t]) * scale[t];
     if (bias) v[t - j] = v[t - j] + bias[t];
   }
   return finish_values(v, count - j, spec, y + j) || nan;

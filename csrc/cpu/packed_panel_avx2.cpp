@@ -176,6 +176,8 @@ bool epilogue(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1
       }
     }
   }
+  const float *scale = a.scale + n0, *bias = a.bias ? a.bias + n0 : nullptr;
+  const bool may_nan = affine_may_nan(scale, bias, count);
   bool nan = false;
   for (int64_t i = m0; i < m1; ++i) {
     O* y = static_cast<O*>(a.y) + i * a.n + n0;
@@ -185,8 +187,9 @@ bool epilogue(const PanelArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1
       nan |= spec.out_step > 0.f;
       continue;
     }
-    nan |= epilogue_avx2(acc + (i - m0) * kPanelBlockN, count, 0u, a.scale + n0, a.bias ? a.bias + n0 : nullptr, spec,
-                         v, y);
+    const int32_t* arow = acc + (i - m0) * kPanelBlockN;
+    nan |= may_nan ? epilogue_avx2<O, true>(arow, count, scale, bias, spec, v, y)
+                   : epilogue_avx2<O, false>(arow, count, scale, bias, spec, v, y);
   }
   return nan;
 }
