@@ -159,14 +159,13 @@ def test_non_finite_scale_gives_nan_as_the_reference(backend, kind):
     scale[5] = math.inf
     x = torch.zeros(3, 16, dtype=torch.uint8)  # zero sums: inf * 0
     codes = torch.randint(-8, 8, (16, 16), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
-    if kind == "gemm":
-        run = lambda epi: torch.ops.lowbit.packed_gemm(  # noqa: E731
-            x, lowbit.pack(codes, 4), scale, bias, 4, 1.0, 0, 255, *epi, panel=gemm_panel(codes)
-        )
-    else:
-        run = lambda epi: torch.ops.lowbit.packed_depthwise(  # noqa: E731
-            x.view(1, 3, 1, 16), codes[:1].contiguous(), scale, bias, [1, 1], [1, 1], [0, 0], [1, 1], *epi
-        )
+    def run(epi):
+        if kind == "gemm":
+            packed = lowbit.pack(codes, 4)
+            return torch.ops.lowbit.packed_gemm(x, packed, scale, bias, 4, 1.0, 0, 255, *epi, panel=gemm_panel(codes))
+        pixels, taps = x.view(1, 3, 1, 16), codes[:1].contiguous()
+        return torch.ops.lowbit.packed_depthwise(pixels, taps, scale, bias, [1, 1], [1, 1], [0, 0], [1, 1], *epi)
+
     y = run(EPILOGUES[0])
     assert bool(torch.isnan(y[..., 5]).all()) and not bool(torch.isnan(y[..., :5]).any())
     with pytest.raises(ValueError, match="NaN"):
