@@ -159,6 +159,7 @@ def test_non_finite_scale_gives_nan_as_the_reference(backend, kind):
     scale[5] = math.inf
     x = torch.zeros(3, 16, dtype=torch.uint8)  # zero sums: inf * 0
     codes = torch.randint(-8, 8, (16, 16), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+
     def run(epi):
         if kind == "gemm":
             packed = lowbit.pack(codes, 4)
