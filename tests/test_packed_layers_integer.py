@@ -236,6 +236,27 @@ def test_packed_depthwise_matches_numpy(backend, epi, case, signed, w_bits):
     )
 
 
+@pytest.mark.parametrize("case", DEPTHWISE, ids=range(len(DEPTHWISE)))
+@pytest.mark.parametrize("signed", [False, True])
+def test_im2col_codes_matches_numpy(backend, case, signed):
+    b, h, w, c, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(h + w * c)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    x = torch.randint(lo, hi + 1, (b, h, w, c), generator=gen).to(torch.int8 if signed else torch.uint8)
+    y = torch.ops.lowbit.im2col_codes(x, list(kernel), list(stride), list(padding), list(dilation))
+    xp = np.pad(x.numpy(), ((0, 0), (padding[0],) * 2, (padding[1],) * 2, (0, 0)))
+    out_h = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    want = np.zeros((b, out_h, out_w, kernel[0], kernel[1], c), x.numpy().dtype)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            rows = slice(i * dilation[0], i * dilation[0] + stride[0] * (out_h - 1) + 1, stride[0])
+            cols = slice(j * dilation[1], j * dilation[1] + stride[1] * (out_w - 1) + 1, stride[1])
+            want[:, :, :, i, j] = xp[:, rows, cols, :]
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(y.numpy(), want.reshape(b * out_h * out_w, kernel[0] * kernel[1] * c))
+
+
 def test_quantize_codes_and_nan(backend):
     x = torch.tensor([[-1.0, 0.25, 0.75, 2.5, 1e9, -0.25]])
     codes = torch.ops.lowbit.quantize_codes(x, 0.5, 0, 15)

@@ -35,6 +35,7 @@ KERNELS = (
     "packed_gemm",
     "packed_depthwise",
     "quantize_codes",
+    "im2col_codes",
 )
 
 # Fastest first. Triton on CPU tensors only exists in interpreter mode (a test tool, slower than the

@@ -173,9 +173,25 @@ def quantize_codes(x, step: float, qmin: int, qmax: int) -> torch.Tensor:
     return codes.to(code_dtype(qmin))
 
 
+def im2col_codes(x, kernel, stride, padding, dilation) -> torch.Tensor:
+    """Patches of channels-last codes x (B, H, W, C), zero-padded: (B * Ho * Wo, kh * kw * C), K in (kh, kw, C)
+    order. The padded codes are written once; a strided view of them is the patch tensor, gathered by one copy."""
+    batch, height, width, channels = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if ph or pw:
+        padded = x.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
+        padded[:, ph : ph + height, pw : pw + width] = x
+        x = padded
+    out_h = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    s_b, s_h, s_w, _ = x.stride()
+    patches = x.as_strided((batch, out_h, out_w, kh, kw, channels), (s_b, s_h * sh, s_w * sw, s_h * dh, s_w * dw, 1))
+    return patches.reshape(batch * out_h * out_w, kh * kw * channels)
+
+
 # The packed data path's kernels of the backends that have none of their own (CUDA, Triton).
 PACKED_DATA_PATH = SimpleNamespace(
-    packed_gemm=packed_gemm, packed_depthwise=packed_depthwise, quantize_codes=quantize_codes
+    packed_gemm=packed_gemm, packed_depthwise=packed_depthwise, quantize_codes=quantize_codes, im2col_codes=im2col_codes
 )
 
 BACKEND = Backend(

@@ -648,24 +648,15 @@ class PackedConv2d(_ConvBase):
         return y.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
 
     def _patches_gemm(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
-        """kxk conv, groups 1: im2col on channels-last codes. The (zero-code) padded codes are written once as
-        (B, H, W, C); a strided view of them is the (B, Ho, Wo, kh, kw, C) patch tensor, gathered by one byte copy
-        into the (B*L, K) GEMM input. The output is a channels-last (B, N, Ho, Wo) view."""
-        codes = self._codes(x)
-        batch, height, width, channels = codes.shape
-        ph, pw = pad
-        if ph or pw:  # zero pads to code 0 (padding commutes with the elementwise quantizer)
-            padded = codes.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
-            padded[:, ph : ph + height, pw : pw + width] = codes
-            codes = padded
+        """kxk conv, groups 1: im2col on channels-last codes (K in (kh, kw, C) order, code 0 for the padding, as
+        padding commutes with the elementwise quantizer), one GEMM; the output is a channels-last (B, N, Ho, Wo)
+        view."""
         out_h, out_w = self._out_size(x, pad)
-        s_b, s_h, s_w, _ = codes.stride()
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        patches = codes.as_strided(
-            (batch, out_h, out_w, kh, kw, channels), (s_b, s_h * sh, s_w * sw, s_h * dh, s_w * dw, 1)
+        patches = torch.ops.lowbit.im2col_codes(
+            self._codes(x), list(self.kernel_size), list(self.stride), list(pad), list(self.dilation)
         )
-        y = self._gemm(patches.reshape(batch * out_h * out_w, self.k), self.gemm_weight)
-        return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        y = self._gemm(patches, self.gemm_weight)
+        return y.view(x.shape[0], out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
     def _depthwise(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
         """Integer depthwise conv on channels-last codes, same epilogue; a channels-last (B, C, Ho, Wo) view."""

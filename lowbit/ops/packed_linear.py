@@ -244,6 +244,16 @@ def _packed_depthwise_fake(x, w, scale, bias, kernel, stride, padding, dilation,
     return x.new_empty((x.shape[0], out_h, out_w, x.shape[3]), dtype=dtype)
 
 
+def _im2col_codes_impl(x, kernel, stride, padding, dilation):
+    return select(x.device).kernels.im2col_codes(x.contiguous(), kernel, stride, padding, dilation)
+
+
+def _im2col_codes_fake(x, kernel, stride, padding, dilation):
+    out_h = _depthwise_out(x.shape[1], kernel[0], stride[0], padding[0], dilation[0])
+    out_w = _depthwise_out(x.shape[2], kernel[1], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0] * out_h * out_w, kernel[0] * kernel[1] * x.shape[3]))
+
+
 def _quantize_codes_impl(x, step, qmin, qmax):
     return select(x.device).kernels.quantize_codes(x.contiguous(), step, qmin, qmax)
 
@@ -264,4 +274,9 @@ define(
     "quantize_codes(Tensor x, float step, int qmin, int qmax) -> Tensor",
     _quantize_codes_impl,
     lambda x, step, qmin, qmax: torch.empty_like(x, dtype=code_dtype(qmin)),
+)
+define(
+    "im2col_codes(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor",
+    _im2col_codes_impl,
+    _im2col_codes_fake,
 )
