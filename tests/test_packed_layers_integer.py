@@ -73,6 +73,8 @@ EPILOGUES = [  # (lo, hi, out_step, out_qmin, out_qmax)
     (0.0, INF, 0.05, 0, 255),  # ReLU, unsigned 8-bit codes out
     (-INF, INF, 0.1, -4, 3),  # signed 3-bit codes out
     (0.0, 6.0, 0.3, 0, 3),  # ReLU6, unsigned 2-bit codes out
+    (-INF, -1.0, 0.05, 0, 255),  # every value clamped below the code range: all code 0
+    (100.0, INF, 0.05, -128, 127),  # every value clamped above it: all code 127
 ]
 
 

@@ -3,6 +3,7 @@
 // tap; the channels past the last 16 run the generic taps of packed_depthwise_kernels.h; the AVX2 epilogue.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>

@@ -1,6 +1,6 @@
 // The folded epilogue (packed_epilogue.h) in AVX2 vectors, for the AVX2 kernels of the integer data path. Include
-// it inside the ISA's namespace, after <immintrin.h>, <type_traits> and packed_epilogue.h, in a file compiled under
-// the avx2 target.
+// it inside the ISA's namespace, after <immintrin.h>, <algorithm>, <cmath>, <type_traits> and packed_epilogue.h, in
+// a file compiled under the avx2 target.
 #pragma once
 
 // 8 float32 values to 8 codes: clamp(rint(v / step), qlo, qhi) (IEEE division, round-half-even), as
@@ -29,10 +29,51 @@ inline bool affine_may_nan(const float* scale, const float* bias, int64_t count)
   return !finite;
 }
 
+// code(v) = clamp(rint(clamp(v, lo, hi) / step), qmin, qmax) with one clamp: t -> rint(t / step) is
+// non-decreasing (correctly rounded division by step > 0, then rounding), so it commutes with the clamp to
+// [lo, hi], and the two clamps of the integer make one, to [max(qmin, f(lo)), min(qmax, f(hi))], or to the one
+// value both clamps leave when those intervals do not meet. For NaN-free v only.
+struct CodeBounds {
+  float lower, upper;
+};
+inline CodeBounds code_bounds(const EpilogueSpec& spec) {
+  const float f_lo = std::nearbyint(spec.lo / spec.out_step), f_hi = std::nearbyint(spec.hi / spec.out_step);
+  const float q_lo = static_cast<float>(spec.out_qmin), q_hi = static_cast<float>(spec.out_qmax);
+  if (f_hi < q_lo) return {q_lo, q_lo};
+  if (f_lo > q_hi) return {q_hi, q_hi};
+  return {std::max(q_lo, f_lo), std::min(q_hi, f_hi)};
+}
+
+// The codes of out[j] for j below the largest multiple of 32 of count, 32 at a time (one 32-byte store); returns
+// that multiple. NaN-free values only (epilogue_avx2's kMayNan false).
+inline int64_t codes32(const int32_t* acc, int64_t count, const float* scale, const float* bias,
+                       const EpilogueSpec& spec, uint8_t* out, bool signed_out) {
+  const CodeBounds b = code_bounds(spec);
+  const __m256 lower = _mm256_set1_ps(b.lower), upper = _mm256_set1_ps(b.upper);
+  const __m256 step = _mm256_set1_ps(spec.out_step);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the per-lane packing
+  int64_t j = 0;
+  for (; j + 32 <= count; j += 32) {
+    __m256i q[4];
+    for (int u = 0; u < 4; ++u) {
+      const int64_t o = j + 8 * u;
+      __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + o))),
+                               _mm256_loadu_ps(scale + o));
+      if (bias) x = _mm256_add_ps(x, _mm256_loadu_ps(bias + o));
+      x = _mm256_round_ps(_mm256_div_ps(x, step), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(x, lower), upper));
+    }
+    const __m256i a = _mm256_packs_epi32(q[0], q[1]), c = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i bytes = signed_out ? _mm256_packs_epi16(a, c) : _mm256_packus_epi16(a, c);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  return j;
+}
+
 // out[j] for j < count from the int32 sums: float32(acc) * scale (+ bias), clamp to [lo, hi] (NaN stays NaN),
 // then float32 or codes. Eight at a time, the rest through finish_values; the same operations in the same order as
 // packed_epilogue.h, so every lane rounds as the scalar code does. kMayNan false (affine_may_nan is false) drops
-// the NaN test of the codes.
+// the NaN test of the codes and runs codes32 first.
 template <class O, bool kMayNan = true>
 bool epilogue_avx2(const int32_t* acc, int64_t count, const float* scale, const float* bias,
                    const EpilogueSpec& spec, float* v, O* y) {
@@ -41,6 +82,9 @@ bool epilogue_avx2(const int32_t* acc, int64_t count, const float* scale, const 
   const __m256 qhi = _mm256_set1_ps(static_cast<float>(spec.out_qmax));
   bool nan = false;
   int64_t j = 0;
+  if constexpr (!std::is_same_v<O, float> && !kMayNan) {
+    j = codes32(acc, count, scale, bias, spec, reinterpret_cast<uint8_t*>(y), std::is_signed_v<O>);
+  }
   for (; j + 8 <= count; j += 8) {
     const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j));
     __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(scale + j));

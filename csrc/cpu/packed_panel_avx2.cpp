@@ -1,6 +1,7 @@
 // The panel GEMM's AVX2 kernel (packed_panel.h): 4 x rows by 16 channels per micro-tile, the folded epilogue.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
