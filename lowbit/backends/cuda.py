@@ -1,6 +1,7 @@
 """The CUDA backend: ``lowbit._C.cuda``, the kernels in ``csrc/cuda`` (built only with a CUDA toolkit and a CUDA
 torch). Its launchers check the values in C++ (a host copy of step/offset/probs, once per forward). The packed data
-path (packed_gemm, packed_depthwise, quantize_codes) has no CUDA kernels: the reference's run on CUDA tensors.
+path (packed_gemm, packed_depthwise, quantize_codes, im2col_codes) has no CUDA kernels: the reference's run on CUDA
+tensors.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The reference backend: SPEC sections 1, 2 and 4 written as plain PyTorch ops, one function per kernel.
 
 It is the readable statement of the math and the fallback for any device; its packed data-path functions
-(``packed_gemm``, ``packed_depthwise``, ``quantize_codes``) also serve the CUDA and Triton backends, which have no
-kernels of their own for them. It is *not* what the tests compare
+(``packed_gemm``, ``packed_depthwise``, ``quantize_codes``, ``im2col_codes``) also serve the CUDA and Triton
+backends, which have no kernels of their own for them. It is *not* what the tests compare
 against (they carry their own float64 reference), and it is slow: every line below is a full pass over memory
 and most allocate an element-sized temporary, which is what the fused kernels avoid.
 """

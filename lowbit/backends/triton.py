@@ -3,7 +3,8 @@
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was first imported
 (the Triton interpreter; how CI tests these kernels without a GPU). The launchers below check the values (with the
 reference's checks: a device synchronisation on a GPU, once per forward) and call the kernels' own launchers; the
-packed data path (packed_gemm, packed_depthwise, quantize_codes) has no Triton kernels: the reference's run.
+packed data path (packed_gemm, packed_depthwise, quantize_codes, im2col_codes) has no Triton kernels: the
+reference's run.
 """
 
 from __future__ import annotations
