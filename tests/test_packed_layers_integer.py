@@ -259,6 +259,33 @@ def test_im2col_codes_matches_numpy(backend, case, signed):
     np.testing.assert_array_equal(y.numpy(), want.reshape(b * out_h * out_w, kernel[0] * kernel[1] * c))
 
 
+@pytest.mark.parametrize("case", DEPTHWISE, ids=range(len(DEPTHWISE)))
+@pytest.mark.parametrize(("signed", "w_bits", "epi"), [(False, 4, EPILOGUES[2]), (True, 3, EPILOGUES[3]),
+                                                       (False, 8, EPILOGUES[1]), (True, 6, EPILOGUES[0])])  # fmt: skip
+@pytest.mark.parametrize("with_panel", [False, True], ids=["packed", "panel"])
+def test_packed_patches_gemm_matches_numpy(backend, case, signed, w_bits, epi, with_panel):
+    """The kxk conv of codes (patches gathered per block of rows by the panel path) against numpy's patches @ W."""
+    b, h, w, c, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(h * c + w_bits)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    x = torch.randint(lo, hi + 1, (b, h, w, c), generator=gen).to(torch.int8 if signed else torch.uint8)
+    k = kernel[0] * kernel[1] * c
+    n = 21
+    w_lo, w_hi = lowbit.quant_range(w_bits, True)
+    codes = torch.randint(w_lo, w_hi + 1, (n, k), generator=gen, dtype=torch.int8)
+    packed, panel = lowbit.pack(codes, w_bits), gemm_panel(codes) if with_panel else None
+    scale, bias = 0.0001 + 0.001 * torch.rand(n, generator=gen), torch.randn(n, generator=gen)
+    geometry = (list(kernel), list(stride), list(padding), list(dilation))
+    before = cpu_backend.packed_path_counts()["panel"] if backend.startswith("cpu") else 0
+    y = torch.ops.lowbit.packed_patches_gemm(x, packed, scale, bias, w_bits, *geometry, *epi, panel=panel)
+    patches = torch.ops.lowbit.im2col_codes(x, *geometry)  # itself held to numpy in test_im2col_codes_matches_numpy
+    want = np_gemm(patches, packed, scale, bias, w_bits, 1.0, lo, hi, epi)
+    np.testing.assert_array_equal(as_numpy(y), want)
+    if backend.startswith("cpu") and b > 0:
+        ran = cpu_backend.packed_path_counts()["panel"] - before
+        assert ran == int(with_panel and cpu_backend.isa() != "scalar")
+
+
 def test_quantize_codes_and_nan(backend):
     x = torch.tensor([[-1.0, 0.25, 0.75, 2.5, 1e9, -0.25]])
     codes = torch.ops.lowbit.quantize_codes(x, 0.5, 0, 15)

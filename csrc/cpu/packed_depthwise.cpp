@@ -21,6 +21,7 @@
 #include "cpu/isa.h"
 #include "cpu/packed_depthwise.h"
 #include "cpu/packed_panel.h"
+#include "cpu/patches.h"
 
 namespace lowbit::cpu {
 namespace depthwise_baseline {
@@ -146,58 +147,28 @@ at::Tensor quantize_codes(const at::Tensor& x, double step, int64_t qmin, int64_
   return y;
 }
 
-// Patches of channels-last codes (B, H, W, C) -> (B * Ho * Wo, kh * kw * C), K in (kh, kw, C) order, code 0 for
-// the padding: per output pixel, one copy of kw * C bytes per kernel row when the row's taps are all inside and
-// adjacent (dilation 1), else one copy of C bytes per tap. Parallel over output pixels.
+}  // namespace
+
+// Patches of channels-last codes (B, H, W, C) -> (B * Ho * Wo, kh * kw * C) (patches.h), parallel over rows.
 at::Tensor im2col_codes(const at::Tensor& x, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
                         const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.element_size() == 1,
               "lowbit._C.cpu: x must be contiguous (B, H, W, C) uint8 or int8 codes");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "lowbit._C.cpu: kernel, stride, padding and dilation must have 2 entries");
-  const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
-  const int64_t kh = kernel[0], kw = kernel[1];
-  const int64_t out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(out_h >= 1 && out_w >= 1, "lowbit._C.cpu: the input is smaller than the kernel span");
-  const int64_t k_len = kh * kw * channels;
-  at::Tensor y = at::empty({batch * out_h * out_w, k_len}, x.options());
+  const PatchGeometry g = patch_geometry(x.size(1), x.size(2), x.size(3), kernel.data(), stride.data(),
+                                         padding.data(), dilation.data());
+  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, "lowbit._C.cpu: the input is smaller than the kernel span");
+  const int64_t rows = x.size(0) * g.out_h * g.out_w, k_len = g.row_bytes();
+  at::Tensor y = at::empty({rows, k_len}, x.options());
   const auto* src = static_cast<const uint8_t*>(x.const_data_ptr());
   auto* dst = static_cast<uint8_t*>(y.mutable_data_ptr());
-  const size_t c_bytes = static_cast<size_t>(channels);
-  at::parallel_for(0, batch * out_h * out_w, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k_len)),
-                   [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      const int64_t b = r / (out_h * out_w), oh = (r / out_w) % out_h, ow = r % out_w;
-      uint8_t* out = dst + r * k_len;
-      const int64_t iw0 = ow * stride[1] - padding[1];
-      const bool row_inside = dilation[1] == 1 && iw0 >= 0 && iw0 + kw <= width;
-      for (int64_t i = 0; i < kh; ++i, out += kw * channels) {
-        const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
-        if (ih < 0 || ih >= height) {
-          std::memset(out, 0, static_cast<size_t>(kw) * c_bytes);
-          continue;
-        }
-        const uint8_t* in_row = src + ((b * height + ih) * width) * channels;
-        if (row_inside) {
-          std::memcpy(out, in_row + iw0 * channels, static_cast<size_t>(kw) * c_bytes);
-          continue;
-        }
-        for (int64_t j = 0; j < kw; ++j) {
-          const int64_t iw = iw0 + j * dilation[1];
-          if (iw < 0 || iw >= width) {
-            std::memset(out + j * channels, 0, c_bytes);
-          } else {
-            std::memcpy(out + j * channels, in_row + iw * channels, c_bytes);
-          }
-        }
-      }
-    }
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k_len));
+  at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) gather_patch_row(src, g, r, dst + r * k_len);
   });
   return y;
 }
-
-}  // namespace
 
 void bind_packed_depthwise(pybind11::module_& m) {
   using lowbit::ReleaseGil;

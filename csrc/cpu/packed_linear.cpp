@@ -26,6 +26,7 @@
 #include "cpu/packed_epilogue.h"
 #include "cpu/packed_linear.h"
 #include "cpu/packed_panel.h"
+#include "cpu/patches.h"
 
 namespace lowbit::cpu {
 namespace {
@@ -411,13 +412,59 @@ void run_gemm(const at::Tensor& x, const at::Tensor& packed_w, const float* scal
   }
 }
 
+// The weights' column sums the byte kernel subtracts (x 128) for int8 codes (empty when it needs none).
+std::vector<int32_t> panel_colsum(const at::Tensor& panel, int64_t n, int64_t k_len, bool x_signed, int64_t w_bits) {
+  std::vector<int32_t> colsum;
+  if (!x_signed || w_bits == 8) return colsum;
+  colsum.assign(n, 0);
+  const int8_t* codes_w = reinterpret_cast<const int8_t*>(panel.const_data_ptr<uint8_t>());
+  const int64_t panel_bytes = panel.size(1);
+  for (int64_t j = 0; j < n; ++j) {
+    const int8_t* block = codes_w + (j / 16) * panel_bytes + ((j % 16) / 8) * 32 + (j % 8) * 4;
+    int32_t sum = 0;
+    for (int64_t kk = 0; kk < k_len; ++kk) sum += block[(kk / 4) * 64 + kk % 4];
+    colsum[j] = sum;
+  }
+  return colsum;
+}
+
+// The panel GEMM's tasks: blocks of kPanelRows rows by kPanelBlockN channels, parallel. With `patches`, a task
+// first gathers its rows' patches from the codes at `src` into a buffer of its own (the rows of `args` are unused),
+// so the patch matrix never exists whole.
+constexpr int64_t kPanelRows = 64;
+void panel_tasks(const PanelArgs& args, const PatchGeometry* patches, const uint8_t* src, int64_t y_elem_bytes) {
+  const int64_t m = args.m, n = args.n;
+  const int64_t tasks_m = (m + kPanelRows - 1) / kPanelRows, tasks_n = (n + kPanelBlockN - 1) / kPanelBlockN;
+  std::atomic<bool> nan_coded{false};
+  at::parallel_for(0, tasks_m * tasks_n, 1, [&](int64_t first, int64_t last) {
+    std::vector<int32_t> acc(static_cast<size_t>(kPanelRows * kPanelBlockN));
+    std::vector<float> v(static_cast<size_t>(kPanelBlockN));
+    std::vector<uint8_t> rows(patches ? static_cast<size_t>(kPanelRows * args.k) : 0);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t m0 = (task / tasks_n) * kPanelRows, n0 = (task % tasks_n) * kPanelBlockN;
+      const int64_t m1 = std::min(m, m0 + kPanelRows), n1 = std::min(n, n0 + kPanelBlockN);
+      bool nan = false;
+      if (patches) {
+        for (int64_t r = m0; r < m1; ++r) gather_patch_row(src, *patches, r, rows.data() + (r - m0) * args.k);
+        PanelArgs block = args;  // rows m0 .. m1 as rows 0 .. m1 - m0 of the buffer and of y from row m0 on
+        block.x = rows.data();
+        block.m = m1 - m0;
+        block.y = static_cast<uint8_t*>(args.y) + m0 * n * y_elem_bytes;
+        nan = panel_avx2::gemm_block(block, 0, m1 - m0, n0, n1, acc.data(), v.data());
+      } else {
+        nan = panel_avx2::gemm_block(args, m0, m1, n0, n1, acc.data(), v.data());
+      }
+      if (nan) nan_coded = true;
+    }
+  });
+  TORCH_CHECK_VALUE(!nan_coded, "x holds NaN, which no activation code can represent");
+}
+
 // The panel path of packed_gemm (packed_panel.h): x's codes as they are (as the reference takes them), or float x
-// quantized once into codes with a NaN flag per row; the weights' column sums for signed codes; tasks of
-// kPanelBlockM rows by kPanelBlockN channels, parallel.
+// quantized once into codes with a NaN flag per row; then panel_tasks.
 template <class T>
 void run_panel(const at::Tensor& x, const at::Tensor& panel, const float* scale, const float* bias, int64_t w_bits,
                float x_step, int64_t qmin, int64_t qmax, const EpilogueSpec& spec, at::Tensor& y) {
-  constexpr int64_t kPanelBlockM = 64;
   const int64_t m = x.size(0), k_len = x.size(1), n = y.size(1);
   count_packed_path(PackedPath::kPanel);
   std::vector<uint8_t> codes, nan_rows;
@@ -454,33 +501,11 @@ void run_panel(const at::Tensor& x, const at::Tensor& panel, const float* scale,
     });
     rows = codes.data();
   }
-  std::vector<int32_t> colsum;
-  if (x_signed && w_bits < 8) {  // the byte kernel flips int8 codes to x + 128 and subtracts 128 * colsum
-    colsum.assign(n, 0);
-    const int8_t* codes_w = reinterpret_cast<const int8_t*>(panel.const_data_ptr<uint8_t>());
-    const int64_t panel_bytes = panel.size(1);
-    for (int64_t j = 0; j < n; ++j) {
-      const int8_t* block = codes_w + (j / 16) * panel_bytes + ((j % 16) / 8) * 32 + (j % 8) * 4;
-      int32_t sum = 0;
-      for (int64_t kk = 0; kk < k_len; ++kk) sum += block[(kk / 4) * 64 + kk % 4];
-      colsum[j] = sum;
-    }
-  }
+  const std::vector<int32_t> colsum = panel_colsum(panel, n, k_len, x_signed, w_bits);
   const PanelArgs args{rows, k_len, m, k_len, x_signed, panel.const_data_ptr<uint8_t>(), n, static_cast<int>(w_bits),
-                       x_signed ? colsum.data() : nullptr, nan_rows.empty() ? nullptr : nan_rows.data(), scale, bias,
-                       spec.lo, spec.hi, spec.out_step, spec.out_qmin, spec.out_qmax, y.mutable_data_ptr()};
-  const int64_t tasks_m = (m + kPanelBlockM - 1) / kPanelBlockM, tasks_n = (n + kPanelBlockN - 1) / kPanelBlockN;
-  std::atomic<bool> nan_coded{false};
-  at::parallel_for(0, tasks_m * tasks_n, 1, [&](int64_t first, int64_t last) {
-    std::vector<int32_t> acc(static_cast<size_t>(kPanelBlockM * kPanelBlockN));
-    std::vector<float> v(static_cast<size_t>(kPanelBlockN));
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t m0 = (task / tasks_n) * kPanelBlockM, n0 = (task % tasks_n) * kPanelBlockN;
-      const int64_t m1 = std::min(m, m0 + kPanelBlockM), n1 = std::min(n, n0 + kPanelBlockN);
-      if (panel_avx2::gemm_block(args, m0, m1, n0, n1, acc.data(), v.data())) nan_coded = true;
-    }
-  });
-  TORCH_CHECK_VALUE(!nan_coded, "x holds NaN, which no activation code can represent");
+                       colsum.empty() ? nullptr : colsum.data(), nan_rows.empty() ? nullptr : nan_rows.data(), scale,
+                       bias, spec.lo, spec.hi, spec.out_step, spec.out_qmin, spec.out_qmax, y.mutable_data_ptr()};
+  panel_tasks(args, nullptr, nullptr, y.element_size());
 }
 
 // The integer data path's GEMM (issue 17): packed_linear with the folded epilogue of packed_epilogue.h. x is
@@ -541,6 +566,57 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at
   return y;
 }
 
+// kxk convolution of channels-last codes x (B, H, W, C) on the panel kernel (issue 17): packed_gemm of the patches
+// of x (patches.h: K in (kh, kw, C) order, code 0 padding), gathered per task rather than whole. Without a panel
+// or on the scalar level, im2col then packed_gemm (the same bits).
+at::Tensor packed_patches_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
+                               const std::optional<at::Tensor>& bias, int64_t w_bits,
+                               const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
+                               const std::vector<int64_t>& padding,
+                               const std::vector<int64_t>& dilation, double lo, double hi, double out_step,
+                               int64_t out_qmin, int64_t out_qmax, const std::optional<at::Tensor>& panel) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && (x.scalar_type() == at::kByte || x.scalar_type() == at::kChar),
+              "lowbit._C.cpu: x must be contiguous (B, H, W, C) uint8 or int8 codes");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "lowbit._C.cpu: kernel, stride, padding and dilation must have 2 entries");
+  const bool x_signed = x.scalar_type() == at::kChar;
+  const int64_t qmin = x_signed ? -128 : 0, qmax = x_signed ? 127 : 255;  // codes are taken as they are
+  if (!panel || active_isa() == Isa::kScalar) {
+    return packed_gemm(im2col_codes(x, kernel, stride, padding, dilation), packed_w, scale, bias, w_bits, 1.0, qmin,
+                       qmax, lo, hi, out_step, out_qmin, out_qmax, panel);
+  }
+  const PatchGeometry g = patch_geometry(x.size(1), x.size(2), x.size(3), kernel.data(), stride.data(),
+                                         padding.data(), dilation.data());
+  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, "lowbit._C.cpu: the input is smaller than the kernel span");
+  const int64_t m = x.size(0) * g.out_h * g.out_w, k_len = g.row_bytes(), n = packed_w.size(0);
+  const int container = w_bits == 2 ? 2 : w_bits <= 4 ? 4 : 8;
+  TORCH_CHECK(packed_w.dim() == 2 && packed_w.is_contiguous() && packed_w.scalar_type() == at::kByte &&
+                  w_bits >= 2 && w_bits <= 8 && packed_w.size(1) == (k_len * container + 7) / 8,
+              "lowbit._C.cpu: packed_w must be the contiguous (N, packed kh * kw * C) uint8 codes at w_bits");
+  TORCH_CHECK(panel->scalar_type() == at::kByte && panel->is_contiguous() && panel->dim() == 2 &&
+                  panel->size(0) == (n + 15) / 16 && panel->size(1) == (k_len + 3) / 4 * 64,
+              "lowbit._C.cpu: panel must be the contiguous uint8 (ceil(N / 16), ceil(K / 4) * 64) gemm_panel");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
+              "lowbit._C.cpu: scale must be a contiguous float32 (N,) tensor");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
+              "lowbit._C.cpu: bias must be None or a contiguous float32 (N,) tensor");
+  TORCH_CHECK(out_step == 0 || (out_qmin >= -128 && out_qmax <= 255 && out_qmin <= out_qmax &&
+                                (out_qmin >= 0 || out_qmax <= 127)),
+              "lowbit._C.cpu: [out_qmin, out_qmax] must be a signed or unsigned 8-bit-or-less range");
+  const auto out_type = out_step > 0 ? (out_qmin >= 0 ? at::kByte : at::kChar) : at::kFloat;
+  at::Tensor y = at::empty({m, n}, x.options().dtype(out_type));
+  if (m == 0 || n == 0) return y;
+  count_packed_path(PackedPath::kPanel);
+  const std::vector<int32_t> colsum = panel_colsum(*panel, n, k_len, x_signed, w_bits);
+  const PanelArgs args{nullptr, k_len, m, k_len, x_signed, panel->const_data_ptr<uint8_t>(), n,
+                       static_cast<int>(w_bits), colsum.empty() ? nullptr : colsum.data(), nullptr,
+                       scale.const_data_ptr<float>(), bias ? bias->const_data_ptr<float>() : nullptr,
+                       static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(out_step),
+                       static_cast<int32_t>(out_qmin), static_cast<int32_t>(out_qmax), y.mutable_data_ptr()};
+  panel_tasks(args, &g, static_cast<const uint8_t*>(x.const_data_ptr()), y.element_size());
+  return y;
+}
+
 }  // namespace
 
 void bind_packed_linear(pybind11::module_& m) {
@@ -551,6 +627,9 @@ void bind_packed_linear(pybind11::module_& m) {
   m.def("packed_gemm", &packed_gemm, ReleaseGil(),
         "x"_a, "packed_w"_a, "scale"_a, "bias"_a, "w_bits"_a, "x_step"_a, "qmin"_a, "qmax"_a, "lo"_a, "hi"_a,
         "out_step"_a, "out_qmin"_a, "out_qmax"_a, "panel"_a = pybind11::none());
+  m.def("packed_patches_gemm", &packed_patches_gemm, ReleaseGil(), "x"_a, "packed_w"_a, "scale"_a, "bias"_a,
+        "w_bits"_a, "kernel"_a, "stride"_a, "padding"_a, "dilation"_a, "lo"_a, "hi"_a, "out_step"_a, "out_qmin"_a,
+        "out_qmax"_a, "panel"_a = pybind11::none());
 }
 
 }  // namespace lowbit::cpu

@@ -36,6 +36,7 @@ KERNELS = (
     "packed_depthwise",
     "quantize_codes",
     "im2col_codes",
+    "packed_patches_gemm",
 )
 
 # Fastest first. Triton on CPU tensors only exists in interpreter mode (a test tool, slower than the

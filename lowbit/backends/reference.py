@@ -189,9 +189,21 @@ def im2col_codes(x, kernel, stride, padding, dilation) -> torch.Tensor:
     return patches.reshape(batch * out_h * out_w, kh * kw * channels)
 
 
+def packed_patches_gemm(x, packed_w, scale, bias, w_bits, kernel, stride, padding, dilation, lo, hi, out_step,
+                        out_qmin, out_qmax):  # fmt: skip
+    """packed_gemm of the patches of codes x (B, H, W, C): a kxk convolution of the integer data path."""
+    qmin, qmax = (-128, 127) if x.dtype == torch.int8 else (0, 255)  # codes are taken as they are
+    patches = im2col_codes(x, kernel, stride, padding, dilation)
+    return packed_gemm(patches, packed_w, scale, bias, w_bits, 1.0, qmin, qmax, lo, hi, out_step, out_qmin, out_qmax)
+
+
 # The packed data path's kernels of the backends that have none of their own (CUDA, Triton).
 PACKED_DATA_PATH = SimpleNamespace(
-    packed_gemm=packed_gemm, packed_depthwise=packed_depthwise, quantize_codes=quantize_codes, im2col_codes=im2col_codes
+    packed_gemm=packed_gemm,
+    packed_depthwise=packed_depthwise,
+    quantize_codes=quantize_codes,
+    im2col_codes=im2col_codes,
+    packed_patches_gemm=packed_patches_gemm,
 )
 
 BACKEND = Backend(

@@ -648,14 +648,15 @@ class PackedConv2d(_ConvBase):
         return y.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
 
     def _patches_gemm(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
-        """kxk conv, groups 1: im2col on channels-last codes (K in (kh, kw, C) order, code 0 for the padding, as
-        padding commutes with the elementwise quantizer), one GEMM; the output is a channels-last (B, N, Ho, Wo)
-        view."""
+        """kxk conv, groups 1: the GEMM of the patches of channels-last codes (K in (kh, kw, C) order, code 0 for
+        the padding, as padding commutes with the elementwise quantizer), gathered a block of rows at a time by the
+        C++ kernel; the output is a channels-last (B, N, Ho, Wo) view."""
         out_h, out_w = self._out_size(x, pad)
-        patches = torch.ops.lowbit.im2col_codes(
-            self._codes(x), list(self.kernel_size), list(self.stride), list(pad), list(self.dilation)
-        )
-        y = self._gemm(patches, self.gemm_weight)
+        geometry = (list(self.kernel_size), list(self.stride), list(pad), list(self.dilation))
+        y = torch.ops.lowbit.packed_patches_gemm(
+            self._codes(x), self.gemm_weight, self.epi_scale, self.epi_bias, self.w_bits, *geometry, *self._epi,
+            panel=self.gemm_panel,
+        )  # fmt: skip
         return y.view(x.shape[0], out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
     def _depthwise(self, x: Tensor, pad: tuple[int, int]) -> Tensor:

@@ -3,7 +3,8 @@
 * ``fake_quant.py``              ``lowbit::fake_quant`` (and its backward op)
 * ``multi_branch_fake_quant.py`` ``lowbit::multi_branch_fake_quant`` (and its backward op)
 * ``packed_linear.py``           ``lowbit::pack``, ``lowbit::unpack``, ``lowbit::packed_linear`` and the integer data
-  path of packed models (``packed_gemm``, ``packed_depthwise``, ``quantize_codes``, ``im2col_codes``)
+  path of packed models (``packed_gemm``, ``packed_patches_gemm``, ``packed_depthwise``, ``quantize_codes``,
+  ``im2col_codes``)
 
 ``library.py`` holds the namespace and the helpers every op file shares; ``decompositions.py`` the aten
 decompositions Inductor compiles in place of the training ops. The kernels behind each op live in

@@ -254,6 +254,23 @@ def _im2col_codes_fake(x, kernel, stride, padding, dilation):
     return x.new_empty((x.shape[0] * out_h * out_w, kernel[0] * kernel[1] * x.shape[3]))
 
 
+def _packed_patches_gemm_impl(x, packed_w, scale, bias, w_bits, kernel, stride, padding, dilation, lo, hi, out_step,
+                              oqmin, oqmax, panel=None):  # fmt: skip
+    backend = select(x.device)
+    args = (x.contiguous(), packed_w, scale, bias, w_bits, kernel, stride, padding, dilation, lo, hi, out_step)
+    if backend.name == "cpu":
+        return backend.kernels.packed_patches_gemm(*args, oqmin, oqmax, panel=panel)
+    return backend.kernels.packed_patches_gemm(*args, oqmin, oqmax)
+
+
+def _packed_patches_gemm_fake(x, packed_w, scale, bias, w_bits, kernel, stride, padding, dilation, lo, hi, out_step,
+                              oqmin, oqmax, panel=None):  # fmt: skip
+    out_h = _depthwise_out(x.shape[1], kernel[0], stride[0], padding[0], dilation[0])
+    out_w = _depthwise_out(x.shape[2], kernel[1], stride[1], padding[1], dilation[1])
+    dtype = code_dtype(oqmin) if out_step > 0 else torch.float32
+    return x.new_empty((x.shape[0] * out_h * out_w, packed_w.shape[0]), dtype=dtype)
+
+
 def _quantize_codes_impl(x, step, qmin, qmax):
     return select(x.device).kernels.quantize_codes(x.contiguous(), step, qmin, qmax)
 
@@ -279,4 +296,11 @@ define(
     "im2col_codes(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor",
     _im2col_codes_impl,
     _im2col_codes_fake,
+)
+define(
+    "packed_patches_gemm(Tensor x, Tensor packed_w, Tensor scale, Tensor? bias, int w_bits, int[] kernel, "
+    "int[] stride, int[] padding, int[] dilation, float lo, float hi, float out_step, int out_qmin, int out_qmax, "
+    "Tensor? panel=None) -> Tensor",
+    _packed_patches_gemm_impl,
+    _packed_patches_gemm_fake,
 )
