@@ -9,6 +9,7 @@ import torch
 from conftest import DEVICE
 
 import lowbit
+from lowbit.core.packing import gemm_panel
 
 
 @pytest.fixture
@@ -55,7 +56,31 @@ def _packed_linear_run():
     return [lowbit.packed_linear(x, packed, scale, 4, torch.tensor([0.05], device=DEVICE), 8, x_signed=True, bias=bias)]
 
 
+def _packed_data_path_run():
+    """The integer data path's CPU kernels at sizes that split into parallel tasks (panel GEMM, patch GEMM,
+    depthwise); other devices run the reference."""
+    if DEVICE.type != "cpu":
+        return []
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(-8, 8, (70, 577), generator=gen, dtype=torch.int8)
+    scale, bias = torch.rand(70, generator=gen) * 0.01, torch.randn(70, generator=gen)
+    epi = (0.0, 6.0, 0.05, 0, 255)
+    x = torch.randint(0, 256, (300, 577), generator=gen, dtype=torch.uint8)
+    gemm = torch.ops.lowbit.packed_gemm(x, lowbit.pack(codes, 4), scale, bias, 4, 1.0, 0, 255, *epi,
+                                        panel=gemm_panel(codes))  # fmt: skip
+    pixels = torch.randint(-128, 128, (2, 20, 20, 64), generator=gen, dtype=torch.int8)
+    conv_codes = codes[:, : 9 * 64].contiguous()
+    conv = torch.ops.lowbit.packed_patches_gemm(
+        pixels, lowbit.pack(conv_codes, 4), scale, bias, 4, [3, 3], [1, 1], [1, 1], [1, 1], *epi,
+        panel=gemm_panel(conv_codes),
+    )  # fmt: skip
+    taps = torch.randint(-8, 8, (9, 64), generator=gen, dtype=torch.int8)
+    dw = torch.ops.lowbit.packed_depthwise(pixels, taps, scale[:64], bias[:64], [3, 3], [1, 1], [1, 1], [1, 1], *epi)
+    return [gemm, conv, dw]
+
+
 RUNS = {
+    "packed_data_path": _packed_data_path_run,
     "fake_quant_per_tensor": lambda: _fake_quant_run(False),
     "fake_quant_per_channel": lambda: _fake_quant_run(True),
     "multi_branch": _multi_branch_run,

@@ -87,7 +87,8 @@ at::Tensor packed_depthwise(const at::Tensor& x, const at::Tensor& w, const at::
                            fits_int16(w, kernel[0] * kernel[1], x.scalar_type() == at::kByte ? 255 : 128)};
   auto* row = active_isa() == Isa::kScalar ? &depthwise_baseline::row : &depthwise_avx2::row;
   std::atomic<bool> nan{false};
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out_w * channels * kernel[0] * kernel[1]));
+  // at least 2^17 multiply-adds per thread: waking a thread costs more than a small layer's rows
+  const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(1, out_w * channels * kernel[0] * kernel[1]));
   at::parallel_for(0, batch * out_h, grain, [&](int64_t first, int64_t last) {
     std::vector<int32_t> acc(channels);
     std::vector<float> v(channels);

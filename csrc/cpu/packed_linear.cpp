@@ -436,7 +436,10 @@ void panel_tasks(const PanelArgs& args, const PatchGeometry* patches, const uint
   const int64_t m = args.m, n = args.n;
   const int64_t tasks_m = (m + kPanelRows - 1) / kPanelRows, tasks_n = (n + kPanelBlockN - 1) / kPanelBlockN;
   std::atomic<bool> nan_coded{false};
-  at::parallel_for(0, tasks_m * tasks_n, 1, [&](int64_t first, int64_t last) {
+  // at least kMinTaskMacs multiply-adds per thread: waking a thread costs more than a small layer's block
+  constexpr int64_t kMinTaskMacs = int64_t{1} << 20;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, kPanelRows * kPanelBlockN * args.k));
+  at::parallel_for(0, tasks_m * tasks_n, grain, [&](int64_t first, int64_t last) {
     std::vector<int32_t> acc(static_cast<size_t>(kPanelRows * kPanelBlockN));
     std::vector<float> v(static_cast<size_t>(kPanelBlockN));
     std::vector<uint8_t> rows(patches ? static_cast<size_t>(kPanelRows * args.k) : 0);
