@@ -175,6 +175,24 @@ def test_non_finite_scale_gives_nan_as_the_reference(backend, kind):
         run(EPILOGUES[2])
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_packed_gemm_without_bias_keeps_negative_zero(backend, signed):
+    """No bias: float32(acc) * scale is the output, so a zero sum times a negative scale stays -0.0 (an added
+    +0.0 would turn it +0.0); compared bit for bit, whole 16-channel blocks and a partial one."""
+    gen = torch.Generator().manual_seed(11)
+    codes = torch.randint(-8, 8, (35, 40), generator=gen, dtype=torch.int8)
+    scale = -(0.001 + 0.01 * torch.rand(35, generator=gen))
+    x = torch.randint(0, 16, (9, 40), generator=gen).to(torch.int8 if signed else torch.uint8)
+    x[3] = 0  # zero sums
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    epi = EPILOGUES[0]
+    y = torch.ops.lowbit.packed_gemm(x, lowbit.pack(codes, 4), scale, None, 4, 1.0, qmin, qmax, *epi,
+                                     panel=gemm_panel(codes))  # fmt: skip
+    want = np_gemm(x, lowbit.pack(codes, 4), scale, None, 4, 1.0, qmin, qmax, epi)
+    assert np.signbit(want[3]).all()
+    np.testing.assert_array_equal(y.numpy().view(np.int32), want.view(np.int32))
+
+
 def test_gemm_panel_layout():
     """gemm_panel against its definition, element by element (csrc/cpu/packed_panel.h)."""
     codes = torch.randint(-64, 64, (37, 10), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
