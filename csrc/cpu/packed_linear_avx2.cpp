@@ -66,6 +66,9 @@ void micro(const PackedTile& t, int i0, int j0) {
   const int16_t* x[MR];
   for (int i = 0; i < MR; ++i) x[i] = static_cast<const int16_t*>(t.x[i0 + i]);
   for (int64_t b = t.b0; b < t.b1; b += kLanes) {
+    if (t.pf && (b & 63) == 0) {  // the next weight rows the driver reads, one cache line each per 64 bytes
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(t.pf[j0 + j] + b), _MM_HINT_T0);
+    }
     __m256i w[4];
     for (int j = 0; j < 4; ++j) w[j] = load_weights<kC>(t.w[j0 + j], b, t.w_bytes);
     for (int f = 0; f < kF; ++f) {
@@ -145,6 +148,9 @@ void micro_bytes(const PackedTile& t, int i0, int j0) {
   const uint8_t* x[MR];
   for (int i = 0; i < MR; ++i) x[i] = static_cast<const uint8_t*>(t.x[i0 + i]);
   for (int64_t b = t.b0; b < t.b1; b += kByteLanes) {
+    if (t.pf && (b & 63) == 0) {  // the next weight rows the driver reads, one cache line each per 64 bytes
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(t.pf[j0 + j] + b), _MM_HINT_T0);
+    }
     __m256i xv[MR][kF];
     for (int i = 0; i < MR; ++i)
       for (int f = 0; f < kF; ++f)
