@@ -412,6 +412,14 @@ void run_gemm(const at::Tensor& x, const at::Tensor& packed_w, const float* scal
   }
 }
 
+// Whether the panel kernel runs at the active level: AVX2, and AVX-512 CPUs without VNNI (which run the AVX2 tiles
+// too). With VNNI (and AMX) the packed_linear tiles keep the GEMM: the panel kernel is AVX2 code, not measured
+// against them on such a CPU, and a VNNI form of it is not written.
+bool panel_level() {
+  const Isa isa = active_isa();
+  return isa == Isa::kAvx2 || (isa == Isa::kAvx512 && !cpu_has_avx512_vnni());
+}
+
 // The weights' column sums the byte kernel subtracts (x 128) for int8 codes (empty when it needs none).
 std::vector<int32_t> panel_colsum(const at::Tensor& panel, int64_t n, int64_t k_len, bool x_signed, int64_t w_bits) {
   std::vector<int32_t> colsum;
@@ -544,8 +552,8 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed_w, const at
                     panel->size(0) == (n + 15) / 16 && panel->size(1) == (x.size(1) + 3) / 4 * 64,
                 "lowbit._C.cpu: panel must be the contiguous uint8 (ceil(N / 16), ceil(K / 4) * 64) gemm_panel");
   }
-  // the panel kernel: AVX2 (every level above scalar), float32 or code output
-  if (panel && active_isa() != Isa::kScalar && out_type != at::kHalf && out_type != at::kBFloat16) {
+  // the panel kernel: the AVX2 levels, float32 or code output
+  if (panel && panel_level() && out_type != at::kHalf && out_type != at::kBFloat16) {
     if (x.scalar_type() == at::kByte) {
       run_panel<uint8_t>(x, *panel, sc, b, w_bits, s, qmin, qmax, spec, y);
     } else if (x.scalar_type() == at::kChar) {
@@ -584,7 +592,7 @@ at::Tensor packed_patches_gemm(const at::Tensor& x, const at::Tensor& packed_w, 
               "lowbit._C.cpu: kernel, stride, padding and dilation must have 2 entries");
   const bool x_signed = x.scalar_type() == at::kChar;
   const int64_t qmin = x_signed ? -128 : 0, qmax = x_signed ? 127 : 255;  // codes are taken as they are
-  if (!panel || active_isa() == Isa::kScalar) {
+  if (!panel || !panel_level()) {
     return packed_gemm(im2col_codes(x, kernel, stride, padding, dilation), packed_w, scale, bias, w_bits, 1.0, qmin,
                        qmax, lo, hi, out_step, out_qmin, out_qmax, panel);
   }
