@@ -130,3 +130,66 @@ def test_compile_fullgraph_multi_branch_layer():
     torch.testing.assert_close(got_out, want_out)
     for got, want in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+class _RecordLowbitOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the lowbit ops that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "lowbit":
+            self.seen.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _profiled_lowbit_ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("lowbit::")}
+
+
+@pytest.mark.parametrize("op", ["fake_quant", "multi_branch"])
+def test_plain_eager_calls_skip_the_dispatcher_and_watched_calls_do_not(op):
+    """Plain eager calls (a Tensor or Parameter, no mode, not compiling) run the kernels directly; under a dispatch
+    mode the same call goes through torch.ops.lowbit, with bit-identical values and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.Parameter(torch.randn(4, 6, 5, generator=gen).to(DEVICE))  # a weight quantizer's input
+    step = torch.full((4,), 0.3, device=DEVICE, requires_grad=True)
+    steps = torch.tensor([0.5, 0.1, 0.01], device=DEVICE, requires_grad=True)
+    probs = torch.tensor([0.2, 0.3, 0.5], device=DEVICE, requires_grad=True)
+
+    def run():
+        if op == "fake_quant":
+            y, params = lowbit.fake_quant(x, step, 4, signed=True), (x, step)
+        else:
+            y, params = lowbit.multi_branch_fake_quant(x, steps, probs, (2, 4, 8), signed=True), (x, steps, probs)
+        grads = torch.autograd.grad(y, params, torch.ones_like(y))
+        return (y.detach(), *grads)
+
+    names = (
+        ("fake_quant", "fake_quant_backward")
+        if op == "fake_quant"
+        else ("multi_branch_fake_quant", "multi_branch_fake_quant_backward")
+    )
+    assert _profiled_lowbit_ops(run) == set(), "plain eager calls went through the dispatcher"
+    plain = run()
+    with _RecordLowbitOps() as mode:
+        watched = run()
+    assert sorted(set(mode.seen)) == sorted(names)
+    for a, b in zip(plain, watched, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fake_tensor_and_meta_calls_use_the_fake_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(3, 5)
+        y = lowbit.fake_quant(x, torch.full((1,), 0.1), 4, signed=True)
+    assert y.shape == (3, 5)
+    x = torch.randn(3, 5, device="meta", requires_grad=True)
+    y = lowbit.multi_branch_fake_quant(x, torch.ones(2, device="meta"), torch.ones(2, device="meta"), (2, 4))
+    assert y.device.type == "meta" and y.shape == (3, 5)

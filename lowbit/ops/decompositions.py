@@ -14,6 +14,11 @@ terms ``p_i * Q_i`` summed in branch order. So the compiled forward equals the e
 step/offset/prob gradients are the same formulas, each product rounded to float32 and summed in float64 (the
 reduction order differs from the kernels', which SPEC leaves free).
 
+Per-channel quantizers (conv and linear weights) stay the fused kernels (``stays_fused``): their input is a
+parameter and their output feeds a convolution or matmul, so there is nothing for Inductor to fuse them with,
+and generating their code only added compile time (ResNet-18 W4A4 training graph: 56 -> 47 s on 2 cores, the
+same step time; docs/compile.md). Inductor calls the custom op for them.
+
 Value checks: the step (> 0, finite), offset and probs (finite) are checked inside the compiled graph with
 ``torch._assert_async`` on those small tensors: on CPU a failure raises ``RuntimeError`` from the compiled
 kernel (eager mode raises ``ValueError``); on CUDA it is a device-side assert, with no host sync.
@@ -57,8 +62,15 @@ def _channel_sum(t: Tensor, x: Tensor, channels: int, axis: int) -> Tensor:
     return total.reshape(channels)
 
 
+def stays_fused(step: Tensor) -> bool:
+    """Whether Inductor keeps this ``fake_quant`` call as the custom op: per-channel steps (weights)."""
+    return step.numel() > 1
+
+
 def fake_quant(x: Tensor, step: Tensor, offset: Tensor | None, bits: int, signed: bool, axis: int, grad_scale):
     """``lowbit::fake_quant`` (SPEC section 1) in aten ops."""
+    if stays_fused(step):
+        return NotImplemented  # the op stays in the graph; Inductor calls it (fallback registered below)
     qmin, qmax = _range(bits, signed)
     _assert_valid(step, "step", positive=True)
     shape = _channel_shape(x, step.numel(), axis)
@@ -72,6 +84,8 @@ def fake_quant(x: Tensor, step: Tensor, offset: Tensor | None, bits: int, signed
 
 def fake_quant_backward(grad, x, step, offset, bits: int, signed: bool, axis: int, grad_scale: float):
     """``lowbit::fake_quant_backward``: (dL/dx, dL/ds, dL/dbeta) of SPEC section 1 in aten ops."""
+    if stays_fused(step):
+        return NotImplemented
     qmin, qmax = _range(bits, signed)
     channels = step.numel()
     shape = _channel_shape(x, channels, axis)
@@ -144,8 +158,13 @@ def _table() -> dict:
 
 def _update_inductor_table(add: bool) -> None:
     from torch._inductor import decomposition as inductor_decomp
+    from torch._inductor import lowering
 
     for op, fn in _table().items():
+        if add and op not in lowering.lowerings:
+            # The call Inductor makes for an op whose decomposition returned NotImplemented (stays_fused). It is
+            # what Inductor generates for any op without a decomposition; with one, it must be asked for.
+            lowering.make_fallback(op, warn=False, override_decomp=True)
         if add:
             inductor_decomp.decompositions[op] = fn
         else:

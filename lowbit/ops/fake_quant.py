@@ -23,6 +23,7 @@ from lowbit.ops.library import (
     in_memory_order,
     inner_size,
     memory_order,
+    plain_eager,
 )
 
 Tensor = torch.Tensor
@@ -85,7 +86,8 @@ def _fake_quant_setup_context(ctx, inputs, output):
 
 def _fake_quant_grad(ctx, grad):
     x, step, offset = ctx.saved_tensors
-    dx, dstep, doffset = torch.ops.lowbit.fake_quant_backward(grad, x, step, offset, *ctx.config)
+    backward = _fake_quant_backward_impl if plain_eager(grad) else torch.ops.lowbit.fake_quant_backward
+    dx, dstep, doffset = backward(grad, x, step, offset, *ctx.config)
     return dx, dstep, (doffset if offset is not None else None), None, None, None, None
 
 
@@ -97,12 +99,13 @@ torch.library.register_autograd(
 class _FakeQuant(torch.autograd.Function):
     """The public op's autograd: the same forward and backward ops as the registration above, through a plain
     autograd.Function, whose eager overhead is about a third of register_autograd's (it counts on the many small
-    tensors of a network). torch.compile traces it into the same two custom-op nodes."""
+    tensors of a network); in plain eager mode it calls the kernels directly (``plain_eager``). torch.compile
+    traces it into the same two custom-op nodes."""
 
     @staticmethod
     def forward(ctx, *inputs):
         _fake_quant_setup_context(ctx, inputs, None)
-        return torch.ops.lowbit.fake_quant(*inputs)
+        return (_fake_quant_impl if plain_eager(inputs[0]) else torch.ops.lowbit.fake_quant)(*inputs)
 
     @staticmethod
     def backward(ctx, grad):

@@ -40,6 +40,26 @@ def _tracing(fake):
     return run
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)  # Parameter: a weight quantizer's input; no dispatch of its own
+
+
+def plain_eager(x: Tensor) -> bool:
+    """Whether an op call on x may run its kernel directly instead of through the dispatcher.
+
+    The dispatcher round trip (the custom op's autograd and Python kernels) costs about 40 us a call, which is
+    most of a quantizer's time on the small tensors of a network. It is needed only when something watches the
+    call: torch.compile tracing, a dispatch mode (FakeTensorMode, FlopCounterMode), a tensor subclass or a device
+    without a kernel (meta). Then, and in every other case, the op goes through ``torch.ops.lowbit``.
+    """
+    return (
+        type(x) in _PLAIN_TYPES
+        and x.device.type in ("cpu", "cuda")
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
 def memory_order(x: Tensor) -> list[int] | None:
     """The dims of x from outermost to innermost in memory when x is a permuted dense tensor (channels-last, a
     transpose), so the kernels can run on ``x.permute(order)`` without a copy; None when x is contiguous."""

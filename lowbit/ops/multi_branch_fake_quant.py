@@ -17,6 +17,7 @@ from lowbit.ops.library import (
     in_logical_order,
     in_memory_order,
     memory_order,
+    plain_eager,
 )
 
 Tensor = torch.Tensor
@@ -86,7 +87,8 @@ def _multi_branch_setup_context(ctx, inputs, output):
 
 def _multi_branch_grad(ctx, grad):
     x, steps, probs = ctx.saved_tensors
-    dx, dsteps, dprobs = torch.ops.lowbit.multi_branch_fake_quant_backward(grad, x, steps, probs, *ctx.config)
+    backward = _multi_branch_backward_impl if plain_eager(grad) else torch.ops.lowbit.multi_branch_fake_quant_backward
+    dx, dsteps, dprobs = backward(grad, x, steps, probs, *ctx.config)
     return dx, dsteps, dprobs, None, None, None
 
 
@@ -144,7 +146,7 @@ class _MultiBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         _multi_branch_setup_context(ctx, inputs, None)
-        return torch.ops.lowbit.multi_branch_fake_quant(*inputs)
+        return (_multi_branch_impl if plain_eager(inputs[0]) else torch.ops.lowbit.multi_branch_fake_quant)(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
