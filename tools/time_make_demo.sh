@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Times `make demo` as a new user meets it: a clean clone, then the set-up (venv, torch, one compile of the
-# extension: `make setup`) and the demo itself (`make demo`, set-up already done), each on its own clock. Writes
+# extension: `make setup`), the demo itself (`make demo`, set-up already done) and the smoke run
+# (`lowbit demo --quick`), each on its own clock. Writes
 # bench/results/make_demo_time.md in the checkout it was started from, with the CPU, the load average before and
 # after (other jobs on the machine slow both phases) and the commit.
 #
@@ -21,11 +22,14 @@ make setup PYTHON="${PYTHON:-python3}" > setup.log 2>&1
 mid=$(date +%s.%N)
 make demo > demo.log 2>&1
 end=$(date +%s.%N)
+.venv/bin/lowbit demo --quick --no-progress --out quick-results > quick.log 2>&1
+quick_end=$(date +%s.%N)
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 setup_s=$(python3 -c "print(f'{$mid - $start:.0f}')")
 demo_s=$(python3 -c "print(f'{$end - $mid:.0f}')")
 total_s=$(python3 -c "print(f'{$end - $start:.0f}')")
+quick_s=$(python3 -c "print(f'{$quick_end - $end:.0f}')")
 cat > "$out" <<MD
 # make demo from a clean clone
 
@@ -37,5 +41,6 @@ Load average (1, 5, 15 min) before: $load_before; after: $load_after.
 | set-up (\`make setup\`: venv, torch, the extension compiled once) | $setup_s |
 | the demo (\`make demo\` after the set-up) | $demo_s |
 | total | $total_s |
+| the smoke run (\`lowbit demo --quick\`, after the demo; not in the total) | $quick_s |
 MD
 echo "wrote $out"
