@@ -76,6 +76,12 @@ def replace_modules(model, kinds: tuple[type, ...], make):
     return model
 
 
+def number_table(first: str, cols: list[str], rows: dict[str, list[str]]) -> list[str]:
+    """The lines of a markdown table: a ``first`` column of row names, then right-aligned ``cols``."""
+    lines = [f"| {first} | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    return lines + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
+
+
 def made_by(meta: dict) -> str:
     """How a table was made, as its report says first: "`command` on <machine> (<isa>), N threads, torch X"."""
     isa = f" ({meta['isa']})" if "isa" in meta else ""

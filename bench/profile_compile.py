@@ -25,7 +25,7 @@ import copy  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
-from common import RESULTS, command_line, made_by, sgd_step, write_results  # noqa: E402
+from common import RESULTS, command_line, made_by, number_table, sgd_step, write_results  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import lowbit  # noqa: E402
@@ -113,13 +113,12 @@ def markdown(rows: dict, meta: dict, batch: int) -> str:
         f"{meta['note']}. Step ms: median round-robin; the other columns: torch.profiler self CPU time per step, "
         "and the number of distinct generated kernels that ran.",
         "",
-        "| mode | " + " | ".join(cols) + " |",
-        "|---|" + "---:|" * len(cols),
     ]
-    for mode, row in rows.items():
-        cells = [f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols]
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines.append("")
+    cells = {
+        mode: [f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols]
+        for mode, row in rows.items()
+    }
+    lines += [*number_table("mode", cols, cells), ""]
     for mode, row in rows.items():
         top = ", ".join(f"{name} {ms:.2f}" for name, ms in row["top"])
         lines.append(f"- {mode}, top self CPU ms per step: {top}")

@@ -20,7 +20,16 @@ import copy
 import sys
 
 import torch
-from common import command_line, made_by, replace_modules, results_folder, sgd_step, timing_arguments, write_results
+from common import (
+    command_line,
+    made_by,
+    number_table,
+    replace_modules,
+    results_folder,
+    sgd_step,
+    timing_arguments,
+    write_results,
+)
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -75,14 +84,13 @@ def markdown(rows: dict, meta: dict) -> str:
         "adds its own overhead, so they sum to more than the step). `lowbit W4A4, no ReLU6` is not the same "
         "function: it bounds what folding each ReLU6 into the quantizer after it would save.",
         "",
-        "| variant | " + " | ".join(cols) + " |",
-        "|---|" + "---:|" * len(cols),
     ]
-    for name, row in rows.items():
-        cells = [f"{row['step ms']:.1f}", f"{row['step ms'] / rows['fp32']['step ms']:.2f}"]
-        cells += [f"{row[c]:.1f}" for c in cols[2:]]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
+    fp32_ms = rows["fp32"]["step ms"]
+    cells = {
+        name: [f"{row['step ms']:.1f}", f"{row['step ms'] / fp32_ms:.2f}", *(f"{row[c]:.1f}" for c in cols[2:])]
+        for name, row in rows.items()
+    }
+    lines += [*number_table("variant", cols, cells), ""]
     for name, row in rows.items():
         top = ", ".join(f"{event} {ms:.1f}" for event, ms in row["top other"])
         lines.append(f'- {name}, largest of "other" (self CPU ms per step): {top}')
