@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Times `make demo` as a new user meets it: a clean clone, then the set-up (venv, torch, one compile of the
 # extension: `make setup`), the demo itself (`make demo`, set-up already done) and the smoke run
-# (`lowbit demo --quick`), each on its own clock. Writes
-# bench/results/make_demo_time.md in the checkout it was started from, with the CPU, the load average before and
-# after (other jobs on the machine slow both phases) and the commit.
+# (`lowbit demo --quick`), each on its own clock. Writes bench/results/make_demo_time.md in the checkout it was
+# started from, with the CPU, the load average before and after (other jobs on the machine slow every phase) and
+# the commit.
 #
 # Usage, from the repository root:  bash tools/time_make_demo.sh [CLONE_DIR]   (PYTHON picks the base interpreter)
 set -euo pipefail
