@@ -175,4 +175,6 @@ def fake_quant(
     if grad_scale is None:
         per_step = x.numel() // max(step.numel(), 1)
         grad_scale = 1.0 / math.sqrt(per_step * quant_range(bits, signed)[1]) if per_step else 1.0
+    if torch.compiler.is_compiling():  # one op node with its registered autograd: Dynamo need not trace _FakeQuant
+        return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale)
     return _FakeQuant.apply(x, step, offset, bits, signed, axis, grad_scale)

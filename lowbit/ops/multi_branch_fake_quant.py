@@ -137,6 +137,8 @@ def multi_branch_fake_quant(
     steps = checks.branch_vector("steps", steps, x, len(bits))
     probs = checks.branch_vector("probs", probs, x, len(bits))
     scales = _branch_grad_scales(grad_scale, bits, signed, x.numel())
+    if torch.compiler.is_compiling():  # one op node with its registered autograd (see fake_quant)
+        return torch.ops.lowbit.multi_branch_fake_quant(x, steps, probs, bits, signed, scales)
     return _MultiBranch.apply(x, steps, probs, bits, signed, scales)
 
 
