@@ -14,6 +14,7 @@ from lowbit.ops import fake_quant, multi_branch_fake_quant, quant_range
 from lowbit.ops.packed_linear import pack, packed_linear, unpack
 from lowbit.tools.bops import bops  # noqa: I001  (after the ops: the layers need them)
 from lowbit.tools.convert import convert
+from lowbit.tools.fold import fold_activation_clips, unfold_activation_clips
 from lowbit.tools.quantize import quantize, register_fake_quant, swap_fused
 from lowbit.tools.serialization import load, load_model, save, save_model
 
@@ -29,6 +30,7 @@ __all__ = [
     "bops",
     "convert",
     "fake_quant",
+    "fold_activation_clips",
     "load",
     "load_model",
     "metamix",
@@ -43,6 +45,7 @@ __all__ = [
     "save",
     "save_model",
     "swap_fused",
+    "unfold_activation_clips",
     "use_backend",
     "__version__",
 ]

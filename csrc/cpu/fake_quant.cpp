@@ -196,14 +196,20 @@ at::Tensor offset_or_zeros(const std::optional<at::Tensor>& offset, const at::Te
   return offset ? *offset : at::zeros({step.numel()}, step.options());
 }
 
+QuantRange range_of(int64_t qmin, int64_t qmax, double clip_lo, double clip_hi) {
+  TORCH_CHECK(!(clip_lo >= clip_hi), "lowbit._C.cpu: clip_lo must be below clip_hi");  // also rejects NaN
+  return {static_cast<float>(qmin), static_cast<float>(qmax), static_cast<float>(clip_lo),
+          static_cast<float>(clip_hi)};
+}
+
 at::Tensor fake_quant_forward(const at::Tensor& x, const at::Tensor& step, const std::optional<at::Tensor>& offset,
-                              int64_t qmin, int64_t qmax, int64_t inner) {
+                              int64_t qmin, int64_t qmax, int64_t inner, double clip_lo, double clip_hi) {
   check_inputs(x, step, offset, inner);
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   const at::Tensor beta = offset_or_zeros(offset, step);
   const Layout l = layout_of(x, step, inner);
-  const QuantRange range{static_cast<float>(qmin), static_cast<float>(qmax)};
+  const QuantRange range = range_of(qmin, qmax, clip_lo, clip_hi);
   LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_fake_quant_forward", [&] {
     forward<scalar_t>(data<scalar_t>(x), mutable_data<scalar_t>(y), data<float>(step), data<float>(beta), l, range);
   });
@@ -214,7 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
                                                                    const at::Tensor& step,
                                                                    const std::optional<at::Tensor>& offset,
                                                                    int64_t qmin, int64_t qmax, int64_t inner,
-                                                                   double grad_scale) {
+                                                                   double grad_scale, double clip_lo,
+                                                                   double clip_hi) {
   check_inputs(x, step, offset, inner);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.is_contiguous(),
               "lowbit._C.cpu: grad must be contiguous with x's shape and dtype");
@@ -224,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
   if (x.numel() > 0) {
     const at::Tensor beta = offset_or_zeros(offset, step);
     const Layout l = layout_of(x, step, inner);
-    const QuantRange range{static_cast<float>(qmin), static_cast<float>(qmax)};
+    const QuantRange range = range_of(qmin, qmax, clip_lo, clip_hi);
     LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_fake_quant_backward", [&] {
       backward<scalar_t>(data<scalar_t>(grad), data<scalar_t>(x), mutable_data<scalar_t>(dx), data<float>(step),
                          data<float>(beta), l, range, sums.data());
@@ -245,10 +252,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
 void bind_fake_quant(pybind11::module_& m) {
   using lowbit::ReleaseGil;
   using namespace pybind11::literals;  // "x"_a: argument names for help() and keyword calls
+  constexpr double kInf = std::numeric_limits<double>::infinity();  // no clip: a hardtanh folded in, if any
   m.def("fake_quant_forward", &fake_quant_forward, ReleaseGil(),
-        "x"_a, "step"_a, "offset"_a, "qmin"_a, "qmax"_a, "inner"_a);
+        "x"_a, "step"_a, "offset"_a, "qmin"_a, "qmax"_a, "inner"_a, "clip_lo"_a = -kInf, "clip_hi"_a = kInf);
   m.def("fake_quant_backward", &fake_quant_backward, ReleaseGil(),
-        "grad"_a, "x"_a, "step"_a, "offset"_a, "qmin"_a, "qmax"_a, "inner"_a, "grad_scale"_a);
+        "grad"_a, "x"_a, "step"_a, "offset"_a, "qmin"_a, "qmax"_a, "inner"_a, "grad_scale"_a, "clip_lo"_a = -kInf,
+        "clip_hi"_a = kInf);
 }
 
 }  // namespace lowbit::cpu

@@ -10,14 +10,20 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "cpu/isa.h"
 
 namespace lowbit::cpu {
 
+// [lo, hi]: the integer range Qn..Qp. [clip_lo, clip_hi]: a hardtanh folded in front of the quantizer (a ReLU6
+// whose only reader is this quantizer): x is clamped into it first and the gradient to x is zero outside
+// (clip_lo, clip_hi), as hardtanh's. The infinite default leaves every value and gradient unchanged.
 struct QuantRange {
   float lo;
   float hi;
+  float clip_lo = -std::numeric_limits<float>::infinity();
+  float clip_hi = std::numeric_limits<float>::infinity();
 };
 
 template <class T>

@@ -11,13 +11,20 @@ namespace {
 
 template <class V>
 struct Consts {
-  typename V::Reg lo, hi, zero;
-  explicit Consts(QuantRange r) : lo(V::set1(r.lo)), hi(V::set1(r.hi)), zero(V::zero()) {}
+  typename V::Reg lo, hi, zero, clip_lo, clip_hi;
+  explicit Consts(QuantRange r)
+      : lo(V::set1(r.lo)), hi(V::set1(r.hi)), zero(V::zero()), clip_lo(V::set1(r.clip_lo)),
+        clip_hi(V::set1(r.clip_hi)) {}
 };
 
 template <class V>
+inline typename V::Reg clip(typename V::Reg x, const Consts<V>& c) {
+  return V::min(c.clip_hi, V::max(c.clip_lo, x));  // keeps NaN, as hardtanh does
+}
+
+template <class V>
 inline typename V::Reg quantize(typename V::Reg x, typename V::Reg step, typename V::Reg offset, const Consts<V>& c) {
-  auto v = V::div(V::sub(x, offset), step);
+  auto v = V::div(V::sub(clip<V>(x, c), offset), step);
   auto q = V::min(c.hi, V::max(c.lo, V::round(v)));  // operand order keeps NaN (see simd_*.h)
   return V::add(V::mul(q, step), offset);             // two roundings, like the reference: no FMA
 }
@@ -32,12 +39,13 @@ struct Grads {
 template <class V>
 inline Grads<V> gradients(typename V::Reg g, typename V::Reg x, typename V::Reg step, typename V::Reg offset,
                           const Consts<V>& c) {
-  auto v = V::div(V::sub(x, offset), step);
+  auto v = V::div(V::sub(clip<V>(x, c), offset), step);
   auto inside = V::both(V::ge(v, c.lo), V::le(v, c.hi));  // false for NaN
+  auto passes = V::both(inside, V::both(V::lt(c.clip_lo, x), V::lt(x, c.clip_hi)));  // hardtanh's open interval
   auto beyond = V::select(V::lt(v, c.lo), c.lo, c.hi);
   auto rounded = V::round(v);
   auto dq_dstep = V::select(inside, V::sub(rounded, v), beyond);
-  return {V::select(inside, g, c.zero), V::mul(g, dq_dstep), V::select(inside, c.zero, g),
+  return {V::select(passes, g, c.zero), V::mul(g, dq_dstep), V::select(inside, c.zero, g),
           V::min(c.hi, V::max(c.lo, rounded)), inside};
 }
 

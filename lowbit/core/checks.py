@@ -60,6 +60,20 @@ def grad_scale(value) -> float | None:
     return float(value)
 
 
+def clip(value) -> tuple[float, float] | None:
+    """A hardtanh range ``(lo, hi)`` folded in front of a quantizer, or None; lo < hi, no NaN (inf allowed)."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"clip must be a (lo, hi) pair or None, got {type(value).__name__}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise TypeError(f"clip must hold two floats, got {tuple(type(v).__name__ for v in value)}")
+    lo, hi = float(value[0]), float(value[1])
+    if not lo < hi:
+        raise ValueError(f"clip must have lo < hi (and no NaN), got {value}")
+    return lo, hi
+
+
 def step_values(name: str, step: torch.Tensor) -> None:
     """Values check; reads the (small) step tensor, which costs a device sync on GPU."""
     if step.numel() and not bool(torch.all(torch.isfinite(step) & (step > 0))):

@@ -45,6 +45,9 @@ class LSQQuantizer(nn.Module):
         self.axis = axis if channels is not None else None
         self.step = nn.Parameter(torch.ones(channels if channels is not None else 1))
         self.initialized = False
+        # (lo, hi) of a ReLU / ReLU6 folded into this quantizer (lowbit.fold_activation_clips), else None. Part of
+        # the model's structure, like the FoldedClip left in the activation's place: not in the state dict.
+        self.input_clip: tuple[float, float] | None = None
 
     @property
     def bits(self) -> int:
@@ -55,9 +58,9 @@ class LSQQuantizer(nn.Module):
         self._bits = checks.bits("bits", value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.initialized:
-            self.initialize(x)
-        return fake_quant(x, _positive(self.step), self._bits, signed=self.signed, axis=self.axis)
+        if not self.initialized:  # from the values the quantizer sees: after the folded clip
+            self.initialize(x if self.input_clip is None else nn.functional.hardtanh(x, *self.input_clip))
+        return fake_quant(x, _positive(self.step), self._bits, signed=self.signed, axis=self.axis, clip=self.input_clip)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -74,7 +77,23 @@ class LSQQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         granularity = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
-        return f"bits={self._bits}, signed={self.signed}, {granularity}"
+        clip = "" if self.input_clip is None else f", input_clip={self.input_clip}"
+        return f"bits={self._bits}, signed={self.signed}, {granularity}{clip}"
+
+
+class FoldedClip(nn.Module):
+    """A ReLU / ReLU6 folded into the activation quantizer that alone reads its output (``input_clip``, set by
+    ``lowbit.fold_activation_clips``): the identity here, since the quantizer clips. ``kind``: "ReLU" or "ReLU6"."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return self.kind
 
 
 class MultiBranchQuantizer(nn.Module):

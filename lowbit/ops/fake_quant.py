@@ -34,7 +34,15 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale):
+def _clip_arguments(lo: float, hi: float) -> dict:
+    """The C++ kernels' clip keywords; none at all for the default, which every backend takes."""
+    return {} if (lo, hi) == _NO_CLIP else {"clip_lo": lo, "clip_hi": hi}
+
+
+_NO_CLIP = (-math.inf, math.inf)
+
+
+def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, lo=-math.inf, hi=math.inf):
     if x.numel() == 0:
         return torch.empty_like(x)
     kernels = select(x.device).kernels
@@ -44,10 +52,11 @@ def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale):
     xm = in_memory_order(x, order)
     axis = axis if order is None else order.index(axis)
     inner = inner_size(xm, step.numel(), axis)
-    return in_logical_order(kernels.fake_quant_forward(xm, step.contiguous(), offset, qmin, qmax, inner), order)
+    y = kernels.fake_quant_forward(xm, step.contiguous(), offset, qmin, qmax, inner, **_clip_arguments(lo, hi))
+    return in_logical_order(y, order)
 
 
-def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_scale):
+def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_scale, lo=-math.inf, hi=math.inf):
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(step), torch.zeros_like(step)
     qmin, qmax = quant_range(bits, signed)
@@ -57,7 +66,9 @@ def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_sc
     axis = axis if order is None else order.index(axis)
     inner = inner_size(xm, step.numel(), axis)
     offset = None if offset is None else offset.contiguous()
-    dx, dstep, doffset = kernels.fake_quant_backward(gm, xm, step.contiguous(), offset, qmin, qmax, inner, grad_scale)
+    dx, dstep, doffset = kernels.fake_quant_backward(
+        gm, xm, step.contiguous(), offset, qmin, qmax, inner, grad_scale, **_clip_arguments(lo, hi)
+    )
     return in_logical_order(dx, order), dstep, doffset
 
 
@@ -112,6 +123,23 @@ class _FakeQuant(torch.autograd.Function):
         return _fake_quant_grad(ctx, grad)
 
 
+class _FakeQuantClipped(torch.autograd.Function):
+    """``fake_quant(hardtanh(x, lo, hi))`` in one pass each way: the C++ kernels take the clip (a ReLU6 folded
+    into the quantizer that reads it). Plain eager mode only (``fake_quant`` composes hardtanh otherwise)."""
+
+    @staticmethod
+    def forward(ctx, x, step, offset, bits, signed, axis, grad_scale, lo, hi):
+        ctx.save_for_backward(x, step, offset)
+        ctx.config = (bits, signed, axis, grad_scale, lo, hi)
+        return _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, step, offset = ctx.saved_tensors
+        dx, dstep, doffset = _fake_quant_backward_impl(grad, x, step, offset, *ctx.config)
+        return dx, dstep, (doffset if offset is not None else None), None, None, None, None, None, None
+
+
 def _channel_params(x: Tensor, step: Tensor, offset: Tensor | None, axis) -> tuple[Tensor, Tensor | None, int]:
     """Checks step/offset/axis against x; returns float32 (C,) step and offset and a non-negative axis.
 
@@ -153,6 +181,7 @@ def fake_quant(
     offset: Tensor | None = None,
     axis: int | None = None,
     grad_scale: float | None = None,
+    clip: tuple[float, float] | None = None,
 ) -> Tensor:
     """LSQ fake quantization ``y = clamp(round((x - offset) / step), Qn, Qp) * step + offset`` (SPEC section 1).
 
@@ -164,6 +193,10 @@ def fake_quant(
         offset: optional LSQ+ offset, 1 element or one per channel.
         axis: channel axis for a per-channel step (default 0 when step has more than one element).
         grad_scale: LSQ gradient scale for step and offset; default ``1/sqrt(n * Qp)``, n = elements per step.
+        clip: ``(lo, hi)``: quantize ``hardtanh(x, lo, hi)`` instead of x, with hardtanh's gradient (zero
+            outside the open interval). A ReLU6 (0, 6) or ReLU (0, inf) folded into the quantizer that reads it
+            (``lowbit.fold_activation_clips``): one pass each way instead of two on the C++ CPU kernels; the other
+            backends, and torch.compile (which fuses it anyway), apply the hardtanh first. The same values either way.
 
     Returns ``y`` in x's dtype. Gradients flow to x (straight-through inside the range), step and offset.
     """
@@ -171,10 +204,15 @@ def fake_quant(
     bits = checks.bits("bits", bits)
     signed = checks.flag("signed", signed)
     grad_scale = checks.grad_scale(grad_scale)
+    clip = checks.clip(clip)
     step, offset, axis = _channel_params(x, step, offset, axis)
     if grad_scale is None:
         per_step = x.numel() // max(step.numel(), 1)
         grad_scale = 1.0 / math.sqrt(per_step * quant_range(bits, signed)[1]) if per_step else 1.0
+    if clip is not None:
+        if plain_eager(x) and select(x.device).name == "cpu":  # only the C++ kernels take the clip
+            return _FakeQuantClipped.apply(x, step, offset, bits, signed, axis, grad_scale, *clip)
+        x = torch.nn.functional.hardtanh(x, *clip)
     if torch.compiler.is_compiling():  # one op node with its registered autograd: Dynamo need not trace _FakeQuant
         return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale)
     return _FakeQuant.apply(x, step, offset, bits, signed, axis, grad_scale)

@@ -29,6 +29,7 @@ from lowbit.nn.packed import (
 )
 from lowbit.nn.quantizers import LSQQuantizer
 from lowbit.ops import fake_quant
+from lowbit.tools.fold import unfold_activation_clips
 
 MULTI_BRANCH_POLICIES = ("error", "selected")
 
@@ -220,6 +221,7 @@ def convert(
     for name in names:
         _check_layer(name, _single_branch(name, model.get_submodule(name), multi_branch))
     target = model if inplace else copy.deepcopy(model)
+    unfold_activation_clips(target)  # the activations come back, to be folded into the packed epilogues
     report = ConvertReport()
     for name in names:
         original = target.get_submodule(name)

@@ -9,6 +9,7 @@ from torch import nn
 
 from lowbit.core import checks
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
+from lowbit.tools.fold import fold_activation_clips
 from lowbit.tools.swap import FusedFakeQuantize, FusedLSQ, SwapReport, register_fake_quant, swap_fused
 
 __all__ = [
@@ -39,6 +40,7 @@ def quantize(
     skip: Iterable[str] | Callable[[str, nn.Module], bool] = (),
     first_last_bits: int | None = 8,
     bits: dict[str, int] | None = None,
+    fold_clips: bool = True,
 ) -> nn.Module:
     """Replaces every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by its lowbit counterpart, in place.
 
@@ -51,6 +53,9 @@ def quantize(
             the others. "First" and "last" follow registration order, which is the stem and the head of
             every packaged model.
         bits: per-layer weight bits overriding ``w_bits`` (a MixQuant plan: ``{layer_name: bits}``).
+        fold_clips: fold each ReLU / ReLU6 read only by a quantized layer into its activation quantizer
+            (``fold_activation_clips``, same values, one pass less each way in eager mode). A model torch.fx
+            cannot trace is quantized unfolded.
 
     Activation signedness is chosen per layer on the first batch: unsigned when the layer's input has no
     negative value (after a ReLU), signed otherwise. Returns ``model``.
@@ -79,6 +84,8 @@ def quantize(
         model.set_submodule(
             name, _quantized(layer, wb, first_last_bits if edge else a_bits, None if edge else branches)
         )
+    if checks.flag("fold_clips", fold_clips):
+        fold_activation_clips(model, strict=False)
     return model
 
 
