@@ -15,6 +15,7 @@ so a crash leaves either the old file or the new one.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -28,7 +29,9 @@ from torch import nn
 from lowbit.models import ARCH_ATTR, create_model
 from lowbit.nn.layers import MultiBranchQConv2d, MultiBranchQLinear, QConv2d, QLinear
 from lowbit.nn.packed import RENAMED, PackedBase, from_config
+from lowbit.nn.quantizers import FoldedClip
 from lowbit.tools.convert import fuse_inference
+from lowbit.tools.fold import fold_activation_clips, unfold_activation_clips
 
 FORMAT = "lowbit.packed"
 VERSION = 2  # 2: the training layers' names (a_bits, a_signed, w_step, a_step); version 1 files are translated on read
@@ -537,6 +540,10 @@ def save_model(model: nn.Module, path) -> None:
     packed = [n or "(root)" for n, m in model.named_modules() if isinstance(m, PackedBase)]
     if packed:
         raise ValueError(f"model has packed layers ({', '.join(packed[:5])}): save converted models with lowbit.save")
+    folded = any(isinstance(m, FoldedClip) for m in model.modules())
+    if folded:  # the file holds the model's own layers; load_model folds them again ("folded_clips")
+        model = copy.deepcopy(model)
+        unfold_activation_clips(model)
     tensors, extra = _split_state(model)
     kinds = tuple(FAKE_QUANT_LAYERS.values())
     layers = {n: fake_quant_config(m) for n, m in model.named_modules() if type(m) in kinds}
@@ -554,6 +561,7 @@ def save_model(model: nn.Module, path) -> None:
         "arch": json.dumps(arch),
         "layers": json.dumps(layers),
         "extra_state": json.dumps(_encode(extra, "model's extra state", {})),
+        "folded_clips": json.dumps(folded),
     }
     metadata["checksum"] = checksum(tensors, metadata)
     _write_atomically(path, _serialize(tensors, metadata))
@@ -612,6 +620,8 @@ def load_model(path, *, model: nn.Module | Callable[[], nn.Module] | None = None
         raise ValueError(f"{path!r}: metadata 'extra_state' must be a JSON object, got {type(extra).__name__}")
     _load_state(skeleton, tensors, path, extra)
     _check_quantizers(skeleton, path)
+    if metadata.get("folded_clips") is not None and _json_field(metadata, "folded_clips", path) is True:
+        fold_activation_clips(skeleton, strict=False)  # as the saved model was (lowbit.quantize's default)
     if arch is not None and model is None:
         setattr(skeleton, ARCH_ATTR, {"name": arch["name"], "kwargs": arch["kwargs"]})
     return skeleton.to(device or "cpu").eval()
