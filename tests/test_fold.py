@@ -205,3 +205,23 @@ def test_folded_state_dict_loads_into_an_unfolded_model_with_the_same_result():
         folded(x)
         unfolded.load_state_dict(folded.state_dict())
         assert torch.equal(unfolded.eval()(x), folded.eval()(x))
+
+
+def test_surgery_after_folding_keeps_the_activation():
+    """Replacing a reading layer's quantizer, or the layer, after folding: the FoldedClip clips again itself."""
+    unfolded, folded = _pair("mobilenet_v2")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        unfolded(x), folded(x)
+    readers = [name for name, m in folded.named_modules() if isinstance(m, QConv2d) and m.act_quant.input_clip]
+    first, second = readers[0], readers[1]
+    for model in (unfolded, folded):
+        model.get_submodule(first).act_quant = nn.Identity()
+        layer = model.get_submodule(second)
+        fresh = copy.deepcopy(layer)
+        fresh.act_quant.input_clip = None
+        model.set_submodule(second, fresh)
+    with torch.no_grad():
+        assert torch.equal(unfolded.eval()(x), folded.eval()(x))
+    clips = [m for m in folded.modules() if isinstance(m, FoldedClip)]
+    assert sum(not m.clipped_by_reader() for m in clips) == 2

@@ -82,15 +82,33 @@ class LSQQuantizer(nn.Module):
 
 
 class FoldedClip(nn.Module):
-    """A ReLU / ReLU6 folded into the activation quantizer that alone reads its output (``input_clip``, set by
-    ``lowbit.fold_activation_clips``): the identity here, since the quantizer clips. ``kind``: "ReLU" or "ReLU6"."""
+    """A ReLU / ReLU6 folded into the activation quantizer that alone reads its output (``lowbit.fold_activation_clips``
+    sets that quantizer's ``input_clip``): the identity, since the quantizer clips. ``kind``: "ReLU" or "ReLU6".
 
-    def __init__(self, kind: str):
+    It checks on every call that the reading layer is still in the model with the same quantizer and clip; if
+    surgery replaced either, it clips itself, so the model keeps computing the ReLU / ReLU6."""
+
+    def __init__(self, kind: str, clip: tuple[float, float]):
         super().__init__()
-        self.kind = kind
+        self.kind, self.clip = kind, clip
+        self.attach(None, "", None)
+
+    def attach(self, parent: nn.Module | None, name: str, quantizer: LSQQuantizer | None) -> None:
+        """Records the quantizer that clips instead: ``getattr(parent, name).act_quant``. Plain references, not
+        submodules (they are the model's own modules elsewhere in the tree)."""
+        object.__setattr__(self, "reader", (parent, name, quantizer))
+
+    def clipped_by_reader(self) -> bool:
+        parent, name, quantizer = self.reader
+        layer = getattr(parent, name, None) if parent is not None else None
+        return (
+            quantizer is not None
+            and getattr(layer, "act_quant", None) is quantizer
+            and quantizer.input_clip == self.clip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x if self.clipped_by_reader() else nn.functional.hardtanh(x, *self.clip)
 
     def extra_repr(self) -> str:
         return self.kind

@@ -57,8 +57,12 @@ def fold_activation_clips(model: nn.Module, *, strict: bool = True) -> list[tupl
         layer_name = _foldable(model, calls, node)
         if layer_name:
             kind, clip = _CLIPS[type(model.get_submodule(node.target))]
-            model.get_submodule(layer_name).act_quant.input_clip = clip
-            model.set_submodule(node.target, FoldedClip(kind))
+            quantizer = model.get_submodule(layer_name).act_quant
+            quantizer.input_clip = clip
+            folded_clip = FoldedClip(kind, clip)
+            parent_name, _, child = layer_name.rpartition(".")
+            folded_clip.attach(model.get_submodule(parent_name), child, quantizer)
+            model.set_submodule(node.target, folded_clip)
             folded.append((node.target, layer_name))
     return folded
 
