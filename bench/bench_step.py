@@ -41,8 +41,11 @@ MODELS = {"MobileNet-v2": "mobilenet_v2", "ResNet-18": "resnet18"}
 
 
 def to_composition(model: nn.Module) -> nn.Module:
-    """A deep copy of a lowbit.quantize'd model with every LSQQuantizer replaced by its ReferenceLSQ twin."""
-    return replace_modules(copy.deepcopy(model), (LSQQuantizer,), ReferenceLSQ.from_lsq)
+    """A deep copy of a lowbit.quantize'd model with its ReLU6 modules back (unfolded) and every LSQQuantizer
+    replaced by its ReferenceLSQ twin."""
+    composition = copy.deepcopy(model)
+    lowbit.unfold_activation_clips(composition)
+    return replace_modules(composition, (LSQQuantizer,), ReferenceLSQ.from_lsq)
 
 
 def variants(arch: str, x: torch.Tensor, metamix: bool) -> dict[str, nn.Module]:

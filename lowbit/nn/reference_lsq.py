@@ -40,7 +40,6 @@ class ReferenceLSQ(nn.Module):
         self.signed = checks.flag("signed", signed)
         self.axis = axis if channels is not None else None
         self.step = nn.Parameter(torch.ones(channels if channels is not None else 1))
-        self.input_clip: tuple[float, float] | None = None  # a folded ReLU / ReLU6, as LSQQuantizer's
 
     @classmethod
     def from_lsq(cls, quantizer: nn.Module) -> ReferenceLSQ:
@@ -55,12 +54,9 @@ class ReferenceLSQ(nn.Module):
         )
         with torch.no_grad():
             ref.step.copy_(quantizer.step)
-        ref.input_clip = quantizer.input_clip
         return ref.to(quantizer.step.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_clip is not None:
-            x = nn.functional.hardtanh(x, *self.input_clip)
         qn, qp = quant_range(self.bits, self.signed)
         per_step = x.numel() // self.step.numel()
         s = grad_scale(self.step, 1.0 / math.sqrt(per_step * qp))
