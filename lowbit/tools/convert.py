@@ -30,6 +30,7 @@ from lowbit.nn.packed import (
 from lowbit.nn.quantizers import LSQQuantizer
 from lowbit.ops import fake_quant
 from lowbit.tools.fold import unfold_activation_clips
+from lowbit.tools.fx_graph import called_module, module_calls, only_user
 
 MULTI_BRANCH_POLICIES = ("error", "selected")
 
@@ -287,13 +288,10 @@ def _fuse(model: nn.Module) -> tuple[list[tuple[str, str]], str]:
         graph = _LeafTracer().trace(model)
     except Exception as exc:  # any tracing failure: the model runs unfused, and the report says why
         return [], f"torch.fx could not trace the model ({type(exc).__name__}: {str(exc)[:200]})"
-    calls: dict[str, list] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
+    calls = module_calls(graph)
     fused = []
     for node in graph.nodes:
-        layer = _called(model, calls, node)
+        layer = called_module(model, calls, node)
         if isinstance(layer, (PackedConv2d, PackedLinear)):
             what = _fold_chain(model, calls, node, layer)
             if what:
@@ -301,31 +299,16 @@ def _fuse(model: nn.Module) -> tuple[list[tuple[str, str]], str]:
     return fused, ""
 
 
-def _called(model: nn.Module, calls: dict, node) -> nn.Module | None:
-    """The module a call_module node runs, if it runs nowhere else."""
-    if node.op != "call_module" or len(calls.get(node.target, ())) != 1:
-        return None
-    return model.get_submodule(node.target)
-
-
-def _only_user(model: nn.Module, calls: dict, node):
-    """(the single user node, its module if it calls one that runs only there) or (None, None)."""
-    users = list(node.users)
-    if len(users) != 1 or users[0].args[:1] != (node,) or len(users[0].args) + len(users[0].kwargs) != 1:
-        return None, None
-    return users[0], _called(model, calls, users[0])
-
-
 def _fold_chain(model: nn.Module, calls: dict, node, layer: PackedBase) -> str:
     """Folds the BN / activation / next quantizer after ``layer`` (at ``node``) into it; returns what it folded."""
     fold, what, last = Fold(), [], node
-    user, module = _only_user(model, calls, last)
+    user, module = only_user(model, calls, last)
     if isinstance(module, nn.BatchNorm2d) and module.running_var is not None:
         if not isinstance(module, FoldedBatchNorm2d):
             module = _swap(model, user.target, _folded_batch_norm(module))
         object.__setattr__(module, "_folded_into", layer)  # a plain reference, not a submodule
         fold.bn, what, last = module, [user.target], user
-        user, module = _only_user(model, calls, last)
+        user, module = only_user(model, calls, last)
     kind = _activation_kind(module)
     if kind:
         if not isinstance(module, FoldedActivation):
@@ -333,7 +316,7 @@ def _fold_chain(model: nn.Module, calls: dict, node, layer: PackedBase) -> str:
         fold.lo, fold.hi = _FOLDED_BOUNDS[kind]
         what.append(user.target)
         last = user
-        user, module = _only_user(model, calls, last)
+        user, module = only_user(model, calls, last)
     if isinstance(module, (PackedConv2d, PackedLinear)) and getattr(module, "takes_codes", True):
         fold.consumer = module
         object.__setattr__(module, "_producer", layer)  # a plain reference, not a submodule

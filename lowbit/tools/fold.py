@@ -17,6 +17,7 @@ from torch import nn
 
 from lowbit.nn.layers import QConv2d, QLinear
 from lowbit.nn.quantizers import FoldedClip, LSQQuantizer
+from lowbit.tools.fx_graph import called_module, module_calls, only_user
 
 _CLIPS = {nn.ReLU: ("ReLU", (0.0, math.inf)), nn.ReLU6: ("ReLU6", (0.0, 6.0))}
 _ACTIVATION_OF = {"ReLU": nn.ReLU, "ReLU6": nn.ReLU6}
@@ -48,10 +49,7 @@ def fold_activation_clips(model: nn.Module, *, strict: bool = True) -> list[tupl
         if strict:
             raise ValueError(f"fold_activation_clips: torch.fx could not trace the model ({exc})") from exc
         return []
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(graph)
     folded = []
     for node in graph.nodes:
         layer_name = _foldable(model, calls, node)
@@ -81,20 +79,15 @@ def unfold_activation_clips(model: nn.Module) -> int:
     return len(restored)
 
 
-def _foldable(model: nn.Module, calls: dict[str, int], node) -> str | None:
+def _foldable(model: nn.Module, calls: dict, node) -> str | None:
     """The name of the quantized layer the activation at ``node`` folds into, or None."""
-    if node.op != "call_module" or calls[node.target] != 1:
-        return None
-    activation = model.get_submodule(node.target)
-    if type(activation) not in _CLIPS or len(node.users) != 1:
+    activation = called_module(model, calls, node)
+    if type(activation) not in _CLIPS:
         return None
     source = node.args[0] if node.args else None
     if activation.inplace and not (isinstance(source, torch.fx.Node) and len(source.users) == 1):
         return None  # in place: the input's other readers see the clip
-    (user,) = node.users
-    if user.op != "call_module" or user.args != (node,) or user.kwargs or calls[user.target] != 1:
-        return None
-    layer = model.get_submodule(user.target)
+    user, layer = only_user(model, calls, node)
     # exact types: the multi-branch layers (subclasses) mix several quantizers
     if type(layer) not in (QConv2d, QLinear) or not isinstance(layer.act_quant, LSQQuantizer):
         return None
