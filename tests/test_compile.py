@@ -25,6 +25,7 @@ bench/bench_step.py compiles MobileNet-v2 and ResNet-18 with Inductor in full.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import re
@@ -95,17 +96,35 @@ def _run_ops(fn, inputs: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
     return {k: v.detach() for k, v in outs.items()}, {k: v.grad for k, v in leaves.items()}
 
 
-@pytest.fixture(scope="module")
-def op_results():
-    """Eager and Inductor runs of the op graph, and the Inductor code (forward and backward)."""
+@contextlib.contextmanager
+def _no_inductor_caches():
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
+# The two settings of the backward ops under Inductor: fused kernels (the default) or decomposed too.
+BACKWARD_MODES = {"backward fused": False, "backward decomposed": True}
+
+
+@pytest.fixture(scope="module", params=list(BACKWARD_MODES))
+def op_results(request):
+    """Eager and Inductor runs of the op graph, and the Inductor code (forward and backward), with the backward
+    ops fused (the default) or decomposed."""
+    backward = BACKWARD_MODES[request.param]
     inputs = _op_inputs()
     gen = torch.Generator().manual_seed(1)
     eager_outs = _ops({k: v.to(DEVICE) for k, v in inputs.items()})
     grads = {k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in eager_outs.items()}
     torch._dynamo.reset()
     compiled = torch.compile(_ops, backend="inductor", fullgraph=True)
-    (outs, dgrads), code = run_and_get_code(_run_ops, compiled, inputs, grads)
+    use_inductor_decompositions(True, backward=backward)
+    try:  # Inductor's caches do not key on the decomposition table: off, or the other mode's code is served
+        with _no_inductor_caches():
+            (outs, dgrads), code = run_and_get_code(_run_ops, compiled, inputs, grads)
+    finally:
+        use_inductor_decompositions(True)
     return {
+        "backward": backward,
         "inputs": inputs,
         "grads": grads,
         "eager": _run_ops(_ops, inputs, grads),
@@ -121,11 +140,17 @@ def _lowbit_calls(code: str) -> collections.Counter:
 
 
 def test_inductor_inlines_the_ops(op_results):
-    """Inductor used the decompositions: its code calls no lowbit custom op, forward or backward, but those of
-    the two per-channel quantizers ("weight", "chan"), which stay the fused kernels (stays_fused)."""
+    """Inductor used the forward decompositions: its forward code calls no lowbit custom op but those of the two
+    per-channel quantizers ("weight", "chan"), which stay the fused kernels (stays_fused). The backward code
+    calls the fused backward of every quantizer (the default), or, with the backward decomposed, only those of
+    the two per-channel ones."""
     code = "\n".join(op_results["code"])
     assert len(op_results["code"]) >= 2, "expected a forward and a backward graph"
-    assert _lowbit_calls(code) == {"fake_quant": 2, "fake_quant_backward": 2}, _lowbit_calls(code)
+    if op_results["backward"]:
+        want = {"fake_quant": 2, "fake_quant_backward": 2}
+    else:
+        want = {"fake_quant": 2, "fake_quant_backward": 7, "multi_branch_fake_quant_backward": 1}
+    assert _lowbit_calls(code) == want, _lowbit_calls(code)
     assert "lowbit._C" not in code
     assert "step must be positive and finite" in code  # the value check is compiled in
 
@@ -272,10 +297,12 @@ def _assert_matches_eager(got_out, got_grads, want_out, want_grads):
     assert total < 5e-2, total
 
 
-def _front_end_step(model, x, y, decomposed: bool):
-    """One training step through Inductor's front half, with lowbit's ops decomposed or kept as custom ops."""
+def _front_end_step(model, x, y, mode: str):
+    """One training step through Inductor's front half, with lowbit's ops kept as custom ops ("opaque"), the
+    forward ops decomposed (the default, "forward") or the backward ops too ("all"). Returns the logits, the
+    gradients and, per graph (forward, backward), the lowbit op nodes left."""
     graphs = []
-    use_inductor_decompositions(decomposed)
+    use_inductor_decompositions(mode != "opaque", backward=mode == "all")
     try:
         torch._dynamo.reset()
         compiled = torch.compile(copy.deepcopy(model), backend=_inductor_front_end(graphs), fullgraph=True)
@@ -283,7 +310,7 @@ def _front_end_step(model, x, y, decomposed: bool):
     finally:
         use_inductor_decompositions(True)
     assert len(graphs) == 2, "expected one forward and one backward graph"
-    lowbit_nodes = [n for gm in graphs for n in gm.graph.nodes if str(n.target).startswith("lowbit.")]
+    lowbit_nodes = [[n for n in gm.graph.nodes if str(n.target).startswith("lowbit.")] for gm in graphs]
     return out, grads, lowbit_nodes
 
 
@@ -297,23 +324,30 @@ def _is_quantizer_parameter(name: str) -> bool:
     return name.endswith((".step", ".steps", ".alpha"))
 
 
+def _op_counts(nodes) -> collections.Counter:
+    return collections.Counter(str(n.target).removeprefix("lowbit.").removesuffix(".default") for n in nodes)
+
+
+@pytest.mark.parametrize("mode", ["forward", "all"])
 @pytest.mark.parametrize("arch, kind", ALL_MODELS, ids=[f"{a}-{k}" for a, k in ALL_MODELS])
-def test_model_compiles_fullgraph_with_decomposed_ops(arch, kind):
-    """Every packaged model compiles to one graph (fullgraph=True raises on a graph break) whose forward and
-    backward hold no lowbit op once Inductor's table applies but the per-channel weight quantizers (one forward
-    and one backward node per weight); and the decompositions change nothing: the same
+def test_model_compiles_fullgraph_with_decomposed_ops(arch, kind, mode):
+    """Every packaged model compiles to one graph (fullgraph=True raises on a graph break) whose forward holds no
+    lowbit op once Inductor's table applies but the per-channel weight quantizers (one node per weight), and
+    whose backward holds the fused backward of every quantizer (default, "forward") or, with the backward
+    decomposed too ("all"), of the weight quantizers only. And the decompositions change nothing: the same
     graphs with lowbit's fused kernels as opaque ops give bit-identical logits and weight/BN gradients, and
     quantizer step/alpha gradients within SPEC's 1e-4 (their sums are ordered differently)."""
     x, y = _model_data()
     model = _quantized(arch, kind, x)
-    want_out, want_grads, opaque_ops = _front_end_step(model, x, y, decomposed=False)
-    got_out, got_grads, left = _front_end_step(model, x, y, decomposed=True)
+    want_out, want_grads, (opaque_forward, _) = _front_end_step(model, x, y, "opaque")
+    got_out, got_grads, (forward_left, backward_left) = _front_end_step(model, x, y, mode)
     weights = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
-    assert opaque_ops and all(_per_channel(n) for n in left), [str(n.target) for n in left if not _per_channel(n)]
-    assert collections.Counter(str(n.target) for n in left) == {
-        "lowbit.fake_quant.default": weights,
-        "lowbit.fake_quant_backward.default": weights,
-    }
+    assert all(_per_channel(n) for n in forward_left), [str(n.target) for n in forward_left if not _per_channel(n)]
+    assert _op_counts(forward_left) == {"fake_quant": weights}
+    if mode == "all":
+        assert _op_counts(backward_left) == {"fake_quant_backward": weights}
+    else:  # one fused backward per quantizer of the opaque forward graph
+        assert _op_counts(backward_left) == {f"{op}_backward": n for op, n in _op_counts(opaque_forward).items()}
     assert torch.equal(got_out, want_out)
     assert got_grads.keys() == want_grads.keys()
     for name, want in want_grads.items():
@@ -331,5 +365,9 @@ def test_model_compiles_with_inductor_and_matches_eager(arch, kind):
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(model), backend="inductor", fullgraph=True)  # raises on a graph break
     (got_out, got_grads), code = run_and_get_code(_step, compiled, x, y)
-    assert not _lowbit_calls("\n".join(code)).keys() - {"fake_quant", "fake_quant_backward"}
+    forward = [c for c in code if re.search(r"AOT ID: \['\d+_forward'\]", c)]
+    assert len(forward) == 1 and len(code) == 2, "expected one forward and one backward graph"
+    assert _lowbit_calls(forward[0]).keys() == {"fake_quant"}  # the weights; activations are decomposed
+    backward_ops = {"fake_quant_backward", "multi_branch_fake_quant_backward"}
+    assert not _lowbit_calls("\n".join(code)).keys() - {"fake_quant"} - backward_ops
     _assert_matches_eager(got_out, got_grads, want_out, want_grads)

@@ -4,8 +4,9 @@ In eager mode the ops run the fused kernels of a backend. Under ``torch.compile(
 custom op is a wall: Inductor cannot fuse the batch-norm, ReLU or residual add before it, nor the ReLU/BN
 backward after its backward, so every quantizer costs extra passes over memory and layout copies. The functions
 here restate each op (forward and backward) in aten ops with the fused kernels' exact arithmetic, and
-``register_inductor_decompositions`` puts them in Inductor's decomposition table, so Inductor inlines them and
-fuses them with their neighbours. Other compile backends (``aot_eager``, ``torch.export``) keep the custom ops.
+``register_inductor_decompositions`` puts them (by default the forward ones: see below) in Inductor's
+decomposition table, so Inductor inlines them and fuses them with their neighbours. Other compile backends
+(``aot_eager``, ``torch.export``) keep the custom ops.
 
 Numerics (SPEC sections 1 and 2) are those of the C++ kernels, operation by operation:
 ``v = (x - beta) / s`` (true division; beta = 0 without offset), ``q = clamp(round(v), Qn, Qp)`` (half to even),
@@ -18,6 +19,12 @@ Per-channel quantizers (conv and linear weights) stay the fused kernels (``stays
 parameter and their output feeds a convolution or matmul, so there is nothing for Inductor to fuse them with,
 and generating their code only added compile time (ResNet-18 W4A4 training graph: 56 -> 47 s on 2 cores, the
 same step time; docs/compile.md). Inductor calls the custom op for them.
+
+The backward ops stay fused kernels too, by default: only the forward decompositions are in Inductor's table.
+The decomposed backward (its step/prob gradient reductions in float64, three per branch of a multi-branch op)
+was most of the code Inductor generated beyond the fp32 model's, so most of the extra compile time, and the
+step was no faster for it on CPU (bench/results/backward_modes_cpu.md, docs/decisions.md).
+``use_inductor_decompositions(True, backward=True)`` puts the backward functions in as well.
 
 Value checks: the step (> 0, finite), offset and probs (finite) are checked inside the compiled graph with
 ``torch._assert_async`` on those small tensors: on CPU a failure raises ``RuntimeError`` from the compiled
@@ -143,29 +150,31 @@ def _total(t: Tensor) -> Tensor:
     return t.sum(dtype=torch.float64)
 
 
-_state = {"registered": False, "enabled": True}
+_state = {"registered": False, "enabled": True, "backward": False}
 
 
 def _table() -> dict:
+    """Each lowbit op with its decomposition, and whether that is a backward op."""
     ops = torch.ops.lowbit
     return {
-        ops.fake_quant.default: fake_quant,
-        ops.fake_quant_backward.default: fake_quant_backward,
-        ops.multi_branch_fake_quant.default: multi_branch_fake_quant,
-        ops.multi_branch_fake_quant_backward.default: multi_branch_fake_quant_backward,
+        ops.fake_quant.default: (fake_quant, False),
+        ops.fake_quant_backward.default: (fake_quant_backward, True),
+        ops.multi_branch_fake_quant.default: (multi_branch_fake_quant, False),
+        ops.multi_branch_fake_quant_backward.default: (multi_branch_fake_quant_backward, True),
     }
 
 
-def _update_inductor_table(add: bool) -> None:
+def _update_inductor_table(add: bool, backward: bool) -> None:
     from torch._inductor import decomposition as inductor_decomp
     from torch._inductor import lowering
 
-    for op, fn in _table().items():
+    for op, (fn, is_backward) in _table().items():
         if add and op not in lowering.lowerings:
-            # The call Inductor makes for an op whose decomposition returned NotImplemented (stays_fused). It is
-            # what Inductor generates for any op without a decomposition; with one, it must be asked for.
+            # The call Inductor makes for an op that stays a custom op (stays_fused, or a backward op left out
+            # of the table). It is what Inductor generates for any op without a decomposition; registering it
+            # up front covers the ops whose decomposition returns NotImplemented.
             lowering.make_fallback(op, warn=False, override_decomp=True)
-        if add:
+        if add and (backward or not is_backward):
             inductor_decomp.decompositions[op] = fn
         else:
             inductor_decomp.decompositions.pop(op, None)
@@ -174,24 +183,30 @@ def _update_inductor_table(add: bool) -> None:
 
 
 def register_inductor_decompositions() -> None:
-    """Puts the four functions above into Inductor's decomposition table (once per process, unless turned off).
+    """Puts the forward functions above (and the backward ones, if asked for) into Inductor's decomposition table
+    (once per process, unless turned off).
 
     Called from the ops' fake kernels, i.e. when a graph holding a lowbit op is first traced, so that importing
     lowbit does not import Inductor. The table is read when Inductor compiles a graph, after that tracing.
     """
     if _state["registered"] or not _state["enabled"]:
         return
-    _update_inductor_table(add=True)
+    _update_inductor_table(add=True, backward=_state["backward"])
     _state["registered"] = True
 
 
-def use_inductor_decompositions(enabled: bool) -> None:
-    """Turns the decompositions off (Inductor then calls the fused kernels as opaque custom ops) or back on, for
-    graphs compiled afterwards: for comparisons and debugging (docs/compile.md). Inductor's on-disk caches do not
-    key on the decomposition table: compare with a fresh ``TORCHINDUCTOR_CACHE_DIR`` (as bench/profile_compile.py
-    does), or a cached graph of the other mode is served."""
+def use_inductor_decompositions(enabled: bool, *, backward: bool = False) -> None:
+    """For graphs compiled afterwards: ``enabled=False`` turns the decompositions off (Inductor then calls the
+    fused kernels as opaque custom ops); ``enabled=True`` puts the forward ones back, and with ``backward=True``
+    the backward ones too (the default leaves the backward ops fused). For comparisons and debugging
+    (docs/compile.md). Inductor's on-disk caches do not key on the decomposition table: compare with a fresh
+    ``TORCHINDUCTOR_CACHE_DIR`` (as bench/profile_compile.py does), or a cached graph of the other mode is
+    served."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    _state["enabled"] = enabled
-    _state["registered"] = enabled
-    _update_inductor_table(add=enabled)
+    if not isinstance(backward, bool):
+        raise TypeError(f"backward must be a bool, got {type(backward).__name__}")
+    if backward and not enabled:
+        raise ValueError("backward=True decomposes the backward ops too: it needs enabled=True")
+    _state.update(enabled=enabled, registered=enabled, backward=backward)
+    _update_inductor_table(add=enabled, backward=backward)
