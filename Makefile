@@ -52,6 +52,7 @@ bench: setup
 	$(VENV)/bin/lowbit bench
 	$(VPY) bench/bench_step.py
 	$(VPY) bench/profile_compile.py
+	$(VPY) bench/compare_backward_modes.py
 	$(VPY) bench/profile_eager_step.py
 	$(VPY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/pytest_benchmark_cpu.json
 
