@@ -1,9 +1,10 @@
-"""Compile time and compiled step with lowbit's backward ops fused (the default) or decomposed under Inductor.
+"""Compile time and compiled step with lowbit's backward ops fused or decomposed under Inductor.
 
 MobileNet-v2 (32x32, batch 32), W4A4 and 3-branch MetaMix, one training step (forward + backward + SGD) compiled
 with Inductor; ``lowbit.ops.decompositions.use_inductor_decompositions(True, backward=...)`` picks whether the
-backward ops stay the fused kernels ("backward fused") or are decomposed as well ("backward decomposed"); the
-forward ops are decomposed in both. The fp32 model is the yardstick.
+backward ops stay the fused kernels ("fused") or are decomposed as well ("decomposed"); the forward ops are
+decomposed in both. lowbit's default, chosen from this table: decomposed for the single-branch op, fused for
+the multi-branch one. The fp32 model is the yardstick.
 
 Each case runs in its own process with its own fresh Inductor cache: Inductor's caches do not key on the
 decomposition table, and kernels compiled for one case would otherwise be reused by the next. So the compile

@@ -102,14 +102,15 @@ def _no_inductor_caches():
         yield
 
 
-# The two settings of the backward ops under Inductor: fused kernels (the default) or decomposed too.
+# Every backward op fused or every one decomposed: the default (single-branch decomposed, multi-branch fused)
+# is one of each, so these two cover each op both ways.
 BACKWARD_MODES = {"backward fused": False, "backward decomposed": True}
 
 
 @pytest.fixture(scope="module", params=list(BACKWARD_MODES))
 def op_results(request):
-    """Eager and Inductor runs of the op graph, and the Inductor code (forward and backward), with the backward
-    ops fused (the default) or decomposed."""
+    """Eager and Inductor runs of the op graph, and the Inductor code (forward and backward), with every backward
+    op fused or every one decomposed."""
     backward = BACKWARD_MODES[request.param]
     inputs = _op_inputs()
     gen = torch.Generator().manual_seed(1)
@@ -142,8 +143,8 @@ def _lowbit_calls(code: str) -> collections.Counter:
 def test_inductor_inlines_the_ops(op_results):
     """Inductor used the forward decompositions: its forward code calls no lowbit custom op but those of the two
     per-channel quantizers ("weight", "chan"), which stay the fused kernels (stays_fused). The backward code
-    calls the fused backward of every quantizer (the default), or, with the backward decomposed, only those of
-    the two per-channel ones."""
+    calls the fused backward of every quantizer (backward fused) or only those of the two per-channel ones
+    (backward decomposed)."""
     code = "\n".join(op_results["code"])
     assert len(op_results["code"]) >= 2, "expected a forward and a backward graph"
     if op_results["backward"]:
@@ -298,11 +299,12 @@ def _assert_matches_eager(got_out, got_grads, want_out, want_grads):
 
 
 def _front_end_step(model, x, y, mode: str):
-    """One training step through Inductor's front half, with lowbit's ops kept as custom ops ("opaque"), the
-    forward ops decomposed (the default, "forward") or the backward ops too ("all"). Returns the logits, the
-    gradients and, per graph (forward, backward), the lowbit op nodes left."""
+    """One training step through Inductor's front half, with lowbit's ops kept as custom ops ("opaque"),
+    decomposed as by default ("default": the multi-branch backward stays fused) or with every backward op
+    decomposed ("all"). Returns the logits, the gradients and, per graph (forward, backward), the lowbit op
+    nodes left."""
     graphs = []
-    use_inductor_decompositions(mode != "opaque", backward=mode == "all")
+    use_inductor_decompositions(mode != "opaque", backward=True if mode == "all" else None)
     try:
         torch._dynamo.reset()
         compiled = torch.compile(copy.deepcopy(model), backend=_inductor_front_end(graphs), fullgraph=True)
@@ -328,13 +330,13 @@ def _op_counts(nodes) -> collections.Counter:
     return collections.Counter(str(n.target).removeprefix("lowbit.").removesuffix(".default") for n in nodes)
 
 
-@pytest.mark.parametrize("mode", ["forward", "all"])
+@pytest.mark.parametrize("mode", ["default", "all"])
 @pytest.mark.parametrize("arch, kind", ALL_MODELS, ids=[f"{a}-{k}" for a, k in ALL_MODELS])
 def test_model_compiles_fullgraph_with_decomposed_ops(arch, kind, mode):
     """Every packaged model compiles to one graph (fullgraph=True raises on a graph break) whose forward holds no
     lowbit op once Inductor's table applies but the per-channel weight quantizers (one node per weight), and
-    whose backward holds the fused backward of every quantizer (default, "forward") or, with the backward
-    decomposed too ("all"), of the weight quantizers only. And the decompositions change nothing: the same
+    whose backward holds the fused backward of the weight quantizers and, by default, of every multi-branch
+    quantizer ("all": of the weights only). And the decompositions change nothing: the same
     graphs with lowbit's fused kernels as opaque ops give bit-identical logits and weight/BN gradients, and
     quantizer step/alpha gradients within SPEC's 1e-4 (their sums are ordered differently)."""
     x, y = _model_data()
@@ -344,10 +346,10 @@ def test_model_compiles_fullgraph_with_decomposed_ops(arch, kind, mode):
     weights = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
     assert all(_per_channel(n) for n in forward_left), [str(n.target) for n in forward_left if not _per_channel(n)]
     assert _op_counts(forward_left) == {"fake_quant": weights}
-    if mode == "all":
-        assert _op_counts(backward_left) == {"fake_quant_backward": weights}
-    else:  # one fused backward per quantizer of the opaque forward graph
-        assert _op_counts(backward_left) == {f"{op}_backward": n for op, n in _op_counts(opaque_forward).items()}
+    fused_backward = {"fake_quant_backward": weights}
+    if mode == "default":  # and one per multi-branch quantizer of the opaque forward graph
+        fused_backward["multi_branch_fake_quant_backward"] = _op_counts(opaque_forward)["multi_branch_fake_quant"]
+    assert _op_counts(backward_left) == +collections.Counter(fused_backward)
     assert torch.equal(got_out, want_out)
     assert got_grads.keys() == want_grads.keys()
     for name, want in want_grads.items():

@@ -4,9 +4,9 @@ In eager mode the ops run the fused kernels of a backend. Under ``torch.compile(
 custom op is a wall: Inductor cannot fuse the batch-norm, ReLU or residual add before it, nor the ReLU/BN
 backward after its backward, so every quantizer costs extra passes over memory and layout copies. The functions
 here restate each op (forward and backward) in aten ops with the fused kernels' exact arithmetic, and
-``register_inductor_decompositions`` puts them (by default the forward ones: see below) in Inductor's
-decomposition table, so Inductor inlines them and fuses them with their neighbours. Other compile backends
-(``aot_eager``, ``torch.export``) keep the custom ops.
+``register_inductor_decompositions`` puts them (all but the multi-branch backward by default: see below) in
+Inductor's decomposition table, so Inductor inlines them and fuses them with their neighbours. Other compile
+backends (``aot_eager``, ``torch.export``) keep the custom ops.
 
 Numerics (SPEC sections 1 and 2) are those of the C++ kernels, operation by operation:
 ``v = (x - beta) / s`` (true division; beta = 0 without offset), ``q = clamp(round(v), Qn, Qp)`` (half to even),
@@ -20,15 +20,13 @@ parameter and their output feeds a convolution or matmul, so there is nothing fo
 and generating their code only added compile time (ResNet-18 W4A4 training graph: 56 -> 47 s on 2 cores, the
 same step time; docs/compile.md). Inductor calls the custom op for them.
 
-The backward ops stay fused kernels too, by default: only the forward decompositions are in Inductor's table.
-The decomposed backward (its step/prob gradient reductions in float64, three per branch of a multi-branch op)
-was most of the code Inductor generated beyond the fp32 model's, so most of the extra compile time, and the
-step was no faster for it on CPU (bench/results/backward_modes_cpu.md, docs/decisions.md).
-``use_inductor_decompositions(True, backward=True)`` puts the backward functions in as well.
-
-Value checks: the step (> 0, finite), offset and probs (finite) are checked inside the compiled graph with
-``torch._assert_async`` on those small tensors: on CPU a failure raises ``RuntimeError`` from the compiled
-kernel (eager mode raises ``ValueError``); on CUDA it is a device-side assert, with no host sync.
+The multi-branch op's backward stays the fused kernel too, by default: its decomposition (two float64
+gradient reductions per branch) made Inductor's code, and so the compile time, much larger and the compiled
+step slower (MobileNet-v2 3-branch: compile 2.22x fp32's decomposed vs 1.65x fused, step 1.27x vs 1.13x;
+bench/results/backward_modes_cpu.md). The single-branch backward is decomposed by default: there it fuses with
+the ReLU and batch-norm backward, and the step was faster for it in that run (0.80x vs 0.93x fp32's; compile
+1.31x vs 1.24x).
+``use_inductor_decompositions(True, backward=True / False)`` decomposes every backward op / none of them.
 """
 
 from __future__ import annotations
@@ -150,31 +148,33 @@ def _total(t: Tensor) -> Tensor:
     return t.sum(dtype=torch.float64)
 
 
-_state = {"registered": False, "enabled": True, "backward": False}
+_state = {"registered": False, "enabled": True, "backward": None}
 
 
 def _table() -> dict:
-    """Each lowbit op with its decomposition, and whether that is a backward op."""
+    """Each lowbit op with its decomposition, whether that is a backward op, and whether it is decomposed by
+    default (see the module docstring)."""
     ops = torch.ops.lowbit
     return {
-        ops.fake_quant.default: (fake_quant, False),
-        ops.fake_quant_backward.default: (fake_quant_backward, True),
-        ops.multi_branch_fake_quant.default: (multi_branch_fake_quant, False),
-        ops.multi_branch_fake_quant_backward.default: (multi_branch_fake_quant_backward, True),
+        ops.fake_quant.default: (fake_quant, False, True),
+        ops.fake_quant_backward.default: (fake_quant_backward, True, True),
+        ops.multi_branch_fake_quant.default: (multi_branch_fake_quant, False, True),
+        ops.multi_branch_fake_quant_backward.default: (multi_branch_fake_quant_backward, True, False),
     }
 
 
-def _update_inductor_table(add: bool, backward: bool) -> None:
+def _update_inductor_table(add: bool, backward: bool | None) -> None:
     from torch._inductor import decomposition as inductor_decomp
     from torch._inductor import lowering
 
-    for op, (fn, is_backward) in _table().items():
+    for op, (fn, is_backward, by_default) in _table().items():
         if add and op not in lowering.lowerings:
             # The call Inductor makes for an op that stays a custom op (stays_fused, or a backward op left out
             # of the table). It is what Inductor generates for any op without a decomposition; registering it
             # up front covers the ops whose decomposition returns NotImplemented.
             lowering.make_fallback(op, warn=False, override_decomp=True)
-        if add and (backward or not is_backward):
+        decompose = by_default if backward is None or not is_backward else backward
+        if add and decompose:
             inductor_decomp.decompositions[op] = fn
         else:
             inductor_decomp.decompositions.pop(op, None)
@@ -183,8 +183,8 @@ def _update_inductor_table(add: bool, backward: bool) -> None:
 
 
 def register_inductor_decompositions() -> None:
-    """Puts the forward functions above (and the backward ones, if asked for) into Inductor's decomposition table
-    (once per process, unless turned off).
+    """Puts the functions above into Inductor's decomposition table, all but the multi-branch backward unless
+    asked otherwise (once per process, unless turned off).
 
     Called from the ops' fake kernels, i.e. when a graph holding a lowbit op is first traced, so that importing
     lowbit does not import Inductor. The table is read when Inductor compiles a graph, after that tracing.
@@ -195,18 +195,19 @@ def register_inductor_decompositions() -> None:
     _state["registered"] = True
 
 
-def use_inductor_decompositions(enabled: bool, *, backward: bool = False) -> None:
+def use_inductor_decompositions(enabled: bool, *, backward: bool | None = None) -> None:
     """For graphs compiled afterwards: ``enabled=False`` turns the decompositions off (Inductor then calls the
-    fused kernels as opaque custom ops); ``enabled=True`` puts the forward ones back, and with ``backward=True``
-    the backward ones too (the default leaves the backward ops fused). For comparisons and debugging
-    (docs/compile.md). Inductor's on-disk caches do not key on the decomposition table: compare with a fresh
+    fused kernels as opaque custom ops); ``enabled=True`` puts them back, the backward ops as ``backward`` says:
+    None, the default (the single-branch backward decomposed, the multi-branch one fused), True (every backward
+    op decomposed) or False (every backward op fused). For comparisons and debugging (docs/compile.md).
+    Inductor's on-disk caches do not key on the decomposition table: compare with a fresh
     ``TORCHINDUCTOR_CACHE_DIR`` (as bench/profile_compile.py does), or a cached graph of the other mode is
     served."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    if not isinstance(backward, bool):
-        raise TypeError(f"backward must be a bool, got {type(backward).__name__}")
-    if backward and not enabled:
-        raise ValueError("backward=True decomposes the backward ops too: it needs enabled=True")
+    if backward is not None and not isinstance(backward, bool):
+        raise TypeError(f"backward must be None or a bool, got {type(backward).__name__}")
+    if backward is not None and not enabled:
+        raise ValueError("backward picks which backward ops are decomposed: it needs enabled=True")
     _state.update(enabled=enabled, registered=enabled, backward=backward)
     _update_inductor_table(add=enabled, backward=backward)
