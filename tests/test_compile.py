@@ -201,6 +201,33 @@ def test_compiled_graph_checks_step_values(op_results):
         op_results["fn"]({k: v.to(DEVICE) for k, v in bad.items()})
 
 
+def test_use_inductor_decompositions_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="enabled"):
+        use_inductor_decompositions(1)
+    with pytest.raises(TypeError, match="backward"):
+        use_inductor_decompositions(True, backward="all")
+    with pytest.raises(ValueError, match="backward"):
+        use_inductor_decompositions(False, backward=True)
+
+
+def test_default_table_keeps_only_the_multi_branch_backward_fused():
+    from torch._inductor.decomposition import decompositions
+
+    use_inductor_decompositions(True)
+    ops = torch.ops.lowbit
+    decomposed = {
+        op
+        for op in (
+            ops.fake_quant,
+            ops.fake_quant_backward,
+            ops.multi_branch_fake_quant,
+            ops.multi_branch_fake_quant_backward,
+        )
+        if op.default in decompositions
+    }
+    assert decomposed == {ops.fake_quant, ops.fake_quant_backward, ops.multi_branch_fake_quant}
+
+
 # ---- model level -----------------------------------------------------------------------------------------------
 
 

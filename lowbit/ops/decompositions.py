@@ -27,6 +27,10 @@ bench/results/backward_modes_cpu.md). The single-branch backward is decomposed b
 the ReLU and batch-norm backward, and the step was faster for it in that run (0.80x vs 0.93x fp32's; compile
 1.31x vs 1.24x).
 ``use_inductor_decompositions(True, backward=True / False)`` decomposes every backward op / none of them.
+
+Value checks: the step (> 0, finite), offset and probs (finite) are checked inside the compiled graph with
+``torch._assert_async`` on those small tensors: on CPU a failure raises ``RuntimeError`` from the compiled
+kernel (eager mode raises ``ValueError``); on CUDA it is a device-side assert, with no host sync.
 """
 
 from __future__ import annotations
