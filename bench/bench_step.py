@@ -27,13 +27,19 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from common import command_line, made_by, replace_modules, results_folder, sgd_step, timing_arguments, write_results  # noqa: E402
+from common import (  # noqa: E402
+    compiled_cpu_meta,
+    made_by,
+    replace_modules,
+    results_folder,
+    sgd_step,
+    timing_arguments,
+    write_results,
+)
 from torch import nn  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit.app.machine import cpu_name  # noqa: E402
 from lowbit.app.timing import interleaved_median_ms  # noqa: E402
-from lowbit.backends import status  # noqa: E402
 from lowbit.models import create_model  # noqa: E402
 from lowbit.nn import LSQQuantizer, ReferenceLSQ  # noqa: E402
 
@@ -137,15 +143,7 @@ def main(argv=None) -> int:
     models = {"MobileNet-v2": "mobilenet_v2"} if args.quick else models
     stem = "step_cpu" if len(models) == len(MODELS) else "step_" + "_".join(models.values()) + "_cpu"
     out = results_folder(args)
-    meta = {
-        "device_name": cpu_name(),
-        "isa": f"lowbit {status('cpu').reason}; Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "repeats": repeats,
-        "note": args.note,
-        "command": command_line("bench_step.py", argv),
-    }
+    meta = compiled_cpu_meta("bench_step.py", argv, repeats, args.note)
     tables = {}
     for label, arch in models.items():
         title = f"{label} (32x32, batch {batch}), W4A4"

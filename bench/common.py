@@ -82,6 +82,25 @@ def number_table(first: str, cols: list[str], rows: dict[str, list[str]]) -> lis
     return lines + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
 
 
+def compiled_cpu_meta(script: str, argv: list[str] | None, repeats: int, note: str) -> dict:
+    """What a report of compiled CPU runs says about how it was made: the CPU, lowbit's and Inductor's ISA paths,
+    threads, torch, repeats, the note and the command."""
+    import torch
+
+    from lowbit.app.machine import cpu_name
+    from lowbit.backends import status
+
+    return {
+        "device_name": cpu_name(),
+        "isa": f"lowbit {status('cpu').reason}; Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "note": note,
+        "command": command_line(script, argv),
+    }
+
+
 def made_by(meta: dict) -> str:
     """How a table was made, as its report says first: "`command` on <machine> (<isa>), N threads, torch X"."""
     isa = f" ({meta['isa']})" if "isa" in meta else ""

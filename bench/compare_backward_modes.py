@@ -24,11 +24,9 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, command_line, made_by, sgd_step, timing_arguments, write_results
+from common import RESULTS, compiled_cpu_meta, made_by, sgd_step, timing_arguments, write_results
 
 import lowbit
-from lowbit.app.machine import cpu_name
-from lowbit.backends import status
 from lowbit.models import create_model
 from lowbit.ops.decompositions import use_inductor_decompositions
 
@@ -109,15 +107,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 10)
     cases = CASES[:3] if args.quick else CASES
-    meta = {
-        "device_name": cpu_name(),
-        "isa": f"lowbit {status('cpu').reason}; Inductor C++ {torch.backends.cpu.get_cpu_capability()}",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "repeats": repeats,
-        "note": args.note,
-        "command": command_line("compare_backward_modes.py", argv),
-    }
+    meta = compiled_cpu_meta("compare_backward_modes.py", argv, repeats, args.note)
     rows = [{"model": m, "backward": b, **run_case(m, b, repeats)} for m, b in cases]
     text = markdown(rows, meta)
     print(text)
