@@ -333,7 +333,10 @@ def test_w4_weights_take_an_eighth_of_fp32(tmp_path):
 
 def test_a_version_1_file_loads_and_gives_the_logits_it_gave():
     """tests/data/packed_v1_small_cnn.safetensors: format version 1 (x_bits, x_signed, w_scale, x_step), written by
-    the lowbit before version 2 (tests/data/make_packed_v1.py); read under the new names, same logits bit for bit."""
+    the lowbit before version 2 (tests/data/make_packed_v1.py); read under the new names, the logits it recorded.
+    Those were recorded on one CPU; the float head's arithmetic rounds differently on others (an Intel AVX-512
+    machine differed in one logit by 6e-11, 8e-5 relative), so the logits are compared at float32 rounding
+    scale, far below what a wrong translation (a step or scale misread) changes."""
     data = pathlib.Path(__file__).parent / "data"
     expected = json.loads((data / "packed_v1_small_cnn.json").read_text())
     with warnings.catch_warnings():
@@ -343,7 +346,8 @@ def test_a_version_1_file_loads_and_gives_the_logits_it_gave():
         *expected["input"]["shape"], generator=torch.Generator().manual_seed(expected["input"]["generator_seed"])
     )
     with torch.no_grad():
-        assert torch.equal(model(x), torch.tensor(expected["logits"]))
+        want = torch.tensor(expected["logits"])
+        torch.testing.assert_close(model(x), want, rtol=2e-4, atol=1e-6 * float(want.abs().max()))
     first, head = model.features[0][0], model.classifier
     assert (type(first), first.w_bits, first.a_bits, first.a_signed) == (PackedConv2d, 8, 8, True)
     assert type(head) is DequantLinear and head.a_bits is None and "a_step" not in head.state_dict()
