@@ -24,9 +24,10 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, compiled_cpu_meta, made_by, sgd_step, timing_arguments, write_results
+from common import compiled_cpu_meta, made_by, results_folder, sgd_step, timing_arguments, write_results
 
 import lowbit
+from lowbit.app.timing import median_ms
 from lowbit.models import create_model
 from lowbit.ops.decompositions import use_inductor_decompositions
 
@@ -50,23 +51,12 @@ def measure(model_name: str, backward: bool | None, repeats: int) -> dict:
         with torch.no_grad():
             model(x)  # LSQ step initialisation from the first batch
         use_inductor_decompositions(True, backward=backward)
-    eager = median_ms(sgd_step(model, x, y), 3, warmup=1)
+    eager = median_ms(sgd_step(model, x, y), "cpu", 3, warmup=1)
     compiled = sgd_step(torch.compile(copy.deepcopy(model), fullgraph=True), x, y)
     start = time.perf_counter()
     compiled()
     compile_s = time.perf_counter() - start - eager / 1e3
-    return {"compile s": compile_s, "eager ms": eager, "compiled ms": median_ms(compiled, repeats, warmup=1)}
-
-
-def median_ms(step, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return {"compile s": compile_s, "eager ms": eager, "compiled ms": median_ms(compiled, "cpu", repeats, warmup=1)}
 
 
 def run_case(model_name: str, backward: bool | None, repeats: int) -> dict:
@@ -111,8 +101,9 @@ def main(argv=None) -> int:
     rows = [{"model": m, "backward": b, **run_case(m, b, repeats)} for m, b in cases]
     text = markdown(rows, meta)
     print(text)
-    if not args.quick:
-        write_results(args.out or RESULTS, "backward_modes_cpu", text, {"meta": meta, "rows": rows})
+    out = results_folder(args)
+    if out:
+        write_results(out, "backward_modes_cpu", text, {"meta": meta, "rows": rows})
     return 0
 
 
