@@ -8,7 +8,10 @@ A step is forward + backward + SGD (momentum 0.9) on one fixed batch. Models: Mo
   MetaMix 3-branch   W4 + 3-branch (2/4/8-bit) activations, lowbit fused (MobileNet-v2 only)
 Each in eager mode and under ``torch.compile`` (Inductor, default mode; the model is compiled, the optimizer step
 runs eagerly). Compile time = the first compiled step's wall time minus a median eager step, with Inductor's
-caches in a fresh folder so nothing is reused between models. Steps are timed round-robin, median of the rounds.
+caches in a fresh folder so nothing is reused between models. Steps are timed round-robin (one step of every
+variant per round): each row is the median of the rounds, with its quartiles, and each step ratio of a target is
+the median over the rounds of that round's ratio, so that a slow spell of the machine, which slows every variant
+of its round, cancels out of the ratio.
 
 Writes bench/results/step_cpu.{md,json} (step_<model>_cpu with --models naming some); ``--quick`` runs batch 4
 at 2 repeats and writes nothing unless --out.
@@ -23,6 +26,7 @@ import tempfile
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit_bench_inductor_"))
 
 import copy  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -39,7 +43,7 @@ from common import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit.app.timing import interleaved_median_ms  # noqa: E402
+from lowbit.app.timing import interleaved_times_ms  # noqa: E402
 from lowbit.models import create_model  # noqa: E402
 from lowbit.nn import LSQQuantizer, ReferenceLSQ  # noqa: E402
 
@@ -82,53 +86,87 @@ def model_rows(title: str, arch: str, batch: int, repeats: int, metamix: bool) -
         compiled()
         compile_s[name] = time.perf_counter() - start
         steps[f"{name} compiled"] = compiled
-    rows = interleaved_median_ms(steps, "cpu", repeats, warmup=1)  # every step already ran once
+    times = interleaved_times_ms(steps, "cpu", repeats, warmup=1)  # every step already ran once
     for name in compile_s:  # the first call ran the step too: take one eager step's time off
-        compile_s[name] -= rows[f"{name} eager"] / 1e3
-    return rows, compile_s
+        compile_s[name] -= statistics.median(times[f"{name} eager"]) / 1e3
+    return times, compile_s
 
 
 # ---- report ------------------------------------------------------------------------------------------------
 
 
-def ratio_checks(rows: dict, compile_s: dict) -> list[tuple[str, float, float]]:
-    """(target, measured ratio, limit) for each target of issue 16 this table can answer."""
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile); all three the value itself for a single value."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    low, mid, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, mid, high
+
+
+def round_ratio(times: dict, a: str, b: str) -> tuple[float, float, float]:
+    """Quartiles over the rounds of (step ``a`` / step ``b`` of the same round)."""
+    return quartiles([ta / tb for ta, tb in zip(times[a], times[b], strict=True)])
+
+
+# (step, baseline step, limit) and (compiled variant, limit for its compile time / fp32's): issue 16's targets
+STEP_TARGETS = [
+    ("lowbit compiled", "composition LSQ compiled", 0.9),
+    ("lowbit compiled", "fp32 compiled", 1.05),
+    ("lowbit eager", "fp32 eager", 1.1),
+    ("MetaMix 3-branch eager", "fp32 eager", 1.25),
+    ("MetaMix 3-branch compiled", "fp32 compiled", 1.25),
+]
+COMPILE_TARGETS = [("lowbit", 1.2), ("MetaMix 3-branch", 1.2)]
+
+
+def ratio_checks(times: dict, compile_s: dict) -> list[dict]:
+    """Each target of issue 16 this table can answer: its ratio (quartiles over the rounds for a step ratio, one
+    value for a compile-time ratio) and its limit."""
     checks = [
-        ("lowbit compiled / composition LSQ compiled", rows["lowbit compiled"] / rows["composition LSQ compiled"], 0.9),
-        ("lowbit compiled / fp32 compiled", rows["lowbit compiled"] / rows["fp32 compiled"], 1.05),
-        ("lowbit eager / fp32 eager", rows["lowbit eager"] / rows["fp32 eager"], 1.1),
-        ("compile time lowbit / fp32", compile_s["lowbit"] / compile_s["fp32"], 1.2),
+        (f"{step} / {baseline}", round_ratio(times, step, baseline), limit)
+        for step, baseline, limit in STEP_TARGETS
+        if step in times
     ]
-    if "MetaMix 3-branch eager" in rows:
-        checks += [
-            ("MetaMix eager / fp32 eager", rows["MetaMix 3-branch eager"] / rows["fp32 eager"], 1.25),
-            ("MetaMix compiled / fp32 compiled", rows["MetaMix 3-branch compiled"] / rows["fp32 compiled"], 1.25),
-            ("compile time MetaMix / fp32", compile_s["MetaMix 3-branch"] / compile_s["fp32"], 1.2),
-        ]
-    return checks
+    checks += [
+        (f"compile time {name} / fp32", quartiles([compile_s[name] / compile_s["fp32"]]), limit)
+        for name, limit in COMPILE_TARGETS
+        if name in compile_s
+    ]
+    return [{"target": target, "quartiles": list(q), "ratio": q[1], "limit": limit} for target, q, limit in checks]
 
 
 def markdown(tables: dict, meta: dict) -> str:
     lines = [
         "# Training steps, eager and torch.compile (cpu)",
         "",
-        f"{made_by(meta)}, {meta['note']}. Median of {meta['repeats']} round-robin repeats, milliseconds per step "
-        "(forward + backward + SGD); every row of a table measured in the same run. Compile time: first compiled "
-        "step minus one eager step, cold Inductor cache.",
+        f"{made_by(meta)}, {meta['note']}. {meta['repeats']} round-robin rounds (one step of every variant per "
+        "round), milliseconds per step (forward + backward + SGD): the median of the rounds and its quartiles; "
+        "every row of a table measured in the same run. A step ratio is the median over the rounds of that round's "
+        "ratio (quartiles after it). Compile time: first compiled step minus one eager step, cold Inductor cache.",
         "",
     ]
     for title, table in tables.items():
         rows, compile_s = table["step_ms"], table["compile_s"]
-        lines += [f"## {title}", "", "| step | ms | x fp32 eager | x fp32 compiled |", "|---|---:|---:|---:|"]
         lines += [
-            f"| {name} | {ms:.1f} | {ms / rows['fp32 eager']:.2f} | {ms / rows['fp32 compiled']:.2f} |"
-            for name, ms in rows.items()
+            f"## {title}",
+            "",
+            "| step | ms | quartiles ms | x fp32 eager | x fp32 compiled |",
+            "|---|---:|---:|---:|---:|",
         ]
+        for name, ms in rows.items():
+            low, _, high = quartiles(table["step_times_ms"][name])
+            lines.append(
+                f"| {name} | {ms:.1f} | {low:.0f}-{high:.0f} | {ms / rows['fp32 eager']:.2f} "
+                f"| {ms / rows['fp32 compiled']:.2f} |"
+            )
         lines += ["", "| compile time | s | x fp32 |", "|---|---:|---:|"]
         lines += [f"| {name} | {s:.1f} | {s / compile_s['fp32']:.2f} |" for name, s in compile_s.items()]
-        lines += ["", "| target (issue 16) | ratio | limit | |", "|---|---:|---:|---|"]
-        for target, ratio, limit in table["targets"]:
-            lines.append(f"| {target} | {ratio:.2f} | <= {limit} | {'met' if ratio <= limit else 'missed'} |")
+        lines += ["", "| target (issue 16) | ratio | quartiles | limit | |", "|---|---:|---:|---:|---|"]
+        for check in table["targets"]:
+            low, ratio, high = check["quartiles"]
+            spread = f"{low:.2f}-{high:.2f}" if high > low else "one value"
+            verdict = "met" if ratio <= check["limit"] else "missed"
+            lines.append(f"| {check['target']} | {ratio:.2f} | {spread} | <= {check['limit']} | {verdict} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -137,7 +175,7 @@ def main(argv=None) -> int:
     parser = timing_arguments(__doc__, "batch 4, 2 repeats, MobileNet-v2 only", "timed steps per variant")
     parser.add_argument("--models", nargs="+", choices=list(MODELS.values()), default=list(MODELS.values()))
     args = parser.parse_args(argv)
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or (2 if args.quick else 15)
     batch = 4 if args.quick else 32
     models = {label: arch for label, arch in MODELS.items() if arch in args.models}
     models = {"MobileNet-v2": "mobilenet_v2"} if args.quick else models
@@ -148,8 +186,13 @@ def main(argv=None) -> int:
     for label, arch in models.items():
         title = f"{label} (32x32, batch {batch}), W4A4"
         print(f"{title} ...", file=sys.stderr)
-        rows, compile_s = model_rows(title, arch, batch, repeats, metamix=label == "MobileNet-v2")
-        tables[title] = {"step_ms": rows, "compile_s": compile_s, "targets": ratio_checks(rows, compile_s)}
+        times, compile_s = model_rows(title, arch, batch, repeats, metamix=label == "MobileNet-v2")
+        tables[title] = {
+            "step_ms": {name: statistics.median(t) for name, t in times.items()},
+            "step_times_ms": times,
+            "compile_s": compile_s,
+            "targets": ratio_checks(times, compile_s),
+        }
         text = markdown(tables, meta)
         print(text)
         if out:  # after every model: a long run that is cut short keeps what it measured

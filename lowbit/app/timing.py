@@ -14,10 +14,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_median_ms(
+def interleaved_times_ms(
     fns: dict[str, Callable[[], object]], device: torch.device | str, repeats: int, warmup: int = 3
-) -> dict[str, float]:
-    """Median milliseconds of each callable, timed round-robin (one call of each per round) so that every
+) -> dict[str, list[float]]:
+    """Milliseconds of every call of each callable, timed round-robin (one call of each per round) so that every
     implementation sees the same machine state: thread-pool wake-ups, allocator and cache history, other load."""
     device = torch.device(device)
     for _ in range(warmup):
@@ -31,6 +31,14 @@ def interleaved_median_ms(
             fn()
             sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def interleaved_median_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device | str, repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median milliseconds of each callable, timed round-robin (``interleaved_times_ms``)."""
+    times = interleaved_times_ms(fns, device, repeats, warmup)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
