@@ -8,10 +8,13 @@ A step is forward + backward + SGD (momentum 0.9) on one fixed batch. Models: Mo
   MetaMix 3-branch   W4 + 3-branch (2/4/8-bit) activations, lowbit fused (MobileNet-v2 only)
 Each in eager mode and under ``torch.compile`` (Inductor, default mode; the model is compiled, the optimizer step
 runs eagerly). Compile time = the first compiled step's wall time minus a median eager step, with Inductor's
-caches in a fresh folder so nothing is reused between models. Steps are timed round-robin (one step of every
-variant per round): each row is the median of the rounds, with its quartiles, and each step ratio of a target is
-the median over the rounds of that round's ratio, so that a slow spell of the machine, which slows every variant
-of its round, cancels out of the ratio.
+caches in a fresh folder so nothing is reused between models, after a small warm-up compile that pays
+Inductor's once-per-process costs (bench/common.warm_up_inductor); where that time went: the C++ kernels Inductor
+generated for the model (number and lines, from the cache folder) and Dynamo's compile-phase timers (tracing,
+Inductor's code generation, waiting on the C++ compiler; torch._dynamo.utils.compilation_time_metrics).
+Steps are timed round-robin (one step of every variant per round): each row is the median of the rounds, with
+its quartiles, and each step ratio of a target is the median over the rounds of that round's ratio, so that a
+slow spell of the machine, which slows every variant of its round, cancels out of the ratio.
 
 Writes bench/results/step_cpu.{md,json} (step_<model>_cpu with --models naming some); ``--quick`` runs batch 4
 at 2 repeats and writes nothing unless --out.
@@ -26,6 +29,7 @@ import tempfile
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit_bench_inductor_"))
 
 import copy  # noqa: E402
+import glob  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -38,9 +42,11 @@ from common import (  # noqa: E402
     results_folder,
     sgd_step,
     timing_arguments,
+    warm_up_inductor,
     write_results,
 )
 from torch import nn  # noqa: E402
+from torch._dynamo.utils import compilation_time_metrics  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.app.timing import interleaved_times_ms  # noqa: E402
@@ -73,23 +79,50 @@ def variants(arch: str, x: torch.Tensor, metamix: bool) -> dict[str, nn.Module]:
     return models
 
 
-def model_rows(title: str, arch: str, batch: int, repeats: int, metamix: bool) -> tuple[dict, dict]:
+# Dynamo's compile-phase timers (seconds summed over the forward and backward graphs) reported per model
+PHASES = {
+    "tracing": ("bytecode_tracing", "aot_trace_joint_graph"),
+    "Inductor codegen": ("Scheduler.codegen",),
+    "waiting on C++": ("async_compile.wait",),
+}
+
+
+def generated_kernels() -> set[str]:
+    """The C++ kernel sources in this process's Inductor cache folder."""
+    return set(glob.glob(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "**", "*.cpp"), recursive=True))
+
+
+def compile_breakdown(known_kernels: set[str]) -> dict:
+    """The kernels generated since ``known_kernels`` was taken and the phase timers since they were cleared."""
+    new = generated_kernels() - known_kernels
+    lines = 0
+    for path in new:
+        with open(path) as source:
+            lines += sum(1 for _ in source)
+    phases = {name: sum(sum(compilation_time_metrics.get(key, [])) for key in keys) for name, keys in PHASES.items()}
+    return {"kernels": len(new), "kernel lines": lines, **phases}
+
+
+def model_rows(title: str, arch: str, batch: int, repeats: int, metamix: bool) -> tuple[dict, dict, dict]:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
-    steps, compile_s = {}, {}
+    steps, compile_s, breakdown = {}, {}, {}
     for name, model in variants(arch, x, metamix).items():
         steps[f"{name} eager"] = sgd_step(model, x, y)
         compiled = sgd_step(torch.compile(copy.deepcopy(model)), x, y)
         print(f"  {title}: compiling {name} ...", file=sys.stderr)
+        known = generated_kernels()
+        compilation_time_metrics.clear()
         start = time.perf_counter()
         compiled()
         compile_s[name] = time.perf_counter() - start
+        breakdown[name] = compile_breakdown(known)
         steps[f"{name} compiled"] = compiled
     times = interleaved_times_ms(steps, "cpu", repeats, warmup=1)  # every step already ran once
     for name in compile_s:  # the first call ran the step too: take one eager step's time off
         compile_s[name] -= statistics.median(times[f"{name} eager"]) / 1e3
-    return times, compile_s
+    return times, compile_s, breakdown
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -142,7 +175,8 @@ def markdown(tables: dict, meta: dict) -> str:
         f"{made_by(meta)}, {meta['note']}. {meta['repeats']} round-robin rounds (one step of every variant per "
         "round), milliseconds per step (forward + backward + SGD): the median of the rounds and its quartiles; "
         "every row of a table measured in the same run. A step ratio is the median over the rounds of that round's "
-        "ratio (quartiles after it). Compile time: first compiled step minus one eager step, cold Inductor cache.",
+        "ratio (quartiles after it). Compile time: first compiled step minus one eager step, cold Inductor cache; the "
+        "kernels Inductor generated for it and Dynamo's phase timers (forward and backward graphs together).",
         "",
     ]
     for title, table in tables.items():
@@ -159,8 +193,18 @@ def markdown(tables: dict, meta: dict) -> str:
                 f"| {name} | {ms:.1f} | {low:.0f}-{high:.0f} | {ms / rows['fp32 eager']:.2f} "
                 f"| {ms / rows['fp32 compiled']:.2f} |"
             )
-        lines += ["", "| compile time | s | x fp32 |", "|---|---:|---:|"]
-        lines += [f"| {name} | {s:.1f} | {s / compile_s['fp32']:.2f} |" for name, s in compile_s.items()]
+        lines += [
+            "",
+            "| compile time | s | x fp32 | C++ kernels | kernel lines | tracing s | Inductor codegen s "
+            "| waiting on C++ s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, seconds in compile_s.items():
+            b = table["compile_breakdown"][name]
+            lines.append(
+                f"| {name} | {seconds:.1f} | {seconds / compile_s['fp32']:.2f} | {b['kernels']} | {b['kernel lines']} "
+                f"| {b['tracing']:.1f} | {b['Inductor codegen']:.1f} | {b['waiting on C++']:.1f} |"
+            )
         lines += ["", "| target (issue 16) | ratio | quartiles | limit | |", "|---|---:|---:|---:|---|"]
         for check in table["targets"]:
             low, ratio, high = check["quartiles"]
@@ -182,15 +226,17 @@ def main(argv=None) -> int:
     stem = "step_cpu" if len(models) == len(MODELS) else "step_" + "_".join(models.values()) + "_cpu"
     out = results_folder(args)
     meta = compiled_cpu_meta("bench_step.py", argv, repeats, args.note)
+    warm_up_inductor()
     tables = {}
     for label, arch in models.items():
         title = f"{label} (32x32, batch {batch}), W4A4"
         print(f"{title} ...", file=sys.stderr)
-        times, compile_s = model_rows(title, arch, batch, repeats, metamix=label == "MobileNet-v2")
+        times, compile_s, breakdown = model_rows(title, arch, batch, repeats, metamix=label == "MobileNet-v2")
         tables[title] = {
             "step_ms": {name: statistics.median(t) for name, t in times.items()},
             "step_times_ms": times,
             "compile_s": compile_s,
+            "compile_breakdown": breakdown,
             "targets": ratio_checks(times, compile_s),
         }
         text = markdown(tables, meta)

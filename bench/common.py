@@ -67,6 +67,18 @@ def sgd_step(model, x, y, forward=None):
     return step
 
 
+def warm_up_inductor() -> None:
+    """Compiles and runs a small conv / batch-norm / ReLU training step once, so that a compile timed after it
+    does not also pay what Inductor does once per process and cache folder (about 20 s on 2 cores: starting
+    the compile workers, building the precompiled header of its C++ kernels). Otherwise the first model
+    compiled, the fp32 one, carries that time and every compile-time ratio to it comes out too low."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    sgd_step(torch.compile(model), torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))()
+
+
 def replace_modules(model, kinds: tuple[type, ...], make):
     """``model`` with every submodule that is an instance of ``kinds`` replaced by ``make(submodule)``, in place."""
     for name, module in list(model.named_modules()):

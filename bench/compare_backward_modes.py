@@ -24,7 +24,15 @@ import tempfile
 import time
 
 import torch
-from common import compiled_cpu_meta, made_by, results_folder, sgd_step, timing_arguments, write_results
+from common import (
+    compiled_cpu_meta,
+    made_by,
+    results_folder,
+    sgd_step,
+    timing_arguments,
+    warm_up_inductor,
+    write_results,
+)
 
 import lowbit
 from lowbit.app.timing import median_ms
@@ -52,6 +60,7 @@ def measure(model_name: str, backward: bool | None, repeats: int) -> dict:
             model(x)  # LSQ step initialisation from the first batch
         use_inductor_decompositions(True, backward=backward)
     eager = median_ms(sgd_step(model, x, y), "cpu", 3, warmup=1)
+    warm_up_inductor()
     compiled = sgd_step(torch.compile(copy.deepcopy(model), fullgraph=True), x, y)
     start = time.perf_counter()
     compiled()
@@ -77,7 +86,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "# Backward ops fused or decomposed under Inductor (MobileNet-v2 32x32, batch 32, cpu)",
         "",
         f"{made_by(meta)}, {meta['note']}. Each case in its own process with a fresh Inductor cache; compile "
-        "time = first compiled step minus a median eager step; compiled step: median of "
+        "time (after a small warm-up compile, bench/common.warm_up_inductor) = first compiled step minus a median "
+        "eager step; compiled step: median of "
         f"{meta['repeats']} steps in that process (not round-robin).",
         "",
         "| model | backward ops | compile s | x fp32 | compiled step ms | x fp32 |",
