@@ -176,7 +176,8 @@ def markdown(tables: dict, meta: dict) -> str:
         "round), milliseconds per step (forward + backward + SGD): the median of the rounds and its quartiles; "
         "every row of a table measured in the same run. A step ratio is the median over the rounds of that round's "
         "ratio (quartiles after it). Compile time: first compiled step minus one eager step, cold Inductor cache; the "
-        "kernels Inductor generated for it and Dynamo's phase timers (forward and backward graphs together).",
+        "kernels Inductor generated for it and Dynamo's phase timers (forward and backward graphs together). The "
+        f"warm-up compile before them (Inductor's once-per-process costs) took {meta['warm-up compile s']:.1f} s.",
         "",
     ]
     for title, table in tables.items():
@@ -226,7 +227,9 @@ def main(argv=None) -> int:
     stem = "step_cpu" if len(models) == len(MODELS) else "step_" + "_".join(models.values()) + "_cpu"
     out = results_folder(args)
     meta = compiled_cpu_meta("bench_step.py", argv, repeats, args.note)
+    start = time.perf_counter()
     warm_up_inductor()
+    meta["warm-up compile s"] = time.perf_counter() - start
     tables = {}
     for label, arch in models.items():
         title = f"{label} (32x32, batch {batch}), W4A4"
