@@ -69,9 +69,9 @@ def sgd_step(model, x, y, forward=None):
 
 def warm_up_inductor() -> None:
     """Compiles and runs a small conv / batch-norm / ReLU training step once, so that a compile timed after it
-    does not also pay what Inductor does once per process and cache folder (about 20 s on 2 cores: starting
-    the compile workers, building the precompiled header of its C++ kernels). Otherwise the first model
-    compiled, the fp32 one, carries that time and every compile-time ratio to it comes out too low."""
+    does not also pay what Inductor does once per process and cache folder (starting the compile workers,
+    building the precompiled header of its C++ kernels; bench_step.py reports how long it took). Otherwise the
+    first model compiled, the fp32 one, carries that time and every compile-time ratio to it comes out too low."""
     import torch
     from torch import nn
 
