@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     compiled_cpu_meta,
     made_by,
+    quartiles,
     replace_modules,
     results_folder,
     sgd_step,
@@ -126,14 +127,6 @@ def model_rows(title: str, arch: str, batch: int, repeats: int, metamix: bool) -
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """(25th percentile, median, 75th percentile); all three the value itself for a single value."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    low, mid, high = statistics.quantiles(values, n=4, method="inclusive")
-    return low, mid, high
 
 
 def round_ratio(times: dict, a: str, b: str) -> tuple[float, float, float]:

@@ -67,6 +67,14 @@ def sgd_step(model, x, y, forward=None):
     return step
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile); all three the value itself for a single value."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    low, mid, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, mid, high
+
+
 def warm_up_inductor() -> None:
     """Compiles and runs a small conv / batch-norm / ReLU training step once, so that a compile timed after it
     does not also pay what Inductor does once per process and cache folder (starting the compile workers,
