@@ -22,10 +22,10 @@ same step time; docs/compile.md). Inductor calls the custom op for them.
 
 The multi-branch op's backward stays the fused kernel too, by default: its decomposition (two float64
 gradient reductions per branch) made Inductor's code, and so the compile time, much larger and the compiled
-step slower (MobileNet-v2 3-branch: compile 2.20x fp32's decomposed vs 1.50x fused, step 1.24x vs 1.18x;
+step slower (MobileNet-v2 3-branch: compile 2.24x fp32's decomposed vs 1.41x fused, step 1.28x vs 1.23x;
 bench/results/backward_modes_cpu.md). The single-branch backward is decomposed by default: there it fuses with
-the ReLU and batch-norm backward, and the compiled step was faster for it (W4A4: 1.05x vs 1.08x fp32's), at a
-longer compile (1.44x vs 1.20x), which a training run of more than a few thousand steps pays back.
+the ReLU and batch-norm backward, and the compiled step was faster for it (W4A4: 1.01x vs 1.12x fp32's), at a
+longer compile (1.36x vs 1.13x), which a training run of more than a few hundred steps pays back.
 ``use_inductor_decompositions(True, backward=True / False)`` decomposes every backward op / none of them.
 
 Value checks: the step (> 0, finite), offset and probs (finite) are checked inside the compiled graph with
