@@ -41,6 +41,7 @@ from common import (  # noqa: E402
     quartiles,
     replace_modules,
     results_folder,
+    round_ratio,
     sgd_step,
     timing_arguments,
     warm_up_inductor,
@@ -127,11 +128,6 @@ def model_rows(title: str, arch: str, batch: int, repeats: int, metamix: bool) -
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-
-
-def round_ratio(times: dict, a: str, b: str) -> tuple[float, float, float]:
-    """Quartiles over the rounds of (step ``a`` / step ``b`` of the same round)."""
-    return quartiles([ta / tb for ta, tb in zip(times[a], times[b], strict=True)])
 
 
 # (step, baseline step, limit) and (compiled variant, limit for its compile time / fp32's): issue 16's targets

@@ -75,6 +75,11 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return low, mid, high
 
 
+def round_ratio(times: dict, a: str, b: str) -> tuple[float, float, float]:
+    """Quartiles over the round-robin rounds of (time ``a`` / time ``b`` of the same round)."""
+    return quartiles([ta / tb for ta, tb in zip(times[a], times[b], strict=True)])
+
+
 def warm_up_inductor() -> None:
     """Compiles and runs a small conv / batch-norm / ReLU training step once, so that a compile timed after it
     does not also pay what Inductor does once per process and cache folder (starting the compile workers,

@@ -32,6 +32,7 @@ from common import (
     made_by,
     quartiles,
     results_folder,
+    round_ratio,
     sgd_step,
     timing_arguments,
     warm_up_inductor,
@@ -144,7 +145,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for row in rows:
         low, ms, high = quartiles(row["compiled times ms"])
-        ratio = quartiles([t / f for t, f in zip(row["compiled times ms"], fp32["compiled times ms"], strict=True)])
+        ratio = round_ratio({"case": row["compiled times ms"], "fp32": fp32["compiled times ms"]}, "case", "fp32")
         lines.append(
             f"| {row['model']} | {label(row['backward'])} | {row['compile s']:.1f} | "
             f"{row['compile s'] / fp32['compile s']:.2f} | {ms:.1f} | {low:.0f}-{high:.0f} | {ratio[1]:.2f} | "

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 # process's setting as it was.
 _cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 import bench_step  # noqa: E402
+import common  # noqa: E402
 
 if _cache_dir is None:
     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -41,7 +42,7 @@ def _times(lowbit_compiled: list[float]) -> dict[str, list[float]]:
 
 def test_step_ratio_is_the_median_of_the_rounds_ratios():
     times = _times([10.0, 20.0, 90.0])  # per round: 1, 0.5, 3 -> median 1.0; ratio of medians 20/30 would be 0.67
-    low, mid, high = bench_step.round_ratio(times, "lowbit compiled", "fp32 compiled")
+    low, mid, high = common.round_ratio(times, "lowbit compiled", "fp32 compiled")
     assert mid == pytest.approx(1.0)
     assert (low, high) == pytest.approx((0.75, 2.0))
 
