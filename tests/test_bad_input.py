@@ -43,6 +43,7 @@ CASES = [
     ("bits-float", fq(bits=4.0), TypeError, "bits"),
     ("bits-bool", fq(bits=True), TypeError, "bits"),
     ("signed-str", fq(signed="yes"), TypeError, "signed"),
+    ("abs-step-int", fq(abs_step=1), TypeError, "abs_step"),
     ("axis-out-of-range", fq(step=CHAN, axis=2), ValueError, "axis"),
     ("axis-str", fq(step=CHAN, axis="1"), TypeError, "axis"),
     ("axis-on-scalar-x", fq(x=torch.tensor(1.0), step=STEP, axis=0), ValueError, "axis"),
@@ -70,6 +71,7 @@ CASES = [
 VALUE_CASES = [
     ("step-zero", fq(step=torch.tensor(0.0)), "step"),
     ("step-negative", fq(step=torch.tensor([-0.1])), "step"),
+    ("step-zero-abs-step", fq(step=torch.tensor([0.0]), abs_step=True), "step"),
     ("step-nan", fq(step=torch.tensor(math.nan)), "step"),
     ("step-inf", fq(step=torch.tensor(math.inf)), "step"),
     ("step-one-bad-channel", fq(step=torch.tensor([0.1, 0.1, 0.0, 0.1, 0.1, 0.1]), axis=1), "step"),

@@ -191,6 +191,32 @@ def test_half_precision_step_and_offset_get_correct_gradients_in_their_dtype(bac
         assert np.all(err <= bound), f"{dtype}: got {ref.as_np(got)}, want {expect}"
 
 
+@pytest.mark.parametrize("clip", [None, (0.0, 6.0)], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("with_offset", [False, True], ids=["no-offset", "offset"])
+@pytest.mark.parametrize("axis", [None, 1], ids=["per-tensor", "per-channel"])
+def test_abs_step_quantizes_with_the_magnitude_and_signs_the_step_gradient(backend, axis, with_offset, clip):
+    """abs_step=True (what LSQQuantizer passes): values and dx of the reference at |step|, dL/dstep its gradient
+    times sign(step), for steps of both signs."""
+    x, step, offset, grad = _inputs((5, 6, 7), axis, torch.float32, 3, True, with_offset, seed=21)
+    sign = torch.ones_like(step)
+    sign[::2] = -1.0
+    step = (step * sign).requires_grad_(True)
+    x = x.requires_grad_(True)
+    offset = None if offset is None else offset.requires_grad_(True)
+    y = lowbit.fake_quant(x, step, 3, signed=True, offset=offset, axis=axis, clip=clip, abs_step=True)
+    y.backward(grad)
+
+    clipped = x.detach() if clip is None else torch.nn.functional.hardtanh(x.detach(), *clip)
+    want = ref.fake_quant(clipped, step.detach().abs(), 3, True, offset=offset, axis=axis, grad=grad)
+    torch.testing.assert_close(y.cpu(), ref.to_dtype(want.y, x.dtype), rtol=0, atol=0)
+    inside_clip = torch.ones_like(x) if clip is None else ((x > clip[0]) & (x < clip[1])).float()
+    dx = ref.to_dtype(want.dx, x.dtype) * inside_clip.detach().cpu()
+    torch.testing.assert_close(x.grad.cpu(), dx, rtol=0, atol=0)
+    close_sum(step.grad, want.dstep * ref.as_np(sign), want.dstep_scale, "dstep")
+    if offset is not None:
+        close_sum(offset.grad, want.doffset, want.doffset_scale, "doffset")
+
+
 def test_one_element_offset_is_shared_by_all_channels(backend):
     x, step, _, grad = _inputs((4, 9), 0, torch.float32, 4, True, False, seed=11)
     offset = torch.tensor([0.03], device=DEVICE)

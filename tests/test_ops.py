@@ -38,6 +38,45 @@ def test_opcheck_fake_quant_backward(backend, config):
     torch.library.opcheck(torch.ops.lowbit.fake_quant_backward.default, args)
 
 
+@pytest.mark.parametrize("config", OPCHECK_CONFIGS, ids=list(OPCHECK_CONFIGS))
+def test_opcheck_fake_quant_abs_step(backend, config):
+    """The abs_step argument (a learned step of either sign), forward and backward op."""
+    x, step, beta, *rest = _op_args(**OPCHECK_CONFIGS[config])
+    with torch.no_grad():
+        step[::2] *= -1.0
+    torch.library.opcheck(torch.ops.lowbit.fake_quant.default, (x, step, beta, *rest, True))
+    grad = torch.randn_like(x)
+    args = (grad, x.detach(), step.detach(), None if beta is None else beta.detach(), *rest, True)
+    torch.library.opcheck(torch.ops.lowbit.fake_quant_backward.default, args)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("channels", [None, 5], ids=["per-tensor", "per-channel"])
+def test_compiled_lsq_quantizer_with_a_negative_step_matches_eager(compiler, channels):
+    """LSQQuantizer hands the op its raw step with abs_step=True: compiled, the op and its decomposition use
+    |step| and sign the step gradient, as eager mode does."""
+    from lowbit.nn import LSQQuantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, device=DEVICE)
+    quantizer = LSQQuantizer(4, signed=True, channels=channels).to(DEVICE)
+    quantizer(x)
+    with torch.no_grad():
+        quantizer.step[0] *= -1.0
+    grad = torch.randn_like(x)
+    results = []
+    for run in (quantizer, torch.compile(quantizer, backend=compiler, fullgraph=True)):
+        xg = x.clone().requires_grad_(True)
+        quantizer.step.grad = None
+        y = run(xg)
+        y.backward(grad)
+        results.append((y.detach(), xg.grad, quantizer.step.grad.clone()))
+    (y0, dx0, ds0), (y1, dx1, ds1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    torch.testing.assert_close(dx1, dx0, rtol=0, atol=0)
+    torch.testing.assert_close(ds1, ds0, rtol=1e-4, atol=1e-7)
+
+
 class LSQConv(torch.nn.Module):
     """A conv whose weight (per-channel) and input (per-tensor) go through lowbit.fake_quant."""
 

@@ -60,7 +60,10 @@ class LSQQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.initialized:  # from the values the quantizer sees: after the folded clip
             self.initialize(x if self.input_clip is None else nn.functional.hardtanh(x, *self.input_clip))
-        return fake_quant(x, _positive(self.step), self._bits, signed=self.signed, axis=self.axis, clip=self.input_clip)
+        # abs_step: the op uses |step| (lowbit.core.steps.positive_step), inside the op (see fake_quant's abs_step)
+        return fake_quant(
+            x, self.step, self._bits, signed=self.signed, axis=self.axis, clip=self.input_clip, abs_step=True
+        )
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:

@@ -76,11 +76,21 @@ def stays_fused(step: Tensor) -> bool:
     return step.numel() > 1
 
 
-def fake_quant(x: Tensor, step: Tensor, offset: Tensor | None, bits: int, signed: bool, axis: int, grad_scale):
+def fake_quant(
+    x: Tensor,
+    step: Tensor,
+    offset: Tensor | None,
+    bits: int,
+    signed: bool,
+    axis: int,
+    grad_scale,
+    abs_step: bool = False,
+):
     """``lowbit::fake_quant`` (SPEC section 1) in aten ops."""
     if stays_fused(step):
         return NotImplemented  # the op stays in the graph; Inductor calls it (fallback registered below)
     qmin, qmax = _range(bits, signed)
+    step = step.abs() if abs_step else step
     _assert_valid(step, "step", positive=True)
     shape = _channel_shape(x, step.numel(), axis)
     s = step.reshape(shape)
@@ -91,14 +101,16 @@ def fake_quant(x: Tensor, step: Tensor, offset: Tensor | None, bits: int, signed
     return (torch.clamp(torch.round(v), qmin, qmax) * s + beta).to(x.dtype)
 
 
-def fake_quant_backward(grad, x, step, offset, bits: int, signed: bool, axis: int, grad_scale: float):
+def fake_quant_backward(
+    grad, x, step, offset, bits: int, signed: bool, axis: int, grad_scale: float, abs_step: bool = False
+):
     """``lowbit::fake_quant_backward``: (dL/dx, dL/ds, dL/dbeta) of SPEC section 1 in aten ops."""
     if stays_fused(step):
         return NotImplemented
     qmin, qmax = _range(bits, signed)
     channels = step.numel()
     shape = _channel_shape(x, channels, axis)
-    s = step.reshape(shape)
+    s = (step.abs() if abs_step else step).reshape(shape)
     beta = offset.reshape(shape) if offset is not None else 0.0
     g = grad.float()
     v = (x.float() - beta) / s
@@ -107,6 +119,7 @@ def fake_quant_backward(grad, x, step, offset, bits: int, signed: bool, axis: in
     dq_ds = torch.where(inside, torch.round(v) - v, beyond)
     dx = torch.where(inside, g, 0.0).to(x.dtype)
     dstep = (_channel_sum(g * dq_ds, x, channels, axis) * grad_scale).to(step.dtype)
+    dstep = dstep * step.sign() if abs_step else dstep
     doffset = (_channel_sum(torch.where(inside, 0.0, g), x, channels, axis) * grad_scale).to(step.dtype)
     return dx, dstep, doffset
 

@@ -42,9 +42,10 @@ def _clip_arguments(lo: float, hi: float) -> dict:
 _NO_CLIP = (-math.inf, math.inf)
 
 
-def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, lo=-math.inf, hi=math.inf):
+def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, abs_step=False, lo=-math.inf, hi=math.inf):
     if x.numel() == 0:
         return torch.empty_like(x)
+    step = step.abs() if abs_step else step
     kernels = select(x.device).kernels
     qmin, qmax = quant_range(bits, signed)
     offset = None if offset is None else offset.contiguous()
@@ -56,9 +57,18 @@ def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, lo=-math.i
     return in_logical_order(y, order)
 
 
-def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_scale, lo=-math.inf, hi=math.inf):
+def _fake_quant_backward_impl(
+    grad, x, step, offset, bits, signed, axis, grad_scale, abs_step=False, lo=-math.inf, hi=math.inf
+):
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(step), torch.zeros_like(step)
+    dx, dstep, doffset = _launch_fake_quant_backward(
+        grad, x, step.abs() if abs_step else step, offset, bits, signed, axis, grad_scale, lo, hi
+    )
+    return dx, (dstep * step.sign() if abs_step else dstep), doffset
+
+
+def _launch_fake_quant_backward(grad, x, step, offset, bits, signed, axis, grad_scale, lo, hi):
     qmin, qmax = quant_range(bits, signed)
     kernels = select(x.device).kernels
     order = memory_order(x)
@@ -72,16 +82,22 @@ def _fake_quant_backward_impl(grad, x, step, offset, bits, signed, axis, grad_sc
     return in_logical_order(dx, order), dstep, doffset
 
 
+# abs_step: the op quantizes with |step| and hands back dL/dstep = sign(step) * dL/d|step|: a learned step that an
+# optimizer step pushed below zero keeps working (LSQQuantizer). Inside the op rather than as an aten abs/sign
+# around it, because Inductor keeps a per-channel (weight) call opaque and would otherwise put that lone abs into
+# the neighbouring generated kernel, so that otherwise identical kernels of identical layers differ and are each
+# compiled (MobileNet-v2 W4A4: 78 -> 67 C++ kernels; docs/compile.md).
 define(
-    "fake_quant(Tensor x, Tensor step, Tensor? offset, int bits, bool signed, int axis, float grad_scale) -> Tensor",
+    "fake_quant(Tensor x, Tensor step, Tensor? offset, int bits, bool signed, int axis, float grad_scale, "
+    "bool abs_step=False) -> Tensor",
     _fake_quant_impl,
-    lambda x, step, offset, bits, signed, axis, grad_scale: torch.empty_like(x),
+    lambda x, step, offset, bits, signed, axis, grad_scale, abs_step=False: torch.empty_like(x),
 )
 define(
     "fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int bits, bool signed, int axis, "
-    "float grad_scale) -> (Tensor, Tensor, Tensor)",
+    "float grad_scale, bool abs_step=False) -> (Tensor, Tensor, Tensor)",
     _fake_quant_backward_impl,
-    lambda grad, x, step, offset, bits, signed, axis, grad_scale: (
+    lambda grad, x, step, offset, bits, signed, axis, grad_scale, abs_step=False: (
         torch.empty_like(x),
         torch.empty_like(step),
         torch.empty_like(step),
@@ -90,16 +106,17 @@ define(
 
 
 def _fake_quant_setup_context(ctx, inputs, output):
-    x, step, offset, bits, signed, axis, grad_scale = inputs
+    x, step, offset, bits, signed, axis, grad_scale, *abs_step = inputs
     ctx.save_for_backward(x, step, offset)
-    ctx.config = (bits, signed, axis, grad_scale)
+    ctx.config = (bits, signed, axis, grad_scale, *abs_step)
 
 
 def _fake_quant_grad(ctx, grad):
     x, step, offset = ctx.saved_tensors
     backward = _fake_quant_backward_impl if plain_eager(grad) else torch.ops.lowbit.fake_quant_backward
     dx, dstep, doffset = backward(grad, x, step, offset, *ctx.config)
-    return dx, dstep, (doffset if offset is not None else None), None, None, None, None
+    nones = (None,) * len(ctx.config)  # bits, signed, axis, grad_scale and abs_step when given
+    return dx, dstep, (doffset if offset is not None else None), *nones
 
 
 torch.library.register_autograd(
@@ -128,16 +145,16 @@ class _FakeQuantClipped(torch.autograd.Function):
     into the quantizer that reads it). Plain eager mode only (``fake_quant`` composes hardtanh otherwise)."""
 
     @staticmethod
-    def forward(ctx, x, step, offset, bits, signed, axis, grad_scale, lo, hi):
+    def forward(ctx, x, step, offset, bits, signed, axis, grad_scale, abs_step, lo, hi):
         ctx.save_for_backward(x, step, offset)
-        ctx.config = (bits, signed, axis, grad_scale, lo, hi)
-        return _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, lo, hi)
+        ctx.config = (bits, signed, axis, grad_scale, abs_step, lo, hi)
+        return _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, abs_step, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
         x, step, offset = ctx.saved_tensors
         dx, dstep, doffset = _fake_quant_backward_impl(grad, x, step, offset, *ctx.config)
-        return dx, dstep, (doffset if offset is not None else None), None, None, None, None, None, None
+        return dx, dstep, (doffset if offset is not None else None), None, None, None, None, None, None, None
 
 
 def _channel_params(x: Tensor, step: Tensor, offset: Tensor | None, axis) -> tuple[Tensor, Tensor | None, int]:
@@ -182,12 +199,14 @@ def fake_quant(
     axis: int | None = None,
     grad_scale: float | None = None,
     clip: tuple[float, float] | None = None,
+    abs_step: bool = False,
 ) -> Tensor:
     """LSQ fake quantization ``y = clamp(round((x - offset) / step), Qn, Qp) * step + offset`` (SPEC section 1).
 
     Args:
         x: float32, float16 or bfloat16 tensor of any shape.
-        step: positive step size: 1 element (per-tensor) or ``x.shape[axis]`` elements (per-channel).
+        step: positive step size (any nonzero one with ``abs_step``): 1 element (per-tensor) or
+            ``x.shape[axis]`` elements (per-channel).
         bits: bit-width, 2..8.
         signed: signed range ``[-2^(b-1), 2^(b-1)-1]`` instead of ``[0, 2^b-1]``.
         offset: optional LSQ+ offset, 1 element or one per channel.
@@ -197,12 +216,16 @@ def fake_quant(
             outside the open interval). A ReLU6 (0, 6) or ReLU (0, inf) folded into the quantizer that reads it
             (``lowbit.fold_activation_clips``): one pass each way instead of two on the C++ CPU kernels; the other
             backends, and torch.compile (which fuses it anyway), apply the hardtanh first. The same values either way.
+        abs_step: quantize with ``|step|`` (the offset keeps its sign) and give step the gradient
+            ``sign(step) * dL/d|step|``: for a learned step, which an optimizer step may push below zero
+            (``LSQQuantizer``). The same values and gradients as passing ``step.abs()``, in one op.
 
     Returns ``y`` in x's dtype. Gradients flow to x (straight-through inside the range), step and offset.
     """
     checks.float_tensor("x", x)
     bits = checks.bits("bits", bits)
     signed = checks.flag("signed", signed)
+    abs_step = checks.flag("abs_step", abs_step)
     grad_scale = checks.grad_scale(grad_scale)
     clip = checks.clip(clip)
     step, offset, axis = _channel_params(x, step, offset, axis)
@@ -211,8 +234,8 @@ def fake_quant(
         grad_scale = 1.0 / math.sqrt(per_step * quant_range(bits, signed)[1]) if per_step else 1.0
     if clip is not None:
         if plain_eager(x) and select(x.device).name == "cpu":  # only the C++ kernels take the clip
-            return _FakeQuantClipped.apply(x, step, offset, bits, signed, axis, grad_scale, *clip)
+            return _FakeQuantClipped.apply(x, step, offset, bits, signed, axis, grad_scale, abs_step, *clip)
         x = torch.nn.functional.hardtanh(x, *clip)
     if torch.compiler.is_compiling():  # one op node with its registered autograd: Dynamo need not trace _FakeQuant
-        return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale)
-    return _FakeQuant.apply(x, step, offset, bits, signed, axis, grad_scale)
+        return torch.ops.lowbit.fake_quant(x, step, offset, bits, signed, axis, grad_scale, abs_step)
+    return _FakeQuant.apply(x, step, offset, bits, signed, axis, grad_scale, abs_step)
