@@ -11,7 +11,8 @@ backends (``aot_eager``, ``torch.export``) keep the custom ops.
 Numerics (SPEC sections 1 and 2) are those of the C++ kernels, operation by operation:
 ``v = (x - beta) / s`` (true division; beta = 0 without offset), ``q = clamp(round(v), Qn, Qp)`` (half to even),
 ``y = q * s + beta`` (two roundings; Inductor's C++ backend compiles with ``-ffp-contract=off``), multi-branch
-terms ``p_i * Q_i`` summed in branch order. So the compiled forward equals the eager one bit for bit. The
+terms ``p_i * Q_i`` summed in branch order; with ``abs_step`` the step is ``|step|`` and its gradient is multiplied
+by ``sign(step)``, as the eager launcher does. So the compiled forward equals the eager one bit for bit. The
 step/offset/prob gradients are the same formulas, each product rounded to float32 and summed in float64 (the
 reduction order differs from the kernels', which SPEC leaves free).
 

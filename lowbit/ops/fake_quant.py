@@ -85,8 +85,8 @@ def _launch_fake_quant_backward(grad, x, step, offset, bits, signed, axis, grad_
 # abs_step: the op quantizes with |step| and hands back dL/dstep = sign(step) * dL/d|step|: a learned step that an
 # optimizer step pushed below zero keeps working (LSQQuantizer). Inside the op rather than as an aten abs/sign
 # around it, because Inductor keeps a per-channel (weight) call opaque and would otherwise put that lone abs into
-# the neighbouring generated kernel, so that otherwise identical kernels of identical layers differ and are each
-# compiled (MobileNet-v2 W4A4: 78 -> 67 C++ kernels; docs/compile.md).
+# the generated kernel before the call, so that the otherwise identical kernels of identical layers differ and
+# each is compiled (docs/decisions.md, issue 16).
 define(
     "fake_quant(Tensor x, Tensor step, Tensor? offset, int bits, bool signed, int axis, float grad_scale, "
     "bool abs_step=False) -> Tensor",
