@@ -17,7 +17,7 @@ from torch import nn
 
 import lowbit
 from lowbit.models import create_model
-from lowbit.nn import FoldedClip, LSQQuantizer, QConv2d
+from lowbit.nn import FoldedClip, LSQQuantizer, MultiBranchQuantizer, QConv2d
 
 CLIPS = [(0.0, 6.0), (0.0, math.inf), (-1.5, 2.25)]
 EDGES = [0.0, -0.0, 6.0, -1.5, 2.25, 5.999, 6.001, -1e-30, 1e-30, math.nan, math.inf, -math.inf]
@@ -94,10 +94,12 @@ def test_bad_clip_is_rejected_naming_it(clip, error):
 # ---- fold_activation_clips on models ------------------------------------------------------------------------
 
 
-def _pair(arch: str):
+def _pair(arch: str, **quant):
     torch.manual_seed(0)
     fp = create_model(arch, num_classes=10, small_input=True)
-    return lowbit.quantize(copy.deepcopy(fp), 4, 4, fold_clips=False), lowbit.quantize(copy.deepcopy(fp), 4, 4)
+    quant = quant or {"a_bits": 4}
+    unfolded = lowbit.quantize(copy.deepcopy(fp), 4, fold_clips=False, **quant)
+    return unfolded, lowbit.quantize(copy.deepcopy(fp), 4, **quant)
 
 
 def _train_step(model, x, y, seed):
@@ -107,9 +109,13 @@ def _train_step(model, x, y, seed):
     return loss.detach()
 
 
-@pytest.mark.parametrize("arch, folds", [("mobilenet_v2", 34), ("resnet18", 8)])
-def test_folded_model_trains_exactly_like_the_unfolded_one(arch, folds):
-    unfolded, folded = _pair(arch)
+@pytest.mark.parametrize(
+    "arch, folds, quant",
+    [("mobilenet_v2", 34, {}), ("resnet18", 8, {}), ("mobilenet_v2", 34, {"multi_branch": (2, 4, 8)})],
+    ids=["mobilenet_v2", "resnet18", "mobilenet_v2-metamix"],
+)
+def test_folded_model_trains_exactly_like_the_unfolded_one(arch, folds, quant):
+    unfolded, folded = _pair(arch, **quant)
     assert sum(isinstance(m, FoldedClip) for m in folded.modules()) == folds
     assert not any(isinstance(m, FoldedClip) for m in unfolded.modules())
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
@@ -118,8 +124,9 @@ def test_folded_model_trains_exactly_like_the_unfolded_one(arch, folds):
     grads = dict(unfolded.named_parameters())
     for name, p in folded.named_parameters():
         assert torch.equal(p.grad, grads[name].grad), name
-    signs = [m.signed for m in unfolded.modules() if isinstance(m, LSQQuantizer)]
-    assert signs == [m.signed for m in folded.modules() if isinstance(m, LSQQuantizer)]
+    quantizers = (LSQQuantizer, MultiBranchQuantizer)
+    signs = [m.signed for m in unfolded.modules() if isinstance(m, quantizers)]
+    assert signs == [m.signed for m in folded.modules() if isinstance(m, quantizers)]
     assert folded.state_dict().keys() == unfolded.state_dict().keys()
 
 
@@ -145,7 +152,8 @@ def test_convert_of_a_folded_model_equals_convert_of_the_unfolded_one():
 
 
 class _TwoReaders(nn.Module):
-    """ReLU6 read twice; an in-place ReLU whose input is read again; a multi-branch reader; one foldable ReLU."""
+    """ReLU6 read twice; an in-place ReLU whose input is read again; a multi-branch (MetaMix) reader and a plain
+    one, both foldable."""
 
     def __init__(self):
         super().__init__()
@@ -166,11 +174,12 @@ class _TwoReaders(nn.Module):
         return self.d(self.act_ok(x))
 
 
-def test_fold_leaves_shared_inplace_and_multi_branch_readers_alone():
+def test_fold_leaves_shared_and_inplace_readers_alone_and_folds_multi_branch_ones():
     model = _TwoReaders()
-    assert lowbit.fold_activation_clips(model) == [("act_ok", "d")]
-    assert model.d.act_quant.input_clip == (0.0, 6.0)
+    assert lowbit.fold_activation_clips(model) == [("act_mb", "mb"), ("act_ok", "d")]
+    assert model.d.act_quant.input_clip == (0.0, 6.0) and model.mb.act_quant.input_clip == (0.0, math.inf)
     assert isinstance(model.act_shared, nn.ReLU6) and isinstance(model.act_inplace, nn.ReLU)
+    assert lowbit.unfold_activation_clips(model) == 2 and model.mb.act_quant.input_clip is None
 
 
 class _Untraceable(nn.Module):

@@ -261,6 +261,21 @@ def test_fresh_run_starts_a_fresh_log(data, tmp_path):
     assert len(open(tmp_path / "log.jsonl").read().splitlines()) == 4
 
 
+def test_folded_clips_move_to_the_single_branch_layers(data):
+    """The ReLUs folded into the multi-branch quantizers during the search end up folded into the chosen LSQ
+    layers (not clipped twice, not left to the activations), and the result computes what its unfolded copy does."""
+    train, test = loaders(data)
+    model, _ = MetaMix(deeper_net(), train, test, config(mode="uniform", fp_epochs=0, search_epochs=1)).fit()
+    clips = [m for m in model.modules() if isinstance(m, lowbit.nn.FoldedClip)]
+    assert len(clips) == 5 and all(m.clipped_by_reader() for m in clips)
+    readers = [m.act_quant for m in model.modules() if isinstance(m, lowbit.nn.QConv2d) and m.act_quant.input_clip]
+    assert len(readers) == 5 and all(type(q) is lowbit.nn.LSQQuantizer for q in readers)
+    unfolded = copy.deepcopy(model)
+    assert lowbit.unfold_activation_clips(unfolded) == 5
+    with torch.no_grad():
+        assert torch.equal(model.eval()(data[2]), unfolded.eval()(data[2]))
+
+
 def test_uniform_width_is_the_widest_within_target(data):
     train, test = loaders(data)
     trainer = MetaMix(tiny_net(), train, test, config(mode="uniform", target_bits=5.0))

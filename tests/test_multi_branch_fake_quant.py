@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import reference as ref
 import torch
 from conftest import DEVICE, backend_variants, interpreted
 from test_fake_quant import DTYPES, close_sum
+from torch import nn
 
 import lowbit
 
@@ -90,3 +94,68 @@ def test_large_sums_stay_accurate(backend):
     AVX2: 1.3e-7)."""
     x, steps, probs, grad = _inputs((8, 32, 56, 56), (2, 4, 8), False, torch.float32, "softmax", seed=2)
     check_multi_branch(x, steps, probs, [2, 4, 8], False, grad, cancel_allowance=False)
+
+
+# ---- the folded clip (a ReLU / ReLU6 in front of MetaMix's mixture, lowbit.fold_activation_clips) -------------
+
+CLIPS = [(0.0, 6.0), (0.0, math.inf), (-1.5, 2.25)]
+EDGES = [0.0, -0.0, 6.0, -1.5, 2.25, 5.999, 6.001, -1e-30, 1e-30, math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("clip", CLIPS, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (1023,)], ids=lambda s: "x".join(map(str, s)))
+def test_clip_matches_hardtanh_then_the_mixture(backend, clip, dtype, shape):
+    """NumPy reference: the mixture of hardtanh(x); dx as torch's hardtanh backward gives it (passed on inside
+    the open interval, zero elsewhere and for NaN)."""
+    bits, signed = [2, 4, 8], clip[0] < 0
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=gen) * 4).to(dtype)
+    x.view(-1)[: len(EDGES)] = torch.tensor(EDGES).to(dtype)
+    grad = torch.randn(shape, generator=gen).to(dtype)
+    steps = torch.tensor([0.4, 0.11, 0.017])
+    probs = torch.softmax(torch.randn(3, generator=gen), 0)
+    xs, ss, ps = (t.to(DEVICE).requires_grad_(True) for t in (x, steps, probs))
+    y = lowbit.multi_branch_fake_quant(xs, ss, ps, bits, signed=signed, clip=clip)
+    y.backward(grad.to(DEVICE))
+
+    lo, hi = clip
+    xn = ref.as_np(x)
+    with np.errstate(invalid="ignore"):
+        clipped = torch.from_numpy(np.clip(xn, lo, hi)).to(dtype)  # exact in x's dtype: the bounds are
+        want = ref.multi_branch(clipped, steps, probs, bits, signed, grad=grad)
+        want.dx = np.where((xn > lo) & (xn < hi), want.dx, 0.0)
+    torch.testing.assert_close(y.cpu(), ref.to_dtype(want.y, dtype), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(xs.grad.cpu(), ref.to_dtype(want.dx, dtype), rtol=0, atol=0, equal_nan=True)
+    close_sum(ss.grad, want.dsteps, want.dsteps_scale, "dsteps")
+    close_sum(ps.grad, want.dprobs, want.dprobs_scale, "dprobs")
+
+
+def test_clip_equals_hardtanh_then_the_op_bit_for_bit(backend):
+    """The folded clip and hardtanh + the op give the same bits, signed zeros and gradients included (same
+    backend, same sums): what makes a folded MetaMix model train exactly like the unfolded one."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, 9, 9, generator=gen) * 4
+    x.view(-1)[: len(EDGES)] = torch.tensor(EDGES)
+    g = torch.randn(x.shape, generator=gen)
+    g.view(-1)[: len(EDGES)] = -1.0  # negative: where the mixture's dx is -0.0, hardtanh's backward decides the sign
+    outs = []
+    for folded in (True, False):
+        xi = x.clone().to(DEVICE).requires_grad_(True)
+        steps = torch.tensor([0.3, 0.05], device=DEVICE, requires_grad=True)
+        probs = torch.tensor([0.6, 0.4], device=DEVICE, requires_grad=True)
+        xq = xi if folded else nn.functional.hardtanh(xi, 0.0, 6.0)
+        y = lowbit.multi_branch_fake_quant(xq, steps, probs, [3, 6], clip=(0.0, 6.0) if folded else None)
+        y.backward(g.to(DEVICE))
+        outs.append([t.detach().cpu().view(torch.int32) for t in (y, xi.grad, steps.grad, probs.grad)])
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "clip, error",
+    [((0.0,), TypeError), ((0.0, "6"), TypeError), ((6.0, 0.0), ValueError), ((math.nan, 6.0), ValueError)],
+)
+def test_bad_clip_is_rejected_naming_it(clip, error):
+    with pytest.raises(error, match="clip"):
+        lowbit.multi_branch_fake_quant(torch.randn(4), torch.tensor([0.1, 0.2]), torch.ones(2), [2, 4], clip=clip)

@@ -9,6 +9,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "bind.h"
@@ -21,7 +23,8 @@ namespace {
 constexpr int64_t kChunk = 1 << 15;
 
 Branches branches_of(const at::Tensor& steps, const at::Tensor& probs, c10::IntArrayRef qmin,
-                     c10::IntArrayRef qmax) {
+                     c10::IntArrayRef qmax, double clip_lo, double clip_hi) {
+  TORCH_CHECK(!(clip_lo >= clip_hi), "lowbit._C.cpu: clip_lo must be below clip_hi");  // also rejects NaN
   const int64_t count = steps.numel();
   TORCH_CHECK(count >= 1 && count <= kMaxBranches, "lowbit._C.cpu: 1..", kMaxBranches, " branches, got ", count);
   TORCH_CHECK(steps.scalar_type() == at::kFloat && probs.scalar_type() == at::kFloat && probs.numel() == count &&
@@ -37,13 +40,17 @@ Branches branches_of(const at::Tensor& steps, const at::Tensor& probs, c10::IntA
     b.lo[i] = static_cast<float>(qmin[i]);
     b.hi[i] = static_cast<float>(qmax[i]);
   }
+  b.clip_lo = static_cast<float>(clip_lo);
+  b.clip_hi = static_cast<float>(clip_hi);
+  b.clipped = std::isfinite(clip_lo) || std::isfinite(clip_hi);
   return b;
 }
 
 at::Tensor multi_branch_fake_quant_forward(const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
-                                           const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax) {
+                                           const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax,
+                                           double clip_lo, double clip_hi) {
   TORCH_CHECK(x.is_contiguous(), "lowbit._C.cpu: x must be contiguous");
-  const Branches b = branches_of(steps, probs, qmin, qmax);
+  const Branches b = branches_of(steps, probs, qmin, qmax, clip_lo, clip_hi);
   at::Tensor y = at::empty_like(x);
   LOWBIT_DISPATCH_FLOAT(x.scalar_type(), "lowbit_multi_branch_forward", [&] {
     const auto k = multi_branch_kernels<scalar_t>(active_isa());
@@ -58,11 +65,12 @@ at::Tensor multi_branch_fake_quant_forward(const at::Tensor& x, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_fake_quant_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& steps, const at::Tensor& probs,
-    const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax, const std::vector<double>& grad_scale) {
+    const std::vector<int64_t>& qmin, const std::vector<int64_t>& qmax, const std::vector<double>& grad_scale,
+    double clip_lo, double clip_hi) {
   TORCH_CHECK(x.is_contiguous() && grad.is_contiguous() && grad.sizes() == x.sizes() &&
                   grad.scalar_type() == x.scalar_type(),
               "lowbit._C.cpu: grad and x must be contiguous with the same shape and dtype");
-  const Branches b = branches_of(steps, probs, qmin, qmax);
+  const Branches b = branches_of(steps, probs, qmin, qmax, clip_lo, clip_hi);
   TORCH_CHECK(static_cast<int>(grad_scale.size()) == b.count, "lowbit._C.cpu: one grad_scale per branch");
   at::Tensor dx = at::empty_like(x);
   const int64_t tasks = (x.numel() + kChunk - 1) / kChunk;
@@ -95,10 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_branch_fake_quant_backward(
 void bind_multi_branch_fake_quant(pybind11::module_& m) {
   using lowbit::ReleaseGil;
   using namespace pybind11::literals;  // "x"_a: argument names for help() and keyword calls
+  constexpr double kInf = std::numeric_limits<double>::infinity();  // no clip: a hardtanh folded in, if any
   m.def("multi_branch_fake_quant_forward", &multi_branch_fake_quant_forward, ReleaseGil(),
-        "x"_a, "steps"_a, "probs"_a, "qmin"_a, "qmax"_a);
+        "x"_a, "steps"_a, "probs"_a, "qmin"_a, "qmax"_a, "clip_lo"_a = -kInf, "clip_hi"_a = kInf);
   m.def("multi_branch_fake_quant_backward", &multi_branch_fake_quant_backward, ReleaseGil(),
-        "grad"_a, "x"_a, "steps"_a, "probs"_a, "qmin"_a, "qmax"_a, "grad_scale"_a);
+        "grad"_a, "x"_a, "steps"_a, "probs"_a, "qmin"_a, "qmax"_a, "grad_scale"_a, "clip_lo"_a = -kInf,
+        "clip_hi"_a = kInf);
 }
 
 }  // namespace lowbit::cpu

@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "cpu/isa.h"
 
@@ -16,6 +17,9 @@ constexpr int kMaxBranches = 7;  // bits 2..8, each at most once
 struct Branches {
   int count;
   float step[kMaxBranches], prob[kMaxBranches], lo[kMaxBranches], hi[kMaxBranches];
+  // A hardtanh(x, clip_lo, clip_hi) folded in front of every branch (a ReLU / ReLU6); `clipped` when finite.
+  float clip_lo = -std::numeric_limits<float>::infinity(), clip_hi = std::numeric_limits<float>::infinity();
+  bool clipped = false;
 };
 
 template <class T>

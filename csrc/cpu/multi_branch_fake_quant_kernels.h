@@ -10,13 +10,15 @@ namespace {
 
 template <class V, int B>
 struct BranchRegs {
-  typename V::Reg step[B], prob[B], zero;
-  QuantRange range[B];
-  explicit BranchRegs(const Branches& b) : zero(V::zero()) {
+  typename V::Reg step[B], prob[B], zero, clip_lo, clip_hi;
+  QuantRange range[B];  // carries the clip: quantize and gradients clip x first, as fake_quant's kernels do
+  bool clipped;
+  explicit BranchRegs(const Branches& b)
+      : zero(V::zero()), clip_lo(V::set1(b.clip_lo)), clip_hi(V::set1(b.clip_hi)), clipped(b.clipped) {
     for (int i = 0; i < B; ++i) {
       step[i] = V::set1(b.step[i]);
       prob[i] = V::set1(b.prob[i]);
-      range[i] = {b.lo[i], b.hi[i]};
+      range[i] = {b.lo[i], b.hi[i], b.clip_lo, b.clip_hi};
     }
   }
 };
@@ -54,7 +56,11 @@ int64_t multi_backward_part(const T* g, const T* x, T* dx, int64_t n, const Bran
         acc_prob[k] = V::add(acc_prob[k], V::mul(gv, V::mul(d.q, r.step[k])));
         coef = V::add(coef, V::select(d.inside, r.prob[k], r.zero));
       }
-      V::store(dx + i, V::mul(gv, coef));
+      auto dxv = V::mul(gv, coef);
+      // hardtanh's backward, as torch computes it: passed on inside the open interval, +0 elsewhere and for NaN.
+      // Only with a clip: without one, x = +-inf keeps g * 0 (a signed zero) as before.
+      if (r.clipped) dxv = V::select(V::both(V::lt(r.clip_lo, xv), V::lt(xv, r.clip_hi)), dxv, r.zero);
+      V::store(dx + i, dxv);
     }
     for (int k = 0; k < B; ++k) {
       sums[k] += V::sum(acc_step[k]);

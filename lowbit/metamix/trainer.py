@@ -28,6 +28,7 @@ from lowbit.metamix.steps import StepContext, frozen_bn_stats, joint_step, metam
 from lowbit.nn.layers import QConv2d, QLinear
 from lowbit.nn.quantizers import LSQQuantizer
 from lowbit.tools.bops import bops
+from lowbit.tools.fold import fold_activation_clips, unfold_activation_clips
 from lowbit.tools.quantize import float_layer_names, quantize
 from lowbit.tools.train import JsonLog, evaluate, make_optimizer, run_epoch, set_seed
 
@@ -185,8 +186,11 @@ class MetaMix:
         """The weight-training structure: every multi-branch layer as one LSQ layer at its chosen bits. After a
         float-weight search the weight quantizers come back here, their steps initialised from the weights."""
         restored = _quantized_weights(model)
+        refold = unfold_activation_clips(model) > 0  # the clips folded into the mixtures move to the LSQ layers
         for name, layer in multi_branch_layers(model):
             model.set_submodule(name, layer.to_single_branch(bits[name]))
+        if refold:
+            fold_activation_clips(model, strict=False)
         if restored:
             _calibrate(model, self.calib)
         return model

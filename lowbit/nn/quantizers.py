@@ -96,7 +96,9 @@ class FoldedClip(nn.Module):
         self.kind, self.clip = kind, clip
         self.attach(None, "", None)
 
-    def attach(self, parent: nn.Module | None, name: str, quantizer: LSQQuantizer | None) -> None:
+    def attach(
+        self, parent: nn.Module | None, name: str, quantizer: LSQQuantizer | MultiBranchQuantizer | None
+    ) -> None:
         """Records the quantizer that clips instead: ``getattr(parent, name).act_quant``. Plain references, not
         submodules (they are the model's own modules elsewhere in the tree)."""
         object.__setattr__(self, "reader", (parent, name, quantizer))
@@ -134,6 +136,7 @@ class MultiBranchQuantizer(nn.Module):
         self.steps = nn.Parameter(torch.ones(len(self.bits)))
         self.alpha = nn.Parameter(torch.zeros(len(self.bits)))
         self.initialized = False
+        self.input_clip: tuple[float, float] | None = None  # a folded ReLU / ReLU6, as LSQQuantizer.input_clip
 
     def probs(self) -> torch.Tensor:
         return torch.softmax(self.alpha, dim=0)
@@ -146,9 +149,11 @@ class MultiBranchQuantizer(nn.Module):
         return self.bits[int(torch.argmax(self.alpha))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.initialized:
-            self.initialize(x)
-        return multi_branch_fake_quant(x, _positive(self.steps), self.probs(), self.bits, signed=self.signed)
+        if not self.initialized:  # from the values the quantizer sees: after the folded clip
+            self.initialize(x if self.input_clip is None else nn.functional.hardtanh(x, *self.input_clip))
+        return multi_branch_fake_quant(
+            x, _positive(self.steps), self.probs(), self.bits, signed=self.signed, clip=self.input_clip
+        )
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -175,4 +180,5 @@ class MultiBranchQuantizer(nn.Module):
         self.bits, self.signed, self.initialized = list(state["bits"]), state["signed"], state["initialized"]
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}"
+        clip = "" if self.input_clip is None else f", input_clip={self.input_clip}"
+        return f"bits={self.bits}, signed={self.signed}{clip}"

@@ -33,18 +33,28 @@ def _branch_ranges(bits: list[int], signed: bool) -> tuple[list[int], list[int]]
     return [lo for lo, _ in ranges], [hi for _, hi in ranges]
 
 
-def _multi_branch_impl(x, steps, probs, bits, signed, grad_scale):
+def _clip_arguments(lo: float, hi: float) -> dict:
+    """The C++ kernels' clip keywords; none at all for the default, which every backend takes."""
+    return {} if (lo, hi) == _NO_CLIP else {"clip_lo": lo, "clip_hi": hi}
+
+
+_NO_CLIP = (-math.inf, math.inf)
+
+
+def _multi_branch_impl(x, steps, probs, bits, signed, grad_scale, lo=-math.inf, hi=math.inf):
     if x.numel() == 0:
         return torch.empty_like(x)
     kernels = select(x.device).kernels  # checks the values of steps and probs
     qmin, qmax = _branch_ranges(bits, signed)
     order = memory_order(x)
     xm = in_memory_order(x, order)
-    y = kernels.multi_branch_fake_quant_forward(xm, steps.contiguous(), probs.contiguous(), qmin, qmax)
+    y = kernels.multi_branch_fake_quant_forward(
+        xm, steps.contiguous(), probs.contiguous(), qmin, qmax, **_clip_arguments(lo, hi)
+    )
     return in_logical_order(y, order)
 
 
-def _multi_branch_backward_impl(grad, x, steps, probs, bits, signed, grad_scale):
+def _multi_branch_backward_impl(grad, x, steps, probs, bits, signed, grad_scale, lo=-math.inf, hi=math.inf):
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(steps), torch.zeros_like(probs)
     qmin, qmax = _branch_ranges(bits, signed)
@@ -57,6 +67,7 @@ def _multi_branch_backward_impl(grad, x, steps, probs, bits, signed, grad_scale)
         qmin,
         qmax,
         grad_scale,
+        **_clip_arguments(lo, hi),
     )
     return in_logical_order(dx, order), dsteps, dprobs
 
@@ -117,6 +128,7 @@ def multi_branch_fake_quant(
     *,
     signed: bool = False,
     grad_scale=None,
+    clip: tuple[float, float] | None = None,
 ) -> Tensor:
     """Multi-branch quantizer ``y = sum_i probs[i] * Q(x; steps[i], bits[i])`` (SPEC section 2).
 
@@ -128,6 +140,9 @@ def multi_branch_fake_quant(
         signed: signedness shared by every branch.
         grad_scale: LSQ gradient scale, one float for all branches or one per branch; default
             ``1/sqrt(numel * Qp_i)`` per branch.
+        clip: ``(lo, hi)``: quantize ``hardtanh(x, lo, hi)`` instead of x, with hardtanh's gradient, as
+            ``fake_quant``'s clip: one pass each way on the C++ CPU kernels, hardtanh then the op elsewhere; the
+            same values and gradients either way.
 
     Gradients flow to x, steps (``p_i * gs_i * sum g dQ_i/ds_i``) and probs (``sum g * Q_i``).
     """
@@ -137,6 +152,11 @@ def multi_branch_fake_quant(
     steps = checks.branch_vector("steps", steps, x, len(bits))
     probs = checks.branch_vector("probs", probs, x, len(bits))
     scales = _branch_grad_scales(grad_scale, bits, signed, x.numel())
+    clip = checks.clip(clip)
+    if clip is not None:
+        if plain_eager(x) and select(x.device).name == "cpu":  # only the C++ kernels take the clip
+            return _MultiBranchClipped.apply(x, steps, probs, bits, signed, scales, *clip)
+        x = torch.nn.functional.hardtanh(x, *clip)
     if torch.compiler.is_compiling():  # one op node with its registered autograd (see fake_quant)
         return torch.ops.lowbit.multi_branch_fake_quant(x, steps, probs, bits, signed, scales)
     return _MultiBranch.apply(x, steps, probs, bits, signed, scales)
@@ -153,3 +173,20 @@ class _MultiBranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _multi_branch_grad(ctx, grad)
+
+
+class _MultiBranchClipped(torch.autograd.Function):
+    """``multi_branch_fake_quant(hardtanh(x, lo, hi))`` in one pass each way on the C++ kernels (a ReLU6 folded
+    into the MetaMix quantizer that reads it). Plain eager mode only, as ``_FakeQuantClipped``."""
+
+    @staticmethod
+    def forward(ctx, x, steps, probs, bits, signed, grad_scale, lo, hi):
+        ctx.save_for_backward(x, steps, probs)
+        ctx.config = (bits, signed, grad_scale, lo, hi)
+        return _multi_branch_impl(x, steps, probs, bits, signed, grad_scale, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, steps, probs = ctx.saved_tensors
+        dx, dsteps, dprobs = _multi_branch_backward_impl(grad, x, steps, probs, *ctx.config)
+        return dx, dsteps, dprobs, None, None, None, None, None

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from lowbit.nn.layers import QConv2d, QLinear
-from lowbit.nn.quantizers import FoldedClip, LSQQuantizer
+from lowbit.nn.quantizers import FoldedClip, LSQQuantizer, MultiBranchQuantizer
 from lowbit.tools.fx_graph import called_module, module_calls, only_user
 
 _CLIPS = {nn.ReLU: ("ReLU", (0.0, math.inf)), nn.ReLU6: ("ReLU6", (0.0, 6.0))}
 _ACTIVATION_OF = {"ReLU": nn.ReLU, "ReLU6": nn.ReLU6}
+_CLIPPING_QUANTIZERS = (LSQQuantizer, MultiBranchQuantizer)  # the activation quantizers that take input_clip
 
 
 class _LayerTracer(torch.fx.Tracer):
@@ -29,10 +30,10 @@ class _LayerTracer(torch.fx.Tracer):
 
 
 def fold_activation_clips(model: nn.Module, *, strict: bool = True) -> list[tuple[str, str]]:
-    """Folds every ``nn.ReLU`` / ``nn.ReLU6`` whose output is read only by a ``QConv2d`` / ``QLinear`` (single
-    branch, ``LSQQuantizer`` activations) into that layer's activation quantizer, in place: the quantizer gets
-    ``input_clip`` (0, inf) or (0, 6) and the activation is replaced by ``FoldedClip`` (the identity). The model
-    computes the same values and gradients.
+    """Folds every ``nn.ReLU`` / ``nn.ReLU6`` whose output is read only by a ``QConv2d`` / ``QLinear`` (an
+    ``LSQQuantizer`` or, in MetaMix's multi-branch layers, a ``MultiBranchQuantizer`` on its input) into that
+    layer's activation quantizer, in place: the quantizer gets ``input_clip`` (0, inf) or (0, 6) and the
+    activation is replaced by ``FoldedClip`` (the identity). The model computes the same values and gradients.
 
     The graph comes from ``torch.fx`` with the quantized layers as leaves; an activation module called in more than
     one place, or in place on a tensor something else reads, is left alone. Idempotent. Returns (activation name,
@@ -74,7 +75,7 @@ def unfold_activation_clips(model: nn.Module) -> int:
     for name, kind in restored:
         model.set_submodule(name, _ACTIVATION_OF[kind]())
     for m in model.modules():
-        if isinstance(m, LSQQuantizer):
+        if isinstance(m, (LSQQuantizer, MultiBranchQuantizer)):
             m.input_clip = None
     return len(restored)
 
@@ -88,7 +89,6 @@ def _foldable(model: nn.Module, calls: dict, node) -> str | None:
     if activation.inplace and not (isinstance(source, torch.fx.Node) and len(source.users) == 1):
         return None  # in place: the input's other readers see the clip
     user, layer = only_user(model, calls, node)
-    # exact types: the multi-branch layers (subclasses) mix several quantizers
-    if type(layer) not in (QConv2d, QLinear) or not isinstance(layer.act_quant, LSQQuantizer):
+    if not isinstance(layer, (QConv2d, QLinear)) or not isinstance(layer.act_quant, _CLIPPING_QUANTIZERS):
         return None
     return user.target if layer.act_quant.input_clip is None else None
