@@ -18,6 +18,7 @@ from lowbit.core import checks
 from lowbit.core.ranges import quant_range
 from lowbit.ops.library import (
     LIB,
+    clip_arguments,
     define,
     in_logical_order,
     in_memory_order,
@@ -34,14 +35,6 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _clip_arguments(lo: float, hi: float) -> dict:
-    """The C++ kernels' clip keywords; none at all for the default, which every backend takes."""
-    return {} if (lo, hi) == _NO_CLIP else {"clip_lo": lo, "clip_hi": hi}
-
-
-_NO_CLIP = (-math.inf, math.inf)
-
-
 def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, abs_step=False, lo=-math.inf, hi=math.inf):
     if x.numel() == 0:
         return torch.empty_like(x)
@@ -53,7 +46,7 @@ def _fake_quant_impl(x, step, offset, bits, signed, axis, grad_scale, abs_step=F
     xm = in_memory_order(x, order)
     axis = axis if order is None else order.index(axis)
     inner = inner_size(xm, step.numel(), axis)
-    y = kernels.fake_quant_forward(xm, step.contiguous(), offset, qmin, qmax, inner, **_clip_arguments(lo, hi))
+    y = kernels.fake_quant_forward(xm, step.contiguous(), offset, qmin, qmax, inner, **clip_arguments(lo, hi))
     return in_logical_order(y, order)
 
 
@@ -77,7 +70,7 @@ def _launch_fake_quant_backward(grad, x, step, offset, bits, signed, axis, grad_
     inner = inner_size(xm, step.numel(), axis)
     offset = None if offset is None else offset.contiguous()
     dx, dstep, doffset = kernels.fake_quant_backward(
-        gm, xm, step.contiguous(), offset, qmin, qmax, inner, grad_scale, **_clip_arguments(lo, hi)
+        gm, xm, step.contiguous(), offset, qmin, qmax, inner, grad_scale, **clip_arguments(lo, hi)
     )
     return in_logical_order(dx, order), dstep, doffset
 

@@ -77,6 +77,12 @@ def in_logical_order(t: Tensor, order: list[int] | None) -> Tensor:
     return t if order is None else t.permute(sorted(range(len(order)), key=order.__getitem__))
 
 
+def clip_arguments(lo: float, hi: float) -> dict:
+    """The C++ kernels' clip keywords (a hardtanh folded in front of the quantizer); none at all for the default,
+    which every backend takes."""
+    return {} if (lo, hi) == (-math.inf, math.inf) else {"clip_lo": lo, "clip_hi": hi}
+
+
 def inner_size(x: Tensor, channels: int, axis: int) -> int:
     """Elements after ``axis`` in x: the stride of the channel index when x is viewed as (outer, C, inner)."""
     return math.prod(x.shape[axis + 1 :]) if channels > 1 else 1

@@ -13,6 +13,7 @@ from lowbit.core import checks
 from lowbit.core.ranges import quant_range
 from lowbit.ops.library import (
     LIB,
+    clip_arguments,
     define,
     in_logical_order,
     in_memory_order,
@@ -33,14 +34,6 @@ def _branch_ranges(bits: list[int], signed: bool) -> tuple[list[int], list[int]]
     return [lo for lo, _ in ranges], [hi for _, hi in ranges]
 
 
-def _clip_arguments(lo: float, hi: float) -> dict:
-    """The C++ kernels' clip keywords; none at all for the default, which every backend takes."""
-    return {} if (lo, hi) == _NO_CLIP else {"clip_lo": lo, "clip_hi": hi}
-
-
-_NO_CLIP = (-math.inf, math.inf)
-
-
 def _multi_branch_impl(x, steps, probs, bits, signed, grad_scale, lo=-math.inf, hi=math.inf):
     if x.numel() == 0:
         return torch.empty_like(x)
@@ -49,7 +42,7 @@ def _multi_branch_impl(x, steps, probs, bits, signed, grad_scale, lo=-math.inf, 
     order = memory_order(x)
     xm = in_memory_order(x, order)
     y = kernels.multi_branch_fake_quant_forward(
-        xm, steps.contiguous(), probs.contiguous(), qmin, qmax, **_clip_arguments(lo, hi)
+        xm, steps.contiguous(), probs.contiguous(), qmin, qmax, **clip_arguments(lo, hi)
     )
     return in_logical_order(y, order)
 
@@ -67,7 +60,7 @@ def _multi_branch_backward_impl(grad, x, steps, probs, bits, signed, grad_scale,
         qmin,
         qmax,
         grad_scale,
-        **_clip_arguments(lo, hi),
+        **clip_arguments(lo, hi),
     )
     return in_logical_order(dx, order), dsteps, dprobs
 

@@ -75,7 +75,7 @@ def unfold_activation_clips(model: nn.Module) -> int:
     for name, kind in restored:
         model.set_submodule(name, _ACTIVATION_OF[kind]())
     for m in model.modules():
-        if isinstance(m, (LSQQuantizer, MultiBranchQuantizer)):
+        if isinstance(m, _CLIPPING_QUANTIZERS):
             m.input_clip = None
     return len(restored)
 
