@@ -10,6 +10,7 @@ import reference as ref
 import torch
 from conftest import DEVICE, backend_variants, interpreted
 from test_fake_quant import DTYPES, close_sum
+from test_fold import CLIPS, EDGES
 from torch import nn
 
 import lowbit
@@ -97,9 +98,6 @@ def test_large_sums_stay_accurate(backend):
 
 
 # ---- the folded clip (a ReLU / ReLU6 in front of MetaMix's mixture, lowbit.fold_activation_clips) -------------
-
-CLIPS = [(0.0, 6.0), (0.0, math.inf), (-1.5, 2.25)]
-EDGES = [0.0, -0.0, 6.0, -1.5, 2.25, 5.999, 6.001, -1e-30, 1e-30, math.nan, math.inf, -math.inf]
 
 
 @pytest.mark.parametrize("clip", CLIPS, ids=lambda c: f"{c[0]}-{c[1]}")
