@@ -25,6 +25,7 @@ from lowbit.ops.library import (
     inner_size,
     memory_order,
     plain_eager,
+    takes_fused_clip,
 )
 
 Tensor = torch.Tensor
@@ -226,7 +227,7 @@ def fake_quant(
         per_step = x.numel() // max(step.numel(), 1)
         grad_scale = 1.0 / math.sqrt(per_step * quant_range(bits, signed)[1]) if per_step else 1.0
     if clip is not None:
-        if plain_eager(x) and select(x.device).name == "cpu":  # only the C++ kernels take the clip
+        if takes_fused_clip(x):
             return _FakeQuantClipped.apply(x, step, offset, bits, signed, axis, grad_scale, abs_step, *clip)
         x = torch.nn.functional.hardtanh(x, *clip)
     if torch.compiler.is_compiling():  # one op node with its registered autograd: Dynamo need not trace _FakeQuant

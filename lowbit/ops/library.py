@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from lowbit.backends import select
 from lowbit.ops.decompositions import register_inductor_decompositions
 
 Tensor = torch.Tensor
@@ -75,6 +76,12 @@ def in_memory_order(t: Tensor, order: list[int] | None) -> Tensor:
 
 def in_logical_order(t: Tensor, order: list[int] | None) -> Tensor:
     return t if order is None else t.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
+def takes_fused_clip(x: Tensor) -> bool:
+    """Whether a quantizer call on x can run its clip inside the kernel: plain eager mode (``plain_eager``) on the
+    C++ CPU backend, the only one whose kernels take the clip (the others apply hardtanh first)."""
+    return plain_eager(x) and select(x.device).name == "cpu"
 
 
 def clip_arguments(lo: float, hi: float) -> dict:

@@ -19,6 +19,7 @@ from lowbit.ops.library import (
     in_memory_order,
     memory_order,
     plain_eager,
+    takes_fused_clip,
 )
 
 Tensor = torch.Tensor
@@ -147,7 +148,7 @@ def multi_branch_fake_quant(
     scales = _branch_grad_scales(grad_scale, bits, signed, x.numel())
     clip = checks.clip(clip)
     if clip is not None:
-        if plain_eager(x) and select(x.device).name == "cpu":  # only the C++ kernels take the clip
+        if takes_fused_clip(x):
             return _MultiBranchClipped.apply(x, steps, probs, bits, signed, scales, *clip)
         x = torch.nn.functional.hardtanh(x, *clip)
     if torch.compiler.is_compiling():  # one op node with its registered autograd (see fake_quant)
